@@ -1,0 +1,1 @@
+"""Command-line entry points; each module has add_arguments(parser) and run(args)."""

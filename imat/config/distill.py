@@ -1,0 +1,59 @@
+"""`distill:` — the student, the method (MEAL v1/v2, KD, CE), blocks, losses and the adversarial game."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from imat.config.base import Section
+from imat.config.models import ModelSpec
+from imat.config.train import TrainConfig
+
+
+class BlockSpec(Section):
+    """One matched block: a stage index of both networks (or "logits"), its pooled length and weights."""
+
+    index: int | Literal["logits"] = "logits"  # stage index into forward_intermediates, negatives allowed
+    length: int | None = Field(None, ge=1)  # L_k; ignored for logits (the class count is used)
+    gamma: float = Field(1.0, ge=0)  # similarity weight
+    eta: float = Field(1.0, ge=0)  # discriminator weight
+
+
+class AdversarialConfig(Section):
+    enabled: bool = True
+    mode: Literal["alternating", "grl", "joint"] = "alternating"
+    widths: list[int] | None = None  # hidden widths; default d/2, d/4 (the paper's MLP)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    grl_lambda: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
+
+
+class CacheConfig(Section):
+    """Offline teacher outputs: top-k probabilities per image and random crop, reused across epochs."""
+
+    enabled: bool = False
+    topk: int = Field(10, ge=1)
+    views_per_image: int = Field(4, ge=1)
+    dir: str | None = None  # default RUN_DIR/student/teacher_cache
+
+
+class DistillConfig(Section):
+    method: Literal["meal", "meal-v2", "kd", "ce"] = "meal"
+    student: ModelSpec = ModelSpec(arch="resnet18")
+    pool: str | None = None  # teacher pool dir; default the run's teachers dir
+    teachers: list[str] | None = None  # subset of the pool by name; default all
+    selection: Literal["random", "mean"] | None = None  # default: random for meal, mean otherwise
+    blocks: list[BlockSpec] = [BlockSpec()]
+    spatial_pool: Literal["avg", "max"] = "avg"
+    channel_reduce: Literal["avg", "max"] = "avg"
+    similarity: Literal["ce", "kl", "l1", "l2", "l1_soft", "l2_soft"] = "ce"
+    temperature: float = Field(1.0, gt=0)
+    hard_label_weight: float = Field(0.0, ge=0)
+    kd_alpha: float = Field(0.9, ge=0, le=1)  # kd: weight of the soft loss (1 - alpha on hard labels)
+    teacher_train_mode: bool = False  # legacy: teachers' BN in train mode, as MEAL v1's code did
+    adversarial: AdversarialConfig = AdversarialConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()

@@ -1,0 +1,29 @@
+"""The whole run in one typed object: every command reads the sections it needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imat.config.base import Section
+from imat.config.data import DataConfig
+from imat.config.distill import DistillConfig
+from imat.config.stages import ExportConfig, SubmitConfig, TuneConfig
+from imat.config.teachers import TeachersConfig
+
+
+class RunConfig(Section):
+    run_dir: str = "runs/default"
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    distill: DistillConfig = DistillConfig()
+    tune: TuneConfig = TuneConfig()
+    export: ExportConfig = ExportConfig()
+    submit: SubmitConfig = SubmitConfig()
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def pool_dir(self) -> Path:
+        return Path(self.teachers.dir) if self.teachers.dir else self.run_path / "teachers"

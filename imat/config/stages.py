@@ -1,0 +1,43 @@
+"""`tune:`, `export:` and `submit:` — sweeping, exporting and writing the leaderboard file."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from imat.config.base import Section
+
+
+class TuneConfig(Section):
+    space: dict[str, Any] = {}  # dotted distill key -> {type: loguniform|uniform|choice|randint, ...}
+    samples: int = Field(4, ge=1)
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    metric: str = "val_top3_err"
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(1, ge=1)
+    cpus_per_trial: float | None = Field(None, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0)
+    max_concurrent: int | None = Field(None, ge=1)
+    storage: str | None = None  # default RUN_DIR/tune
+    address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray
+
+
+class ExportConfig(Section):
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    opset: int = Field(17, ge=11)
+    with_softmax: bool = False
+    topk_in_graph: int | None = Field(None, ge=1)
+    calibration_images: int = Field(256, ge=1)
+    verify_images: int = Field(256, ge=1)
+    min_top3_agreement: float = Field(0.99, ge=0, le=1)
+
+
+class SubmitConfig(Section):
+    format: Literal["product2019", "furniture2018", "coco"] = "product2019"
+    topk: int = Field(3, ge=1)
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    tta_flip: bool = False
+    prior_correction: bool = False
+    sample_submission: str | None = None  # id order and header to follow, when the competition has one
