@@ -22,7 +22,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "kit"): ("imat.commands.kit", "write a ready competition kit (embedded data sets)"),
     ("data", "download"): ("imat.commands.download", "fetch a URL-only competition's images (resumable)"),
     ("data", "inspect"): ("imat.commands.inspect", "counts per split and class, missing/corrupt images"),
-    ("data", "audit"): ("distill.commands.audit", "rank training images by teacher disagreement with their label"),
+    ("data", "audit"): (
+        "distill.commands.audit",
+        "rank training images by teacher disagreement with their label",
+    ),
     ("teachers", "train"): ("teachers.commands.train", "train one teacher or the whole pool of CONFIG"),
     ("teachers", "eval"): ("teachers.commands.evaluate", "each teacher's and the ensemble's top-1/top-3"),
     ("distill",): ("distill.commands.distill", "train the student (meal | meal-v2 | kd | ce)"),

@@ -71,8 +71,12 @@ class ClassMap:
         return int(s) if self.label_type == "int" else s
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "label_type": self.label_type,
-                "source_labels": self.source_labels, "names": self.names}
+        return {
+            "num_classes": self.num_classes,
+            "label_type": self.label_type,
+            "source_labels": self.source_labels,
+            "names": self.names,
+        }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return write_json(path, self.to_dict())
@@ -82,7 +86,9 @@ class ClassMap:
         p = require_file(path, "class map")
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-            return cls(list(data["source_labels"]), list(data.get("names", [])), data.get("label_type", "str"))
+            return cls(
+                list(data["source_labels"]), list(data.get("names", [])), data.get("label_type", "str")
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ImatError(f"{p}: not a class map ({exc.__class__.__name__}: {exc})") from None
 

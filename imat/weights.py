@@ -23,7 +23,9 @@ from imat.io import write_with
 META_KEY = "imat"
 
 
-def save_weights(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_weights(
+    path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> Path:
     """Atomically write ``state_dict`` (made contiguous, detached, on CPU) with ``meta`` as metadata."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     # safetensors refuses tensors that share storage (tied weights); clone those.

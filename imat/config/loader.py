@@ -83,7 +83,9 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     got = first.get("input")
-    shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+    shown = (
+        "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+    )
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{source}: {loc}: {msg}{shown}{more}"
 
@@ -95,7 +97,9 @@ def validate(raw: dict[str, Any], source: str) -> RunConfig:
         raise ImatError(format_validation_error(source, exc)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Load ``path`` (or defaults when None), apply overrides, validate; any problem is an ImatError."""
     raw = read_yaml(path) if path is not None else {}
     for assignment in overrides:
