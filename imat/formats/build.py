@@ -82,7 +82,7 @@ def read_split(path: str | os.PathLike[str], split: str, fmt: str = "auto") -> p
     return read_source(path, split, fmt).df
 
 
-def _rebase(data: SplitData, images: Path | None) -> pd.Series:
+def rebase_paths(data: SplitData, images: Path | None) -> pd.Series:
     """The rows' paths relative to ``images`` where the source lies inside it, else absolute."""
     paths = data.df["path"].astype(str)
     if data.base is None:
@@ -137,7 +137,7 @@ def build_manifest(data_cfg: Any) -> tuple[pd.DataFrame, ClassMap]:
     frames = []
     for split, data in parts.items():
         df = data.df.copy()
-        df["path"] = _rebase(data, images)
+        df["path"] = rebase_paths(data, images)
         if split == "test":
             df["label"] = -1
         else:
