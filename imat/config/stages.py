@@ -25,12 +25,14 @@ class TuneConfig(Section):
 
 class ExportConfig(Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    opset: int = Field(17, ge=11)
+    opset: int = Field(18, ge=11)  # the dynamo exporter needs >= 18 and raises it to 18 when lower
+    exporter: Literal["auto", "dynamo", "legacy"] = "auto"  # auto: dynamo, falling back to legacy
     with_softmax: bool = False
     topk_in_graph: int | None = Field(None, ge=1)
-    calibration_images: int = Field(256, ge=1)
-    verify_images: int = Field(256, ge=1)
-    min_top3_agreement: float = Field(0.99, ge=0, le=1)
+    calibration_images: int = Field(256, ge=1)  # int8: training images for static quantisation
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    verify_images: int = Field(256, ge=1)  # validation images compared against PyTorch
+    min_top3_agreement: float = Field(0.99, ge=0, le=1)  # same top-3 set as PyTorch; below: refuse
 
 
 class SubmitConfig(Section):

@@ -1,0 +1,311 @@
+"""Checkpoint -> verified ONNX model (+ ``<model>.json`` beside it).
+
+Everything is built in a private temporary folder; ``out`` and its JSON are written (atomically) only
+after the ONNX checker passed, batch sizes 1 and 37 ran, and the model agreed with PyTorch on real
+validation images at least as well as ``min_top3_agreement`` demands. A refused model leaves nothing
+behind. The model also carries the same description in its ONNX ``metadata_props`` (key ``imat``), so
+inference works from the ``.onnx`` file alone."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pandas as pd
+import torch
+from torch import nn
+
+from imat.config.stages import ExportConfig
+from imat.errors import ImatError
+from imat.io import write_bytes, write_json
+from imat.manifest import ClassMap
+from submit.model import Preprocess, load_checkpoint
+from submit.quantize import to_fp16, to_int8
+from submit.runtime import Runner, create_session
+from submit.verify import agreement
+
+log = logging.getLogger(__name__)
+
+META_KEY = "imat"
+DYNAMIC_BATCHES = (1, 37)
+
+
+class ExportWrapper(nn.Module):
+    """The network plus optional in-graph softmax and top-k.
+
+    Outputs, in order: ``logits`` (or ``probs`` with softmax), then ``topk_scores`` and
+    ``topk_indices`` (int64) when ``topk`` is set. The first output is always the full score vector."""
+
+    def __init__(self, model: nn.Module, softmax: bool = False, topk: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.softmax = softmax
+        self.topk = topk
+
+    def forward(self, x: torch.Tensor) -> Any:
+        scores = self.model(x)
+        if self.softmax:
+            scores = torch.softmax(scores, dim=1)
+        if not self.topk:
+            return scores
+        values, indices = torch.topk(scores, self.topk, dim=1)
+        return scores, values, indices
+
+    def output_names(self) -> list[str]:
+        first = "probs" if self.softmax else "logits"
+        return [first, "topk_scores", "topk_indices"] if self.topk else [first]
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Any:
+    """The dynamo exporter's optimiser logs every pass at INFO; keep that out of imat's output."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_fp32(
+    wrapper: ExportWrapper, input_size: int, dst: Path, opset: int, exporter: str = "auto"
+) -> str:
+    """Export ``wrapper`` with a symbolic batch dimension; returns the exporter that succeeded.
+
+    ``auto`` tries torch's dynamo exporter (the default since torch 2.9) and falls back to the legacy
+    TorchScript one, which timm ResNets also export cleanly with (``dynamic_axes``)."""
+    example = torch.randn(2, 3, input_size, input_size)
+    names = wrapper.output_names()
+    errors: list[str] = []
+    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
+    for kind in order:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
+                warnings.simplefilter("ignore")
+                if kind == "dynamo":
+                    torch.onnx.export(
+                        wrapper,
+                        (example,),
+                        str(dst),
+                        dynamo=True,
+                        input_names=["input"],
+                        output_names=names,
+                        opset_version=max(opset, 18),
+                        dynamic_shapes=({0: torch.export.Dim("batch")},),
+                        external_data=False,
+                        verbose=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        wrapper,
+                        (example,),
+                        str(dst),
+                        dynamo=False,
+                        input_names=["input"],
+                        output_names=names,
+                        opset_version=opset,
+                        dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
+                    )
+            return kind
+        except Exception as exc:  # exporter failures come in many types; the next exporter may work
+            errors.append(f"{kind}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log.warning("ONNX export with the %s exporter failed: %s", kind, errors[-1])
+    raise ImatError(f"ONNX export failed ({'; '.join(errors)})")
+
+
+def load_batches(
+    df: pd.DataFrame, prep: Preprocess, batch_size: int = 32, workers: int = 0, decoder: str = "cv2"
+) -> tuple[list[np.ndarray], list[int]]:
+    """Pre-processed image batches (the eval transform of imat.data) and the row indices they hold."""
+    from imat.data import ImageDataset, build_eval_transform, build_loader
+
+    transform = build_eval_transform(prep.input_size, prep.mean, prep.std, prep.crop_pct)
+    dataset = ImageDataset(df, None, transform, decoder)
+    loader = build_loader(dataset, batch_size, shuffle=False, num_workers=workers)
+    batches, rows = [], []
+    for batch in loader:
+        batches.append(batch["image"].numpy().astype(np.float32, copy=False))
+        rows.extend(int(i) for i in batch["index"])
+    return batches, rows
+
+
+def _torch_scores(wrapper: ExportWrapper, batches: list[np.ndarray]) -> np.ndarray:
+    with torch.inference_mode():
+        outs = []
+        for b in batches:
+            out = wrapper(torch.from_numpy(b))
+            outs.append((out[0] if isinstance(out, tuple) else out).float().numpy())
+    return np.concatenate(outs)
+
+
+def _onnx_scores(runner: Runner, batches: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([runner(b)[0] for b in batches])
+
+
+def _check_dynamic_batch(runner: Runner, sample: np.ndarray, num_classes: int) -> list[int]:
+    for size in DYNAMIC_BATCHES:
+        reps = -(-size // len(sample))
+        batch = np.concatenate([sample] * reps)[:size]
+        out = runner(batch)[0]
+        if out.shape != (size, num_classes):
+            raise ImatError(f"exported model returned shape {out.shape} for batch {size}")
+    return list(DYNAMIC_BATCHES)
+
+
+def model_description(
+    prep: Preprocess, classes: ClassMap, meta: dict[str, Any], precision: str, wrapper: ExportWrapper
+) -> dict[str, Any]:
+    """What inference needs to know about the model; stored in the ONNX file and the JSON beside it."""
+    return {
+        "format": "imat-onnx/1",
+        "arch": meta.get("arch"),
+        "num_classes": classes.num_classes,
+        **prep.to_dict(),
+        "classes": classes.to_dict(),
+        "precision": precision,
+        "outputs": wrapper.output_names(),
+        "softmax_in_graph": wrapper.softmax,
+        "topk_in_graph": wrapper.topk,
+        "input_name": "input",
+        "input_layout": "NCHW float32, normalised (mean/std above), RGB",
+    }
+
+
+def export_model(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    verify_df: pd.DataFrame,
+    calib_df: pd.DataFrame | None = None,
+    cfg: ExportConfig | None = None,
+    workers: int = 0,
+    decoder: str = "cv2",
+    provider: str = "cpu",
+) -> dict[str, Any]:
+    """Export ``ckpt`` to ``out`` at ``cfg.precision``, verify it, write ``out`` + ``out.json``.
+
+    ``verify_df``/``calib_df`` are image lists (``image_id``, absolute ``path``) as from
+    :func:`submit.inputs.read_images`; calibration (int8 only) defaults to the verification images.
+    Returns the report written to ``<out>.json``. Raises ImatError (writing nothing) when any step fails
+    or the top-3 agreement is below ``cfg.min_top3_agreement``."""
+    cfg = cfg or ExportConfig()
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise ImatError(f"--out must end in .onnx, got {out}")
+    model, meta, prep, classes = load_checkpoint(ckpt)
+    wrapper = ExportWrapper(model, cfg.with_softmax, cfg.topk_in_graph).eval()
+    if cfg.topk_in_graph and cfg.topk_in_graph > classes.num_classes:
+        raise ImatError(f"topk_in_graph={cfg.topk_in_graph} exceeds the {classes.num_classes} classes")
+
+    from submit.inputs import sample_rows
+
+    verify_rows = sample_rows(verify_df, cfg.verify_images, seed=0)
+    verify_batches, kept = load_batches(verify_rows, prep, workers=workers, decoder=decoder)
+    if not kept:
+        raise ImatError("none of the verification images could be read")
+    log.info("verifying on %d images", len(kept))
+
+    with tempfile.TemporaryDirectory(prefix="imat-export-") as tmp_name:
+        tmp = Path(tmp_name)
+        fp32 = tmp / "fp32.onnx"
+        exporter = export_fp32(wrapper, prep.input_size, fp32, cfg.opset, cfg.exporter)
+        final = tmp / "model.onnx"
+        if cfg.precision == "fp32":
+            final = fp32
+        elif cfg.precision == "fp16":
+            to_fp16(fp32, final)
+        else:
+            source = calib_df if calib_df is not None and len(calib_df) else verify_df
+            calib_rows = sample_rows(source, cfg.calibration_images, seed=1)
+            calib_batches, calib_kept = load_batches(calib_rows, prep, workers=workers, decoder=decoder)
+            log.info("int8 calibration on %d images", len(calib_kept))
+            to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method)
+
+        description = model_description(prep, classes, meta, cfg.precision, wrapper)
+        proto = onnx.load(str(final))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(description)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as exc:  # onnx raises ValidationError and shape inference errors
+            raise ImatError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        onnx.save(proto, str(final))
+
+        session, active = create_session(final, provider)
+        runner = Runner(session, active)
+        batches_run = _check_dynamic_batch(runner, verify_batches[0], classes.num_classes)
+        reference = _torch_scores(wrapper, verify_batches)
+        candidate = _onnx_scores(runner, verify_batches)
+        figures = agreement(reference, candidate, k=min(3, classes.num_classes))
+        top3 = figures[f"top{min(3, classes.num_classes)}_agreement"]
+        report = {
+            **description,
+            "checkpoint": str(Path(ckpt)),
+            "exporter": exporter,
+            "opset": max(cfg.opset, 18) if exporter == "dynamo" else cfg.opset,
+            "dynamic_batch_checked": batches_run,
+            "providers_tested": [active],
+            "verification": {
+                **figures,
+                "compared": "first output (" + description["outputs"][0] + ") vs PyTorch eval mode",
+                "max_abs_logit_diff": figures["max_abs_diff"] if cfg.precision == "fp32" else None,
+                "min_top3_agreement": cfg.min_top3_agreement,
+            },
+            "size_bytes": final.stat().st_size,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if top3 < cfg.min_top3_agreement:
+            raise ImatError(
+                f"{cfg.precision} model agrees with PyTorch on the top-3 of only {top3:.2%} of "
+                f"{figures['images']} images (< {cfg.min_top3_agreement:.2%}); not written to {out}"
+            )
+        write_bytes(out, final.read_bytes())
+        write_json(sidecar_path(out), report)
+    log.info(
+        "wrote %s (%s, top-1 agreement %.4f, top-3 agreement %.4f)",
+        out,
+        cfg.precision,
+        figures["top1_agreement"],
+        top3,
+    )
+    return report
+
+
+def sidecar_path(model: str | os.PathLike[str]) -> Path:
+    """``student.onnx`` -> ``student.onnx.json``."""
+    p = Path(model)
+    return p.with_name(p.name + ".json")
+
+
+def read_description(model: str | os.PathLike[str]) -> dict[str, Any]:
+    """The model description: the JSON beside the model, else the ONNX ``metadata_props``."""
+    p = Path(model)
+    side = sidecar_path(p)
+    if side.is_file():
+        try:
+            return json.loads(side.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ImatError(f"{side}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ImatError(f"{p}: not an ONNX model ({exc.__class__.__name__})") from None
+    for entry in proto.metadata_props:
+        if entry.key == META_KEY:
+            return json.loads(entry.value)
+    raise ImatError(
+        f"{p}: no imat description (neither {side.name} nor ONNX metadata); export it with imat export"
+    )
