@@ -24,9 +24,8 @@ class AdversarialConfig(Section):
     enabled: bool = True
     mode: Literal["alternating", "grl", "joint"] = "alternating"
     widths: list[int] | None = None  # hidden widths; default d/2, d/4 (the paper's MLP)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)  # the discriminators' own base lr, scheduled like the student's
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.5, 0.999)
     grl_lambda: float = Field(1.0, gt=0)
     weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
 
@@ -54,6 +53,11 @@ class DistillConfig(Section):
     hard_label_weight: float = Field(0.0, ge=0)
     kd_alpha: float = Field(0.9, ge=0, le=1)  # kd: weight of the soft loss (1 - alpha on hard labels)
     teacher_train_mode: bool = False  # legacy: teachers' BN in train mode, as MEAL v1's code did
+    # The student must be a timm ResNet (ResNet/ResNeXt/SE-ResNet/ResNet-D/wide variants): that is what the
+    # method was validated on and what export/inference is tuned for. Set true to distil into any timm
+    # model that has forward_intermediates (at your own risk).
+    allow_any_student: bool = False
+    seed: int | None = None  # teacher-selection RNG; default train.seed
     adversarial: AdversarialConfig = AdversarialConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()

@@ -1,0 +1,373 @@
+"""Distillation as task objects for the shared engine: MEAL (v1 blocks + random teacher, v2 mean of
+teachers on the logits), KD (Hinton) and CE (the student alone).
+
+The engine owns the loop; a task says what one step computes. MEAL's adversarial game comes in three
+modes:
+
+- ``alternating`` (default, ``manual_optimization = True``): a discriminator step on detached vectors
+  (teacher = 1, student = 0), then a student step whose adversarial loss is BCE(D(student), 1): the
+  student is rewarded for being classified as a teacher. Two optimisers, ``main`` and ``disc``.
+- ``grl``: one backward through a gradient-reversal layer in front of each discriminator's student input:
+  D minimises its BCE, the student receives the negated gradient. One optimiser with two groups.
+- ``joint``: MEAL's official code: total = similarity + D loss, one step over student and D, so the
+  student also MINIMISES the D loss (it is pushed away from the teacher). Kept for reproduction only.
+
+In every mode the discriminators have their own base lr (``adversarial.lr``); the engine scales each
+param group's schedule from its own base lr, so the student's and the discriminators' rates follow the
+same schedule shape independently (MEAL v2's code overwrote the discriminators' rate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.align import Aligner
+from distill.blocks import BlockIndex, extract_blocks
+from distill.discriminator import Discriminator, bce
+from distill.grl import grad_reverse
+from distill.losses import similarity, soft_cross_entropy, teacher_probs
+from distill.teachers_runtime import TeacherEnsemble
+
+try:  # the engine's Task base, when it has landed: defaults for the optional methods
+    from imat.engine.task import Task as _EngineTask
+except ImportError:  # pragma: no cover - only before the engine exists
+    _EngineTask = object  # type: ignore[assignment,misc]
+
+
+def hard_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the given labels; soft (mixed) label matrices are accepted as well."""
+    if labels.dim() == 2:
+        return -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+
+@contextlib.contextmanager
+def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Temporarily stop gradients into ``modules``' parameters (the student step must not train D)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+class DistillTaskBase(_EngineTask):  # type: ignore[misc,valid-type]
+    """What every distillation task shares: the student, the optional hard-label loss, defaults."""
+
+    manual_optimization = False
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        return {"main": [{"params": [p for p in self.model.parameters() if p.requires_grad]}]}
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def epoch_extras(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    @staticmethod
+    def _autocast(ctx: Any) -> contextlib.AbstractContextManager:
+        fn = getattr(ctx, "autocast", None)
+        return fn() if fn is not None else contextlib.nullcontext()
+
+
+class CETask(DistillTaskBase):
+    """The student alone on the (possibly noisy) labels: the baseline every method must beat."""
+
+    def step(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        with self._autocast(ctx):
+            logits = self.model(batch["image"])
+        loss = hard_loss(logits, batch["label"], self.label_smoothing)
+        return {"loss": loss, "ce": loss.detach()}
+
+
+class SoftTargets:
+    """Where the teachers' soft labels come from: the live frozen ensemble, or the offline cache."""
+
+    def __init__(
+        self,
+        ensemble: TeacherEnsemble | None,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        cache: Any = None,
+    ) -> None:
+        if ensemble is None and cache is None:
+            raise ValueError("soft targets need teachers or a cache")
+        self.ensemble = ensemble
+        self.cache = cache
+        self.mean = tuple(student_mean)
+        self.std = tuple(student_std)
+
+    def logits_probs(
+        self, batch: dict[str, Any], temperature: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(mean teacher logits or None when cached, mean teacher probabilities at T)."""
+        if self.cache is not None and "soft_index" in batch:
+            probs = self.cache.dense(batch["soft_index"], batch["soft_prob"], temperature)
+            return None, probs.to(batch["image"].device)
+        assert self.ensemble is not None
+        chosen = self.ensemble.pick()
+        outs = [
+            self.ensemble.teachers[i].blocks(batch["image"], ["logits"], self.mean, self.std)[0]
+            for i in chosen
+        ]
+        raw = torch.stack([o.float() for o in outs]).mean(0)
+        return raw, teacher_probs(outs, temperature)
+
+    def extras(self) -> dict[str, float]:
+        return self.ensemble.pick_counts() if self.ensemble is not None and self.cache is None else {}
+
+
+class KDTask(DistillTaskBase):
+    """Hinton KD from the pool's mean probabilities: alpha * T^2 * soft CE + (1 - alpha) * hard CE."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: SoftTargets,
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(model, label_smoothing)
+        self.targets = targets
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def step(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        with self._autocast(ctx):
+            _, probs = self.targets.logits_probs(batch, self.temperature)
+            logits = self.model(batch["image"])
+        soft_l = soft_cross_entropy(logits, probs, self.temperature)
+        hard = hard_loss(logits, batch["label"], self.label_smoothing)
+        total = self.alpha * soft_l + (1 - self.alpha) * hard
+        return {"loss": total, "kd_soft": soft_l.detach(), "ce": hard.detach()}
+
+    def epoch_extras(self) -> dict[str, float]:
+        return self.targets.extras()
+
+    def state_dict(self) -> dict[str, Any]:
+        e = self.targets.ensemble
+        return {"ensemble": e.state_dict()} if e is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.targets.ensemble is not None and "ensemble" in state:
+            self.targets.ensemble.load_state_dict(state["ensemble"])
+
+
+class MealTask(DistillTaskBase):
+    """MEAL: block-wise similarity to the selected teacher(s) plus one discriminator per block.
+
+    ``student_indices[k]`` and ``teacher_indices[t][k]`` are block ``k`` resolved for the student and for
+    teacher ``t`` (negative indices resolve per network). ``lengths[k]`` is L_k (None for logits).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ensemble: TeacherEnsemble,
+        student_indices: Sequence[BlockIndex],
+        teacher_indices: Sequence[Sequence[BlockIndex]],
+        lengths: Sequence[int | None],
+        gammas: Sequence[float],
+        etas: Sequence[float],
+        dims: Sequence[int],
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        similarity_kind: str = "ce",
+        temperature: float = 1.0,
+        hard_label_weight: float = 0.0,
+        spatial_pool: str = "avg",
+        channel_reduce: str = "avg",
+        adversarial: bool = True,
+        mode: str = "alternating",
+        disc_widths: Sequence[int] | None = None,
+        disc_lr: float = 1e-3,
+        disc_weight_decay: float = 0.0,
+        adv_weight: float = 1.0,
+        grl_lambda: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(model, label_smoothing)
+        n = len(student_indices)
+        if not (len(lengths) == len(gammas) == len(etas) == len(dims) == n):
+            raise ValueError("blocks, lengths, gammas, etas and dims must have one entry per block")
+        if len(teacher_indices) != len(ensemble.teachers):
+            raise ValueError("teacher_indices needs one list per teacher")
+        if mode not in ("alternating", "grl", "joint"):
+            raise ValueError(f"unknown adversarial mode {mode!r}")
+        self.ensemble = ensemble
+        self.student_indices = list(student_indices)
+        self.teacher_indices = [list(t) for t in teacher_indices]
+        self.aligners = [Aligner(L, spatial_pool, channel_reduce) for L in lengths]  # type: ignore[arg-type]
+        self.gammas = list(gammas)
+        self.etas = list(etas)
+        self.mean = tuple(student_mean)
+        self.std = tuple(student_std)
+        self.similarity_kind = similarity_kind
+        self.temperature = temperature
+        self.hard_label_weight = hard_label_weight
+        self.adversarial = adversarial
+        self.mode = mode
+        self.adv_weight = adv_weight
+        self.grl_lambda = grl_lambda
+        self.disc_lr = disc_lr
+        self.disc_weight_decay = disc_weight_decay
+        self.discriminators = nn.ModuleList(
+            [Discriminator(d, disc_widths) for d in dims] if adversarial else []
+        )
+        self.manual_optimization = adversarial and mode == "alternating"
+        self._acc = torch.zeros(max(n, 1), 2)
+        self._acc_n = 0
+
+    # -- engine hooks -------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {"model": self.model}
+        if self.adversarial:
+            out["disc"] = self.discriminators
+        return out
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        main = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if not self.adversarial:
+            return {"main": main}
+        disc = [
+            {
+                "params": list(self.discriminators.parameters()),
+                "lr": self.disc_lr,
+                "weight_decay": self.disc_weight_decay,
+            }
+        ]
+        if self.manual_optimization:
+            return {"main": main, "disc": disc}
+        return {"main": main + disc}  # one step over both, each group from its own base lr
+
+    def epoch_extras(self) -> dict[str, float]:
+        out = self.ensemble.pick_counts()
+        if self.adversarial and self._acc_n:
+            acc = self._acc / self._acc_n
+            for k in range(len(self.discriminators)):
+                out[f"d_acc_teacher_b{k}"] = float(acc[k, 0])
+                out[f"d_acc_student_b{k}"] = float(acc[k, 1])
+        self._acc.zero_()
+        self._acc_n = 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ensemble": self.ensemble.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ensemble" in state:
+            self.ensemble.load_state_dict(state["ensemble"])
+
+    # -- the step ------------------------------------------------------------------------------------
+    def vectors(
+        self, batch: dict[str, Any], ctx: Any
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """(student vectors, teacher raw vectors, teacher probabilities at T, student logits) per block."""
+        x = batch["image"]
+        chosen = self.ensemble.pick()
+        want = list(self.student_indices)
+        need_logits = "logits" not in want
+        if need_logits:
+            want.append("logits")
+        with self._autocast(ctx):
+            s_out = extract_blocks(self.model, x, want)
+            t_outs = [
+                self.ensemble.teachers[i].blocks(x, self.teacher_indices[i], self.mean, self.std)
+                for i in chosen
+            ]
+        s_logits = s_out[-1]
+        s_vecs = [al(s_out[k]) for k, al in enumerate(self.aligners)]
+        t_raw, t_probs = [], []
+        for k, al in enumerate(self.aligners):
+            per_teacher = [al(out[k]).float() for out in t_outs]
+            t_raw.append(torch.stack(per_teacher).mean(0) if len(per_teacher) > 1 else per_teacher[0])
+            t_probs.append(teacher_probs(per_teacher, self.temperature))
+        return s_vecs, t_raw, t_probs, s_logits
+
+    def _similarity(
+        self, s_vecs: list[torch.Tensor], t_raw: list[torch.Tensor], t_probs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts: dict[str, torch.Tensor] = {}
+        total = s_vecs[0].new_zeros((), dtype=torch.float32)
+        for k, (s, tr, tp) in enumerate(zip(s_vecs, t_raw, t_probs, strict=True)):
+            loss = similarity(self.similarity_kind, s, tr, tp, self.temperature)
+            parts[f"sim_b{k}"] = loss.detach()
+            total = total + self.gammas[k] * loss
+        parts["sim"] = total.detach()
+        return total, parts
+
+    def _record_acc(self, k: int, d_teacher: torch.Tensor, d_student: torch.Tensor) -> None:
+        self._acc[k, 0] += float((d_teacher.detach() > 0).float().mean())
+        self._acc[k, 1] += float((d_student.detach() <= 0).float().mean())
+
+    def step(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        if self.adversarial:
+            self.discriminators.to(batch["image"].device)
+        s_vecs, t_raw, t_probs, s_logits = self.vectors(batch, ctx)
+        sim, parts = self._similarity(s_vecs, t_raw, t_probs)
+        total = sim
+        if self.hard_label_weight > 0:
+            hard = hard_loss(s_logits, batch["label"], self.label_smoothing)
+            parts["ce"] = hard.detach()
+            total = total + self.hard_label_weight * hard
+        if not self.adversarial:
+            parts["loss"] = total
+            return parts
+        n = len(self.discriminators)
+        if self.mode == "alternating":
+            # 1) discriminator step on detached vectors
+            for p in self.discriminators.parameters():
+                p.grad = None
+            d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
+            for k, d in enumerate(self.discriminators):
+                dt, ds = d(t_raw[k].detach()), d(s_vecs[k].detach())
+                self._record_acc(k, dt, ds)
+                d_total = d_total + self.etas[k] * (bce(dt, 1.0) + bce(ds, 0.0))
+            ctx.optimize("disc", d_total)
+            # 2) student step: similarity + being classified as teacher (D frozen for this step)
+            adv = s_vecs[0].new_zeros((), dtype=torch.float32)
+            with frozen([self.discriminators]):
+                for k, d in enumerate(self.discriminators):
+                    adv = adv + self.etas[k] * bce(d(s_vecs[k]), 1.0)
+            total = total + self.adv_weight * adv
+            ctx.optimize("main", total)
+            parts.update({"loss": total.detach(), "adv": adv.detach(), "d_loss": d_total.detach()})
+        else:
+            d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
+            for k, d in enumerate(self.discriminators):
+                dt = d(t_raw[k].detach())
+                if self.mode == "grl":
+                    ds = d(grad_reverse(s_vecs[k], self.grl_lambda * self.adv_weight))
+                else:  # joint: the official code, the student minimises D's loss too
+                    ds = d(s_vecs[k])
+                self._record_acc(k, dt, ds)
+                d_total = d_total + self.etas[k] * (bce(dt, 1.0) + bce(ds, 0.0))
+            total = total + d_total
+            parts.update({"loss": total, "d_loss": d_total.detach()})
+        self._acc_n += 1 if n else 0
+        return parts

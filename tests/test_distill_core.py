@@ -1,0 +1,371 @@
+"""The parts of MEAL that need no engine: aligner, losses, GRL, discriminators, teachers, the step."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from distill.align import align
+from distill.blocks import extract_blocks, num_blocks, resolve_index
+from distill.discriminator import Discriminator, discriminator_loss
+from distill.grl import grad_reverse
+from distill.losses import kl_divergence, similarity, soft_cross_entropy, teacher_probs
+from distill.tasks import CETask, KDTask, MealTask, SoftTargets
+from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+from imat.errors import ImatError
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
+class Ctx:
+    """The slice of the engine's ctx a task uses, with plain SGD optimisers."""
+
+    device = torch.device("cpu")
+    epoch = 0
+    step = 0
+
+    def __init__(self, task, lr: float = 0.05) -> None:
+        self.opts = {
+            name: torch.optim.SGD(groups, lr=lr, momentum=0.0) for name, groups in task.param_groups().items()
+        }
+        self.calls: list[str] = []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def optimize(self, name: str, loss: torch.Tensor) -> None:
+        self.calls.append(name)
+        opt = self.opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def run(self, task, batch) -> dict:
+        """One engine step: manual tasks optimise themselves, others get backward + step of every optimiser."""
+        if task.manual_optimization:
+            return task.step(batch, self)
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
+        out = task.step(batch, self)
+        out["loss"].backward()
+        for opt in self.opts.values():
+            opt.step()
+        return out
+
+
+def tiny(seed: int, classes: int = 5, arch: str = "resnet10t") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(arch, pretrained=False, num_classes=classes)
+
+
+def batch(n: int = 4, size: int = 32, classes: int = 5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(n, 3, size, size, generator=g),
+        "label": torch.randint(classes, (n,), generator=g),
+        "index": torch.arange(n),
+    }
+
+
+# -- aligner -----------------------------------------------------------------------------------------
+
+
+def test_align_shapes_lengths_and_channels():
+    for c, hw in ((64, 4), (512, 1), (3, 7)):
+        for L in (1, 10, 100):
+            out = align(torch.randn(2, c, hw, hw), L)
+            assert out.shape == (2, L)
+    # different channel counts and spatial sizes map to the same length
+    assert align(torch.randn(3, 16, 8, 8), 20).shape == align(torch.randn(3, 256, 2, 2), 20).shape
+
+
+def test_align_batch_of_one_keeps_batch_axis():
+    assert align(torch.randn(1, 8, 1, 1), 1).shape == (1, 1)
+    assert align(torch.randn(1, 8, 3, 3), 5, "max", "max").shape == (1, 5)
+    logits = torch.randn(1, 5)
+    assert align(logits, None) is logits
+
+
+def test_align_upsamples_by_repetition_and_reduces_channels():
+    x = torch.tensor([[[[1.0, 3.0]], [[3.0, 5.0]]]])  # (1, 2, 1, 2)
+    # spatial axis 2 -> 4 repeats each position, then the channel mean
+    assert torch.allclose(align(x, 4), torch.tensor([[2.0, 2.0, 4.0, 4.0]]))
+    assert torch.allclose(align(x, 4, "max", "max"), torch.tensor([[3.0, 3.0, 5.0, 5.0]]))
+    assert torch.allclose(align(x, 1, "avg", "avg"), torch.tensor([[3.0]]))
+    assert torch.allclose(align(x, 1, "max", "avg"), torch.tensor([[4.0]]))
+
+
+# -- losses ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_soft_ce_gradient_equals_kl_gradient(temperature):
+    torch.manual_seed(0)
+    t = torch.randn(6, 10)
+    p = F.softmax(t / temperature, -1)
+    s1 = torch.randn(6, 10, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    ce = soft_cross_entropy(s1, p, temperature)
+    kl = kl_divergence(s2, p, temperature)
+    ce.backward()
+    kl.backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6)
+    # they differ by the teacher's entropy (times T^2), a constant
+    ent = -(p * p.log()).sum(-1).mean() * temperature**2
+    assert torch.allclose(ce - kl, ent, atol=1e-5)
+
+
+def test_similarity_kinds_are_zero_at_the_teacher_and_positive_elsewhere():
+    t = torch.randn(4, 7)
+    s = torch.randn(4, 7)
+    for kind in ("kl", "l1", "l2", "l1_soft", "l2_soft"):
+        assert similarity(kind, t.clone(), t) == pytest.approx(0.0, abs=1e-6)
+        assert similarity(kind, s, t) > 0
+    assert similarity("ce", s, t) > similarity("ce", t.clone(), t)
+    with pytest.raises(ValueError):
+        similarity("cosine", s, t)
+
+
+def test_teacher_probs_is_the_mean_of_softmaxes():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.allclose(teacher_probs([a, b]), (F.softmax(a, -1) + F.softmax(b, -1)) / 2)
+    assert torch.allclose(teacher_probs([a], 2.0), F.softmax(a / 2, -1))
+
+
+def test_grl_reverses_and_scales_gradient():
+    x = torch.randn(3, 4, requires_grad=True)
+    grad_reverse(x, 0.5).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, -0.5))
+    assert torch.equal(grad_reverse(x, 2.0), x)
+
+
+def test_discriminator_widths_and_output():
+    d = Discriminator(40)
+    widths = [m.out_features for m in d.net if isinstance(m, torch.nn.Linear)]
+    assert widths == [20, 10, 1]
+    assert d(torch.randn(3, 40)).shape == (3,)
+    assert d(torch.randn(1, 40)).shape == (1,)
+    assert [m.out_features for m in Discriminator(8, [16]).net if isinstance(m, torch.nn.Linear)] == [16, 1]
+    # the last layer is not followed by a ReLU: D can say "student" (negative logits)
+    assert not isinstance(d.net[-1], torch.nn.ReLU)
+
+
+def test_discriminator_step_lowers_its_loss():
+    torch.manual_seed(0)
+    d = Discriminator(10)
+    t, s = torch.randn(16, 10) + 1, torch.randn(16, 10) - 1
+    opt = torch.optim.SGD(d.parameters(), lr=0.1)
+    before = float(discriminator_loss(d, t, s).detach())
+    for _ in range(5):
+        opt.zero_grad()
+        discriminator_loss(d, t, s).backward()
+        opt.step()
+    assert float(discriminator_loss(d, t, s).detach()) < before
+
+
+# -- blocks and teachers -----------------------------------------------------------------------------
+
+
+def test_blocks_from_one_pass_and_index_checks():
+    m = tiny(0).eval()
+    assert num_blocks(m) == 5
+    x = torch.randn(2, 3, 32, 32)
+    outs = extract_blocks(m, x, [0, 4, "logits"])
+    assert outs[0].shape == (2, 64, 16, 16) and outs[1].shape == (2, 512, 1, 1)
+    assert torch.allclose(outs[2], m(x), atol=1e-5)
+    assert resolve_index(-1, 5, "resnet10t") == 4
+    with pytest.raises(ImatError, match="block index 5 does not exist in resnet10t"):
+        resolve_index(5, 5, "resnet10t")
+
+
+def test_teacher_prepare_renormalises_and_resizes():
+    img = torch.rand(2, 3, 32, 32)
+    x_student = (img - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    t_mean, t_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    teacher = FrozenTeacher("t", tiny(1), 48, t_mean, t_std)
+    got = teacher.prepare(x_student, MEAN, STD)
+    want = (img - torch.tensor(t_mean).view(1, 3, 1, 1)) / torch.tensor(t_std).view(1, 3, 1, 1)
+    want = F.interpolate(want, size=(48, 48), mode="bilinear", align_corners=False)
+    assert got.shape == (2, 3, 48, 48)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_selection_random_and_mean_and_pick_counts():
+    ts = [FrozenTeacher(f"t{i}", tiny(i), 32, MEAN, STD) for i in range(3)]
+    ens = TeacherEnsemble(ts, "random", seed=1)
+    for _ in range(300):
+        assert len(ens.pick()) == 1
+    counts = ens.pick_counts()
+    assert sum(counts.values()) == 300 and all(60 < v < 140 for v in counts.values())
+    assert ens.pick_counts() == {"pick_t0": 0.0, "pick_t1": 0.0, "pick_t2": 0.0}  # reset
+    mean = TeacherEnsemble(ts, "mean")
+    assert mean.pick() == [0, 1, 2]
+    # seeded: the same seed gives the same draws, also after a state round trip
+    a, b = TeacherEnsemble(ts, "random", seed=7), TeacherEnsemble(ts, "random", seed=7)
+    state = a.state_dict()
+    seq_a = [a.pick()[0] for _ in range(20)]
+    b.load_state_dict(state)
+    assert seq_a == [b.pick()[0] for _ in range(20)]
+
+
+# -- the MEAL step -----------------------------------------------------------------------------------
+
+
+def make_meal(mode: str, teachers: int = 1, gamma: float = 1.0, adversarial: bool = True, train_mode=False):
+    student = tiny(100)
+    ts = [
+        FrozenTeacher(f"t{i}", tiny(i, arch="resnet18"), 40, MEAN, STD, train_mode) for i in range(teachers)
+    ]
+    ens = TeacherEnsemble(ts, "random" if teachers > 1 else "mean", seed=0)
+    blocks = [2, "logits"]
+    return MealTask(
+        student,
+        ens,
+        blocks,
+        [blocks] * teachers,
+        lengths=[20, None],
+        gammas=[gamma, gamma],
+        etas=[1.0, 1.0],
+        dims=[20, 5],
+        student_mean=MEAN,
+        student_std=STD,
+        adversarial=adversarial,
+        mode=mode,
+        disc_lr=0.05,
+    )
+
+
+def capture_vectors(task):
+    seen = []
+    orig = task.vectors
+
+    def wrapped(b, c):
+        out = orig(b, c)
+        seen.append(out)
+        return out
+
+    task.vectors = wrapped
+    return seen
+
+
+def d_loss_on(discs, t_raw, s_vecs) -> float:
+    with torch.no_grad():
+        return sum(
+            float(discriminator_loss(d, t.detach(), s.detach()))
+            for d, t, s in zip(discs, t_raw, s_vecs, strict=True)
+        )
+
+
+def d_student_logit(discs, s_vecs) -> float:
+    """Mean D logit on student vectors: higher = D calls them teacher more = larger D error."""
+    with torch.no_grad():
+        return sum(float(d(s.detach()).mean()) for d, s in zip(discs, s_vecs, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["alternating", "grl", "joint"])
+def test_adversarial_modes_discriminator_and_student_steps(mode):
+    task = make_meal(mode, gamma=0.0)  # isolate the adversarial game
+    task.model.eval()  # deterministic forwards for before/after comparisons
+    b = batch()
+    ctx = Ctx(task, lr=0.05)
+    seen = capture_vectors(task)
+    d_before = copy.deepcopy(task.discriminators)
+    out = ctx.run(task, b)
+    s_vecs, t_raw, _, _ = seen[0]
+    assert set(out) >= {"loss", "d_loss", "sim", "sim_b0", "sim_b1"}
+    if mode == "alternating":
+        assert ctx.calls == ["disc", "main"] and task.manual_optimization
+        assert "adv" in out
+    else:
+        assert ctx.calls == [] and not task.manual_optimization
+        assert set(ctx.opts) == {"main"} and len(ctx.opts["main"].param_groups) == 2
+    # the discriminator step lowered D's loss on the vectors it was trained on
+    assert d_loss_on(task.discriminators, t_raw, s_vecs) < d_loss_on(d_before, t_raw, s_vecs)
+    # the student step: with D as it is after the step, the student's new vectors look more (or, in
+    # the official joint mode, less) like a teacher to D than its old ones
+    with torch.no_grad():
+        new_s, _, _, _ = task.vectors(b, ctx)
+    before = d_student_logit(task.discriminators, s_vecs)
+    after = d_student_logit(task.discriminators, new_s)
+    if mode == "joint":
+        assert after < before  # the documented defect: the student minimises D's loss too
+    else:
+        assert after > before  # the student raised D's error on student vectors
+
+
+def test_alternating_student_step_does_not_train_discriminators():
+    task = make_meal("alternating")
+    ctx = Ctx(task)
+    snapshots = {}
+    orig = ctx.optimize
+
+    def optimize(name, loss):
+        orig(name, loss)
+        snapshots[name] = copy.deepcopy(task.discriminators.state_dict())
+
+    ctx.optimize = optimize
+    ctx.run(task, batch())
+    for k, v in snapshots["disc"].items():
+        assert torch.equal(v, snapshots["main"][k])
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_teachers_unchanged_after_training_steps(train_mode):
+    task = make_meal("alternating", teachers=2, train_mode=train_mode)
+    before = [copy.deepcopy(t.model.state_dict()) for t in task.ensemble.teachers]
+    ctx = Ctx(task)
+    for i in range(3):
+        ctx.run(task, batch(seed=i))
+    for t, sd in zip(task.ensemble.teachers, before, strict=True):
+        assert t.model.training is train_mode
+        assert all(not p.requires_grad and p.grad is None for p in t.model.parameters())
+        for k, v in t.model.state_dict().items():
+            assert torch.equal(v, sd[k]), k  # weights and BN running stats / counters
+    extras = task.epoch_extras()
+    assert extras["pick_t0"] + extras["pick_t1"] == 3
+    assert {"d_acc_teacher_b0", "d_acc_student_b1"} <= set(extras)
+    assert 0.0 <= extras["d_acc_teacher_b0"] <= 1.0
+
+
+def test_single_teacher_and_no_discriminator_ablation():
+    task = make_meal("alternating", teachers=1, adversarial=False)
+    assert not task.manual_optimization and set(task.param_groups()) == {"main"}
+    assert "disc" not in task.modules()
+    ctx = Ctx(task)
+    w0 = copy.deepcopy(task.model.state_dict())
+    out = ctx.run(task, batch(n=1, size=64))  # batch of one through every block (BN needs >1 value)
+    assert torch.isfinite(out["loss"]) and "d_loss" not in out
+    assert any(not torch.equal(v, w0[k]) for k, v in task.model.state_dict().items())
+    assert task.epoch_extras() == {"pick_t0": 1.0}
+
+
+def test_meal_similarity_decreases_when_training():
+    task = make_meal("alternating", teachers=1, adversarial=False)
+    ctx = Ctx(task, lr=0.02)
+    b = batch(n=8)
+    first = float(ctx.run(task, b)["sim"])
+    for _ in range(15):
+        last = float(ctx.run(task, b)["sim"])
+    assert last < first
+
+
+def test_kd_and_ce_tasks_step():
+    student = tiny(3)
+    ens = TeacherEnsemble(
+        [FrozenTeacher("a", tiny(4), 32, MEAN, STD), FrozenTeacher("b", tiny(5), 32, MEAN, STD)], "mean"
+    )
+    kd = KDTask(student, SoftTargets(ens, MEAN, STD), alpha=0.7, temperature=2.0)
+    out = Ctx(kd).run(kd, batch())
+    assert set(out) == {"loss", "kd_soft", "ce"}
+    assert torch.allclose(out["loss"].detach(), 0.7 * out["kd_soft"] + 0.3 * out["ce"])
+    assert kd.epoch_extras() == {"pick_a": 1.0, "pick_b": 1.0}
+    ce = CETask(tiny(3))
+    out = Ctx(ce).run(ce, batch())
+    assert set(out) == {"loss", "ce"} and float(out["loss"]) > 0
