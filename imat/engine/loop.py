@@ -1,0 +1,678 @@
+"""The one training loop of imat: teachers and every distillation method run through :class:`Engine`.
+
+Resume is exact where the hardware allows: ``last.ckpt`` holds the position inside the epoch, the RNG
+states at the start of that epoch and at the checkpoint. On resume the epoch's data order is rebuilt
+from the epoch-start state (the sampler's generator is re-seeded from ``(seed, epoch)`` every epoch),
+the batches already trained on are drawn and discarded (so loader workers' augmentation streams line
+up again), then the checkpoint's RNG states are restored. On a CPU a killed-and-resumed run ends with
+the same weights, bit for bit, as an uninterrupted one (tested), provided the loader's dataset is
+deterministic given the global RNGs (a dataset with its own RNG can expose ``set_epoch(epoch)``,
+which the engine calls every epoch) and workers are not persistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from imat.config.train import TrainConfig
+from imat.engine.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from imat.engine.ema import ModelEma
+from imat.engine.logs import RunLogger, console_table, history_frame
+from imat.engine.optim import LrSchedule, build_optimizer
+from imat.engine.task import Task
+from imat.errors import ImatError
+from imat.metrics import TopKMeter
+from imat.weights import save_weights
+
+log = logging.getLogger("imat.engine")
+
+HIGHER_IS_BETTER = {"top1": True, "top3": True, "loss": False}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ImatError("device=cuda but no CUDA device is available (use device=auto or cpu)")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device`` (None = fp32).
+
+    fp16 needs a GradScaler and is CUDA-only here: on a CPU it falls back to bf16 with a warning, so a
+    GPU recipe still runs (slowly) on a laptop instead of failing. bf16 on a GPU without bf16 support
+    falls back to fp16 likewise.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        warnings.warn("precision=fp16 needs CUDA; using bf16 autocast on the CPU instead", stacklevel=3)
+        return torch.bfloat16
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU has no bf16 support; using fp16 with a GradScaler instead", stacklevel=3)
+        return torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torch.distributed job, or True when not distributed: only it writes files."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def move_to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move every tensor inside dicts/lists/tuples to ``device``; 4-D float tensors become
+    channels-last when asked."""
+    if isinstance(obj, torch.Tensor):
+        out = obj.to(device, non_blocking=True)
+        if channels_last and out.ndim == 4 and out.is_floating_point():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+    if isinstance(obj, Mapping):
+        return {k: move_to_device(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(move_to_device(v, device, channels_last) for v in obj)
+    return obj
+
+
+def _as_dict_batch(batch: Any) -> dict[str, Any]:
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, list | tuple) and len(batch) == 2:  # (images, labels), for quick experiments
+        return {"image": batch[0], "label": batch[1], "skipped": 0}
+    raise ImatError(
+        f"a training batch must be a dict with image/label (or an (images, labels) pair), got {type(batch).__name__}"
+    )
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for key in ("label", "image"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+    return 0
+
+
+def _skipped(batch: dict[str, Any]) -> int:
+    value = batch.get("skipped", 0)
+    return int(value.sum().item()) if isinstance(value, torch.Tensor) else int(value or 0)
+
+
+class StepContext:
+    """What a task's ``step`` sees of the engine: device, autocast, the position, and ``optimize``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.epoch = 0  # 0-based epoch being trained
+        self.step = 0  # 0-based global iteration (across epochs)
+        self.step_in_epoch = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._engine.device
+
+    @property
+    def num_epochs(self) -> int:
+        return self._engine.cfg.epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._engine.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Fractional epochs done (e.g. 2.5), for loss-weight schedules."""
+        return self.step / self.steps_per_epoch
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._engine.optimizers
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The run's mixed-precision context (a no-op for fp32)."""
+        return self._engine.autocast()
+
+    def optimize(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Update optimiser ``name`` with exactly the gradient of ``loss``: zero its grads, check the
+        loss is finite, backward (scaled for fp16), unscale + clip, step, zero grads again."""
+        self._engine._optimize(name, loss, retain_graph=retain_graph)
+
+
+class Engine:
+    """Train ``task`` with the recipe ``cfg``, writing ``summary.csv``, ``last.ckpt``,
+    ``best.safetensors`` and ``tensorboard/`` under ``out_dir``.
+
+    ``meta`` is stored in ``best.safetensors`` (arch, num_classes, input_size, mean, std, crop_pct,
+    model_kwargs, classes; see imat.weights) together with the epoch and metrics of the best epoch.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        train_loader: Any,
+        val_loader: Any | None = None,
+        meta: dict[str, Any] | None = None,
+        log_name: str = "train",
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        self.task = task
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.meta = dict(meta or {})
+        self.log_name = log_name
+        self.progress = progress
+        self.tensorboard = tensorboard
+
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.channels_last = cfg.channels_last
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.task.to(self.device, torch.channels_last if self.channels_last else None)
+
+        self.steps_per_epoch = self._count_steps()
+        options = task.optimizer_options()
+        groups = task.param_groups()
+        unknown = set(options) - set(groups)
+        if unknown:
+            raise ImatError(
+                f"optimizer_options names unknown optimizer(s) {sorted(unknown)}; known: {sorted(groups)}"
+            )
+        self.optimizers = {
+            name: build_optimizer(name, list(g), cfg, options.get(name)) for name, g in groups.items()
+        }
+        self.schedule = LrSchedule(cfg, self.steps_per_epoch)
+        self.ema = ModelEma(task.model, cfg.ema_decay) if cfg.ema else None
+        if cfg.compile:
+            task.model.compile()  # in place: state_dict keys stay unprefixed
+
+        self.ctx = StepContext(self)
+        self.history: list[dict[str, Any]] = []
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.epoch = 0  # next epoch to train (0-based)
+        self.global_step = 0
+        self._logger: RunLogger | None = None
+        self._grad_norms: dict[str, list[torch.Tensor]] = {}
+
+    # --- paths and process role ----------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files (keeps a later DDP wrapper simple)."""
+        return is_main_process()
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "last.ckpt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.safetensors"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.out_dir / "summary.csv"
+
+    def _count_steps(self) -> int:
+        try:
+            n: int | None = len(self.train_loader)
+        except TypeError:
+            n = None
+        cap = self.cfg.max_steps_per_epoch
+        if cap is not None:
+            n = cap if n is None else min(n, cap)
+        if n is None:
+            raise ImatError("the training loader has no length; set train.max_steps_per_epoch")
+        if n <= 0:
+            raise ImatError(
+                "the training loader is empty (no batches): check the training split and batch size"
+            )
+        return n
+
+    # --- precision -----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # --- optimisation --------------------------------------------------------------------------
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        where = (
+            f"last good checkpoint kept at {self.ckpt_path}"
+            if self.ckpt_path.exists()
+            else f"no checkpoint was written yet in {self.out_dir}"
+        )
+        value = loss.detach().float().mean().item()
+        raise ImatError(
+            f"non-finite loss at epoch {self.ctx.epoch + 1} step {self.ctx.step_in_epoch + 1}: loss={value}; "
+            f"{where} (lower the lr, set grad_clip, or use bf16 instead of fp16)"
+        )
+
+    def _step_optimizer(self, name: str) -> None:
+        opt = self.optimizers[name]
+        if self.cfg.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            self._grad_norms.setdefault(name, []).append(norm.detach().float())
+        if self.scaler is not None:
+            self.scaler.step(opt)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward(retain_graph=retain_graph)
+        else:
+            loss.backward(retain_graph=retain_graph)
+
+    def _optimize(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        if name not in self.optimizers:
+            raise ValueError(f"unknown optimizer {name!r}; the task declared {sorted(self.optimizers)}")
+        self._check_loss(loss)
+        self.optimizers[name].zero_grad(set_to_none=True)
+        self._backward(loss, retain_graph=retain_graph)
+        self._step_optimizer(name)
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self, loader: Any, return_outputs: bool = False, use_ema: bool | None = None
+    ) -> dict[str, Any]:
+        """Cross-entropy loss, top-1/top-3 accuracy and errors of the evaluated model on ``loader``.
+
+        Uses the EMA weights when EMA is on (``use_ema=None``), else ``task.eval_logits``. With
+        ``return_outputs`` the result also has ``logits`` (N x C float, CPU), ``labels`` and ``index``.
+        Labels < 0 (unknown) are excluded from the metrics but kept in the outputs.
+        """
+        use_ema = self.ema is not None if use_ema is None else use_ema
+        if use_ema and self.ema is None:
+            raise ValueError("use_ema=True but EMA is off (train.ema=false)")
+        self.task.train(False)
+        forward = self.ema.module if use_ema else self.task.eval_logits
+        meter = TopKMeter((1, 3))
+        skipped = 0
+        outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "index": []}
+        for raw in loader:
+            batch = move_to_device(_as_dict_batch(raw), self.device, self.channels_last)
+            skipped += _skipped(batch)
+            labels = batch["label"]
+            with self.autocast():
+                logits = forward(batch["image"])
+            logits = logits.float()
+            valid = labels >= 0
+            loss_sum = (
+                F.cross_entropy(logits[valid], labels[valid], reduction="sum") if bool(valid.any()) else None
+            )
+            meter.update(logits, labels, loss_sum)
+            if return_outputs:
+                outs["logits"].append(logits.cpu())
+                outs["labels"].append(labels.cpu())
+                index = batch.get("index")
+                if isinstance(index, torch.Tensor):
+                    outs["index"].append(index.cpu())
+        result: dict[str, Any] = meter.compute()
+        result["skipped"] = skipped
+        if return_outputs:
+            for key, parts in outs.items():
+                result[key] = torch.cat(parts) if parts else torch.empty(0)
+        return result
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _assert_finite_weights(self) -> None:
+        for name, module in self.task.modules().items():
+            for key, value in module.state_dict().items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ImatError(
+                        f"non-finite weights in {name}.{key} at epoch {self.ctx.epoch + 1} step "
+                        f"{self.ctx.step_in_epoch + 1}; last good checkpoint kept at {self.ckpt_path}"
+                    )
+
+    def _save_last(self, epoch: int, step_in_epoch: int, epoch_rng: dict | None, acc: dict | None) -> None:
+        """``epoch``/``step_in_epoch``: where training continues (0-based epoch, batches done in it)."""
+        if not self.is_main:
+            return
+        self._assert_finite_weights()
+        state = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step,
+            "modules": {name: m.state_dict() for name, m in self.task.modules().items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.ema_state() if self.ema is not None else None,
+            "rng": get_rng_state(),
+            "epoch_rng": epoch_rng,
+            "epoch_acc": acc,
+            "history": self.history,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "task": self.task.state_dict(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        save_checkpoint(self.ckpt_path, state)
+
+    def _restore(self, path: Path) -> dict[str, Any] | None:
+        """Load ``path`` into the task, optimisers, scaler and EMA. Returns the mid-epoch state to
+        continue from, or None at an epoch boundary (RNG states are then restored right away)."""
+        ckpt = load_checkpoint(path)
+        modules = ckpt.get("modules", {})
+        for name, module in self.task.modules().items():
+            if name not in modules:
+                raise ImatError(
+                    f"{path}: checkpoint has no module {name!r} (has {sorted(modules)}); another task?"
+                )
+            load_module_state(module, modules[name], path, name)
+        saved_opts = ckpt.get("optimizers", {})
+        if set(saved_opts) != set(self.optimizers):
+            raise ImatError(
+                f"{path}: checkpoint optimizers {sorted(saved_opts)} do not match the task's {sorted(self.optimizers)}"
+            )
+        for name, opt in self.optimizers.items():
+            try:
+                opt.load_state_dict(saved_opts[name])
+            except (ValueError, KeyError) as exc:
+                raise ImatError(f"{path}: optimizer {name!r} does not match the checkpoint ({exc})") from None
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                try:
+                    self.ema.load_ema_state(ckpt["ema"])
+                except RuntimeError as exc:
+                    raise ImatError(
+                        f"{path}: EMA weights do not match the model ({str(exc).splitlines()[0]})"
+                    ) from None
+            else:  # EMA switched on after the fact: start it from the restored weights
+                self.ema = ModelEma(self.task.model, self.cfg.ema_decay)
+        self.task.load_state_dict(ckpt.get("task") or {})
+        self.history = list(ckpt.get("history") or [])
+        self.best_value = ckpt.get("best_value")
+        self.best_epoch = ckpt.get("best_epoch")
+        self.epoch = int(ckpt["epoch"])
+        self.global_step = int(ckpt["global_step"])
+        step = int(ckpt.get("step_in_epoch") or 0)
+        if step:
+            return {
+                "step": step,
+                "rng": ckpt["rng"],
+                "epoch_rng": ckpt["epoch_rng"],
+                "acc": ckpt["epoch_acc"],
+            }
+        set_rng_state(ckpt["rng"])
+        return None
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> pd.DataFrame:
+        """Train to ``cfg.epochs``; returns the per-epoch summary (also in ``summary.csv``).
+
+        ``resume=True`` continues from ``last.ckpt`` when it exists (a finished run is a no-op that
+        returns its history) and starts fresh otherwise.
+        """
+        resumed = None
+        if resume and self.ckpt_path.exists():
+            resumed = self._restore(self.ckpt_path)
+            log.info("%s: resuming from %s at epoch %d", self.log_name, self.ckpt_path, self.epoch + 1)
+        else:
+            seed_everything(self.cfg.seed)
+            self.history, self.best_value, self.best_epoch = [], None, None
+            self.epoch, self.global_step = 0, 0
+        if self.epoch >= self.cfg.epochs and resumed is None:
+            if self.is_main and self.history and not self.summary_path.exists():
+                RunLogger(self.out_dir, tensorboard=False).write_summary(self.history)
+            return history_frame(self.history)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._logger = RunLogger(self.out_dir, tensorboard=self.tensorboard)
+            if self.history:
+                self._logger.write_summary(self.history)
+        try:
+            for epoch in range(self.epoch, self.cfg.epochs):
+                self._run_epoch(epoch, resumed)
+                resumed = None
+        finally:
+            if self._logger is not None:
+                self._logger.close()
+                self._logger = None
+        df = history_frame(self.history)
+        if self.is_main and self.progress:
+            print(console_table(df, f"{self.log_name}: {len(df)} epoch(s), summary in {self.summary_path}"))
+        return df
+
+    def _prepare_loader(self, epoch: int) -> None:
+        """Make this epoch's sample order a function of (seed, epoch) only."""
+        seed = (self.cfg.seed * 1_000_003 + epoch) % (2**63)
+        loader = self.train_loader
+        seen: set[int] = set()
+        candidates = [
+            getattr(loader, "generator", None),
+            getattr(getattr(loader, "sampler", None), "generator", None),
+            getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None),
+        ]
+        for gen in candidates:
+            if isinstance(gen, torch.Generator) and id(gen) not in seen:
+                gen.manual_seed(seed)
+                seen.add(id(gen))
+        for obj in (
+            getattr(loader, "sampler", None),
+            getattr(loader, "batch_sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+            getattr(loader, "dataset", None),
+        ):
+            if obj is not None and id(obj) not in seen and callable(getattr(obj, "set_epoch", None)):
+                obj.set_epoch(epoch)
+                seen.add(id(obj))
+
+    def _run_epoch(self, epoch: int, resumed: dict[str, Any] | None) -> None:
+        cfg, task, ctx = self.cfg, self.task, self.ctx
+        ctx.epoch = epoch
+        if resumed is not None:
+            epoch_rng = resumed["epoch_rng"]
+            set_rng_state(epoch_rng)
+        else:
+            epoch_rng = get_rng_state()
+        task.train(True)
+        self._prepare_loader(epoch)
+        task.on_epoch_start(epoch)
+        iterator: Iterator[Any] = iter(self.train_loader)
+        start = resumed["step"] if resumed else 0
+        acc = dict(resumed["acc"]) if resumed else {"sums": {}, "images": 0, "skipped": 0, "train_time": 0.0}
+        for done in range(start):  # replay the consumed part of the epoch (see module docstring)
+            try:
+                next(iterator)
+            except StopIteration:
+                raise ImatError(
+                    f"{self.ckpt_path}: checkpoint is {start} steps into epoch {epoch + 1} but the loader "
+                    f"has only {done} batches (different data or batch size?)"
+                ) from None
+        if resumed is not None:
+            set_rng_state(resumed["rng"])
+        sums: dict[str, torch.Tensor | float] = dict(acc["sums"])
+        n_images, skipped = int(acc["images"]), int(acc["skipped"])
+        self._grad_norms = {}
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=start,
+            desc=f"{self.log_name} {epoch + 1}/{cfg.epochs}",
+            disable=not (self.progress and self.is_main),
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        t0 = time.perf_counter()
+        last_loss: torch.Tensor | None = None
+        try:
+            for step in range(start, self.steps_per_epoch):
+                try:
+                    raw = next(iterator)
+                except StopIteration:
+                    break
+                batch = move_to_device(_as_dict_batch(raw), self.device, self.channels_last)
+                ctx.step, ctx.step_in_epoch = self.global_step, step
+                self.schedule.apply(self.optimizers, self.global_step)
+                if task.manual_optimization:
+                    out = task.step(batch, ctx)
+                    self._check_loss(out["loss"])
+                else:
+                    for opt in self.optimizers.values():
+                        opt.zero_grad(set_to_none=True)
+                    with self.autocast():
+                        out = task.step(batch, ctx)
+                    self._check_loss(out["loss"])
+                    self._backward(out["loss"])
+                    for name in self.optimizers:
+                        self._step_optimizer(name)
+                if self.scaler is not None:
+                    self.scaler.update()
+                if self.ema is not None:
+                    self.ema.update(task.model)
+                bs = _batch_size(batch)
+                for key, value in out.items():
+                    v = value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value)
+                    sums[key] = sums.get(key, 0.0) + v * bs
+                n_images += bs
+                skipped += _skipped(batch)
+                self.global_step += 1
+                last_loss = out["loss"]
+                bar.update(1)
+                if step % 10 == 0 or step + 1 == self.steps_per_epoch:
+                    loss_value = float(last_loss.detach().float())
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+                    if self._logger is not None:
+                        self._logger.scalar("step/loss", loss_value, self.global_step)
+                if (
+                    cfg.ckpt_every_steps
+                    and self.global_step % cfg.ckpt_every_steps == 0
+                    and step + 1 < self.steps_per_epoch
+                ):
+                    acc_now = {
+                        "sums": {k: float(v) for k, v in sums.items()},
+                        "images": n_images,
+                        "skipped": skipped,
+                        "train_time": acc["train_time"] + time.perf_counter() - t0,
+                    }
+                    self._save_last(epoch, step + 1, epoch_rng, acc_now)
+        finally:
+            bar.close()
+            del iterator  # shuts loader workers down before evaluation starts its own
+        train_time = acc["train_time"] + time.perf_counter() - t0
+        self._end_epoch(epoch, sums, n_images, skipped, train_time)
+
+    def _end_epoch(
+        self, epoch: int, sums: dict[str, Any], n_images: int, skipped: int, train_time: float
+    ) -> None:
+        t_eval = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch + 1, "global_step": self.global_step}
+        for key, total in sums.items():
+            row[f"train_{key}"] = float(total) / n_images if n_images else float("nan")
+        for name, opt in self.optimizers.items():
+            base0 = opt.param_groups[0]["base_lr"]
+            row[f"lr_{name}"] = float(opt.param_groups[0]["lr"])
+            for i, group in enumerate(opt.param_groups[1:], start=1):
+                if group["base_lr"] != base0:
+                    row[f"lr_{name}_{i}"] = float(group["lr"])
+        for name, norms in self._grad_norms.items():
+            row[f"grad_norm_{name}"] = float(torch.stack(norms).mean()) if norms else float("nan")
+        if self.val_loader is not None:
+            res = self.evaluate(self.val_loader)
+            for key in ("loss", "top1", "top3", "top1_err", "top3_err"):
+                row[f"val_{key}"] = res[key]
+            skipped += res["skipped"]
+            if self.ema is not None:
+                raw = self.evaluate(self.val_loader, use_ema=False)
+                for key in ("loss", "top1", "top3"):
+                    row[f"val_raw_{key}"] = raw[key]
+        for key, value in self.task.epoch_extras().items():
+            if hasattr(value, "item"):  # tensors and numpy scalars -> plain Python for the checkpoint
+                value = value.item()
+            row[key if key not in row else f"task_{key}"] = value
+        row["skipped"] = skipped
+        row["train_images"] = n_images
+        row["images_per_s"] = n_images / train_time if train_time > 0 else float("nan")
+        row["train_time_s"] = train_time
+        row["epoch_time_s"] = train_time + time.perf_counter() - t_eval
+
+        improved = self._update_best(row)
+        row["is_best"] = improved
+        self.history.append(row)
+        if self.is_main:
+            if improved:
+                self._save_best(row)
+            self._save_last(epoch + 1, 0, None, None)
+            assert self._logger is not None
+            self._logger.write_summary(self.history)
+            self._logger.epoch(row)
+            if self.progress:
+                parts = [
+                    f"{k}={row[k]:.4g}"
+                    for k in ("train_loss", "val_loss", "val_top1", "val_top3")
+                    if k in row
+                ]
+                tqdm.write(
+                    f"{self.log_name} epoch {epoch + 1}/{self.cfg.epochs}: " + " ".join(parts),
+                    file=sys.stderr,
+                )
+
+    def _metric_of(self, row: dict[str, Any]) -> float | None:
+        key = f"val_{self.cfg.best_metric}" if self.val_loader is not None else "train_loss"
+        value = row.get(key)
+        return None if value is None or not math.isfinite(float(value)) else float(value)
+
+    def _update_best(self, row: dict[str, Any]) -> bool:
+        value = self._metric_of(row)
+        if value is None:  # nothing measurable (e.g. no labelled validation): keep the latest weights
+            if self.best_value is None:
+                self.best_epoch = int(row["epoch"])
+                return True
+            return False
+        higher = HIGHER_IS_BETTER[self.cfg.best_metric] if self.val_loader is not None else False
+        if self.best_value is None or (value > self.best_value if higher else value < self.best_value):
+            self.best_value, self.best_epoch = value, int(row["epoch"])
+            return True
+        return False
+
+    def _save_best(self, row: dict[str, Any]) -> None:
+        model = self.ema.module if self.ema is not None else self.task.model
+        metrics = {k: row[k] for k in ("val_loss", "val_top1", "val_top3", "train_loss") if k in row}
+        meta = {
+            **self.meta,
+            "epoch": int(row["epoch"]),
+            "best_metric": self.cfg.best_metric,
+            "metrics": metrics,
+        }
+        if self.ema is not None:
+            meta["ema"] = True
+        save_weights(self.best_path, model.state_dict(), meta)

@@ -1,0 +1,103 @@
+"""Optimisers (one per task param-group key) and per-iteration learning-rate schedules.
+
+Every param group remembers its own base learning rate under ``"base_lr"`` and the schedule sets
+``lr = base_lr * factor(step)`` for each group. So a MEAL discriminator with ``lr=1e-3`` next to a
+student at ``lr=0.1`` keeps its 1:100 ratio through warm-up, cosine or step decay; nothing ever
+overwrites one group's lr with another's (the MEAL v2 bug, issue #9 there). The schedule is a pure
+function of the global step, so resuming needs only the step count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from imat.config.train import TrainConfig
+from imat.errors import ImatError
+
+OPTIMIZER_KEYS = {"optimizer", "lr", "weight_decay", "momentum", "nesterov", "betas", "eps"}
+
+
+def build_optimizer(
+    name: str, groups: list[dict[str, Any]], cfg: TrainConfig, options: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """One optimiser for ``groups``: TrainConfig's recipe, overridden by ``options`` (see
+    ``Task.optimizer_options``), groups' own ``lr``/``weight_decay`` winning over both."""
+    options = dict(options or {})
+    unknown = set(options) - OPTIMIZER_KEYS
+    if unknown:
+        raise ImatError(
+            f"optimizer {name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIMIZER_KEYS)}"
+        )
+    kind = options.get("optimizer", cfg.optimizer)
+    lr = float(options.get("lr", cfg.lr))
+    wd = float(options.get("weight_decay", cfg.weight_decay))
+    prepared = []
+    for group in groups:
+        g = dict(group)
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+        if not g["params"]:
+            continue
+        g.setdefault("lr", lr)
+        g.setdefault("weight_decay", wd)
+        g["lr"] = float(g["lr"])
+        g["base_lr"] = g["lr"]
+        prepared.append(g)
+    if not prepared:
+        raise ImatError(f"optimizer {name!r}: no trainable parameters")
+    if kind == "sgd":
+        return torch.optim.SGD(
+            prepared,
+            lr=lr,
+            momentum=float(options.get("momentum", cfg.momentum)),
+            nesterov=bool(options.get("nesterov", cfg.nesterov)),
+            weight_decay=wd,
+        )
+    if kind in ("adamw", "adam"):
+        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        return cls(
+            prepared,
+            lr=lr,
+            betas=tuple(options.get("betas", (0.9, 0.999))),
+            eps=float(options.get("eps", 1e-8)),
+            weight_decay=wd,
+        )
+    raise ImatError(f"optimizer {name!r}: unknown optimizer {kind!r}; use sgd, adamw or adam")
+
+
+class LrSchedule:
+    """``factor(step)``: linear warm-up over ``warmup_epochs``, then cosine (down to ``min_lr_ratio``),
+    multistep (``lr_gamma`` at each of ``milestones``, in epochs) or constant; stepped per iteration."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.kind = cfg.schedule
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = min(round(cfg.warmup_epochs * self.steps_per_epoch), self.total_steps)
+        self.min_ratio = cfg.min_lr_ratio
+        self.milestones = sorted(cfg.milestones)
+        self.gamma = cfg.lr_gamma
+
+    def factor(self, step: int) -> float:
+        """Multiplier of every group's base lr at global (0-based) iteration ``step``."""
+        warm = (step + 1) / self.warmup_steps if self.warmup_steps and step < self.warmup_steps else 1.0
+        if self.kind == "constant":
+            main = 1.0
+        elif self.kind == "multistep":
+            epoch = step // self.steps_per_epoch
+            main = self.gamma ** sum(1 for m in self.milestones if epoch >= m)
+        else:  # cosine after warm-up, reaching the floor at the last step
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+            main = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warm * main
+
+    def apply(self, optimizers: dict[str, torch.optim.Optimizer], step: int) -> float:
+        """Set every group's lr for ``step`` from its own ``base_lr``; returns the factor."""
+        f = self.factor(step)
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * f
+        return f

@@ -1,0 +1,115 @@
+"""What one training step computes. The engine owns everything else (epochs, AMP, optimisers, ...).
+
+A task is the only thing a teacher recipe or a distillation method writes: ``step`` returns the loss
+(and named parts to log), ``param_groups`` says what is trained and with which learning rates.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from imat.engine.loop import StepContext
+
+
+class Task:
+    """Base class of every training task.
+
+    ``model`` is the network being trained: the engine evaluates it, keeps its EMA, saves it to
+    ``best.safetensors``. ``manual_optimization = True`` means ``step`` calls ``ctx.optimize(name,
+    loss)`` itself (alternating GAN-style updates); otherwise the engine runs ``step`` under autocast,
+    back-propagates ``out["loss"]`` once and steps every optimiser.
+    """
+
+    manual_optimization: bool = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- what is trained and saved -------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module whose state goes into ``last.ckpt`` (frozen teachers need not be listed)."""
+        return {"model": self.model}
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """Optimiser name -> torch param groups. A group may carry its own base ``lr`` and
+        ``weight_decay``; the schedule scales each group from its own base lr."""
+        return {"main": [{"params": [p for p in self.model.parameters() if p.requires_grad]}]}
+
+    def optimizer_options(self) -> dict[str, dict[str, Any]]:
+        """Per-optimiser overrides of the TrainConfig recipe, e.g. ``{"disc": {"optimizer": "adam",
+        "betas": (0.5, 0.999), "weight_decay": 0.0}}``. Keys: optimizer (sgd|adamw|adam), lr,
+        weight_decay, momentum, nesterov, betas, eps."""
+        return {}
+
+    # --- device and mode -----------------------------------------------------------------------
+    def to(self, device: torch.device, memory_format: torch.memory_format | None = None) -> Task:
+        """Move every module to ``device`` (override to move frozen teachers too)."""
+        for module in self.modules().values():
+            module.to(device)
+            if memory_format is not None:
+                module.to(memory_format=memory_format)
+        return self
+
+    def train(self, mode: bool = True) -> Task:
+        """Put trained modules in train (or eval) mode; frozen teachers should stay in eval."""
+        for module in self.modules().values():
+            module.train(mode)
+        return self
+
+    # --- the step --------------------------------------------------------------------------------
+    def step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Compute ``{"loss": total, other scalar parts...}``; every part is logged as an epoch mean."""
+        raise NotImplementedError
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits used for validation (N x C)."""
+        return self.model(images)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (0-based), e.g. to anneal a loss weight."""
+
+    def epoch_extras(self) -> dict[str, float]:
+        """Extra per-epoch summary columns (then reset your counters)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra task state for resume (tensors and plain Python values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class ClassificationTask(Task):
+    """Plain cross-entropy training of one classifier (every teacher, and the student's CE baseline).
+
+    ``mixup`` is a timm ``Mixup`` (or any callable ``(images, labels) -> (images, soft_targets)``);
+    with it the loss is soft-target cross-entropy and label smoothing is the Mixup's own business
+    (timm folds it into the soft targets), otherwise ``label_smoothing`` goes to the cross-entropy.
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, mixup: Any | None = None) -> None:
+        super().__init__(model)
+        self.label_smoothing = float(label_smoothing)
+        self.mixup = mixup
+
+    def step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is not None:
+            if images.shape[0] % 2:  # timm's Mixup pairs samples: drop one from an odd last batch
+                images, labels = images[:-1], labels[:-1]
+            if images.shape[0] == 0:
+                raise ValueError("a batch of one image cannot be mixed; use drop_last or an even batch size")
+            images, targets = self.mixup(images, labels)
+            logits = self.model(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            return {"loss": loss}
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        top1 = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return {"loss": loss, "top1": top1}
