@@ -1,10 +1,9 @@
 """``imat data inspect``: what is in a data set and which image files are unusable.
 
 Counts images per split and per class, and checks every image file: missing, empty (0 bytes),
-corrupt (neither OpenCV nor PIL decodes it), truncated (a JPEG without its end marker: decoders
-return a half-grey image instead of failing) and placeholder-sized (a side under ``min_side`` px: dead
-links of URL-only competitions often come back as 1x1 or tiny "not available" images). Problems are
-reported, never fatal: the point is to see them before training.
+corrupt (neither OpenCV nor PIL fully decodes it; truncated JPEGs fail both) and placeholder-sized
+(a side under ``min_side`` px: dead links of URL-only competitions often come back as 1x1 or tiny
+"not available" images). Problems are reported, never fatal: the point is to see them before training.
 """
 
 from __future__ import annotations
@@ -133,8 +132,6 @@ def check_image(path: str, min_side: int = 10) -> tuple[str, str]:
     if isinstance(shape, str):
         return "corrupt", shape
     height, width = shape
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:].tobytes():
-        return "truncated", f"JPEG without end marker ({size} bytes)"
     if min(height, width) < min_side:
         return "tiny", f"{width}x{height} px"
     return OK, ""
