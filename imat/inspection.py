@@ -198,12 +198,13 @@ def inspect_input(
     unique = list(dict.fromkeys(files))
     results = dict(zip(unique, check_images(unique, min_side, workers, progress), strict=True))
     report.checked = len(unique)
-    rows = []
-    for (_, row), file in zip(report.df.iterrows(), files, strict=True):
-        problem, detail = results[file]
-        if problem != OK:
-            rows.append([row["image_id"], row["split"], file, problem, detail])
-    report.problems = pd.DataFrame(rows, columns=PROBLEM_COLUMNS)
+    outcome = files.map(results)
+    bad = (outcome.map(lambda r: r[0]) != OK).to_numpy()
+    problems = report.df.loc[bad, ["image_id", "split"]].copy()
+    problems["path"] = files[bad].to_numpy()
+    problems["problem"] = [r[0] for r in outcome[bad]]
+    problems["detail"] = [r[1] for r in outcome[bad]]
+    report.problems = problems.reset_index(drop=True)[PROBLEM_COLUMNS]
     return report
 
 

@@ -62,7 +62,8 @@ def json_format(doc: Any) -> str | None:
     ann = annotations[0] if annotations and isinstance(annotations[0], dict) else {}
     if "file_name" in image or "category_id" in ann or "categories" in doc:
         return "coco"
-    if "class" in image or ("id" in image and "url" in image and "image_id" not in image):
+    product_id = isinstance(image.get("id"), str) and image["id"].lower().endswith(".jpg")
+    if "class" in image or product_id or ("id" in image and "url" in image and "image_id" not in image):
         return "product2019"
     if not images and not annotations:
         return None
