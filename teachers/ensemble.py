@@ -199,15 +199,6 @@ def _row(name: str, kind: str, members: list[str], p: np.ndarray, labels: np.nda
     }
 
 
-def format_table(df: pd.DataFrame) -> str:
-    """A fixed-width text table of an evaluation frame (top-1/top-3 as percentages)."""
-    shown = df.copy()
-    for col in ("top1", "top3"):
-        if col in shown:
-            shown[col] = shown[col].map(lambda v: "n/a" if pd.isna(v) else f"{100 * v:.2f}")
-    return shown.to_string(index=False)
-
-
 def default_manifest(pool_dir: str | os.PathLike[str]) -> Path:
     """Where a run keeps its manifest relative to its pool (RUN_DIR/teachers -> RUN_DIR/data)."""
     return Path(pool_dir).parent / "data" / "manifest.parquet"
