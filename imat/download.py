@@ -376,12 +376,18 @@ class PlaceholderRegistry:
     before writing and confirms after; if the hash got flagged in between, confirm says so and the worker
     deletes its own file. So a file is always either in ``written`` (deleted by the flagger) or deleted
     by its writer - never left behind.
+
+    Limits: identical bytes are what is detected; a placeholder re-encoded per request (a different
+    JPEG each time) or one that differs by a timestamp is not. ``placeholder_repeats=0`` turns it off
+    for data sets that legitimately reuse one photo at many URLs.
     """
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, lock: threading.RLock | None = None) -> None:
         self.threshold = threshold
         self._entries: dict[str, _HashEntry] = {}
-        self._lock = threading.Lock()
+        # Reentrant and shareable: the driver holds it around confirm + "mark ok", so an eviction can
+        # never slip in between and leave a row saying ok for a deleted file.
+        self._lock = lock or threading.RLock()
 
     def seed(
         self, sha1: str, url: str, flagged: bool = False, index: int | None = None, path: Path | None = None
@@ -537,15 +543,18 @@ class _Run:
     def __init__(self, out_dir: Path, cfg: DownloadConfig, previous: pd.DataFrame) -> None:
         self.out_dir = out_dir
         self.cfg = cfg
-        self.previous = previous
-        self.records: dict[int, dict[str, Any]] = {}
-        self.lock = threading.Lock()
-        self.registry = PlaceholderRegistry(cfg.placeholder_repeats)
+        self.records: dict[int, dict[str, Any]] = {}  # this run's rows, by 0-based row number
+        # Rows of earlier runs for images not in this run (another split in the same folder, rows
+        # beyond --limit): kept in the table, and evictable if their bytes turn out to be a placeholder.
+        self.carried: dict[int, dict[str, Any]] = {}  # negative keys
+        self.lock = threading.RLock()
+        self.registry = PlaceholderRegistry(cfg.placeholder_repeats, self.lock)
         self.session = make_session(cfg)
+        self.previous = previous
 
     def _fail(self, index: int, reason: str, detail: str = "") -> None:
         with self.lock:
-            rec = self.records[index]
+            rec = self.records[index] if index >= 0 else self.carried[index]
             rec.update(status="failed", reason=reason, detail=detail, bytes=0, width=0, height=0)
 
     def work(self, index: int, target: Path) -> None:
@@ -565,11 +574,13 @@ class _Run:
                 )
             jpeg, w, h, _, _ = encode_image(data, self.cfg)
             write_bytes(target, jpeg)
-            if not self.registry.confirm(sha1, index, target):
+            with self.lock:  # confirm + mark ok atomically (see PlaceholderRegistry)
+                kept = self.registry.confirm(sha1, index, target)
+                if kept:
+                    rec.update(status="ok", reason="", detail="", bytes=len(jpeg), width=w, height=h)
+            if not kept:
                 target.unlink(missing_ok=True)
                 raise FetchError("placeholder: repeated", "flagged while writing")
-            with self.lock:
-                rec.update(status="ok", reason="", detail="", bytes=len(jpeg), width=w, height=h)
         except FetchError as exc:
             self._fail(index, exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - one bad image must never stop a 200k-image run
@@ -588,16 +599,30 @@ class _Run:
         return run
 
     def write_status(self) -> pd.DataFrame:
-        """Previous rows of images not in this run + this run's rows, written atomically."""
-        run = self.table()
-        prev = self.previous
-        if len(prev):
-            keep = prev[~prev["image_id"].isin(set(run["image_id"]))]
-            full = pd.concat([keep.astype(object), run.astype(object)], ignore_index=True)
-        else:
-            full = run
+        """Carried rows of earlier runs + this run's rows, written atomically."""
+        with self.lock:
+            rows = [dict(r) for r in self.carried.values()] + [dict(r) for r in self.records.values()]
+        full = pd.DataFrame(rows, columns=STATUS_COLUMNS)
         write_csv(self.out_dir / STATUS_FILE, full)
         return full
+
+    def carry(self, previous: pd.DataFrame, current_ids: set[str]) -> None:
+        """Keep earlier rows of images not in this run; seed the registry with every known hash."""
+        for n, row in enumerate(previous.to_dict("records")):
+            sha1, url = row["sha1"], row["url"]
+            if row["reason"] == "placeholder: repeated":
+                self.registry.seed(sha1, url, flagged=True)
+            if row["image_id"] in current_ids:
+                continue
+            key = -(n + 1)
+            self.carried[key] = row
+            if row["status"] in ("ok", "skipped") and sha1 and row["path"]:
+                try:
+                    target = safe_target(self.out_dir, row["path"])
+                except FetchError:
+                    continue
+                if target.exists():
+                    self.registry.seed(sha1, url, index=key, path=target)
 
 
 def download(
@@ -632,10 +657,7 @@ def download(
     previous = read_status(out)
     prev_by_id = {r.image_id: r for r in previous.itertuples(index=False)} if len(previous) else {}
     run = _Run(out, cfg, previous)
-    for h in (
-        set(previous.loc[previous["reason"] == "placeholder: repeated", "sha1"]) if len(previous) else ()
-    ):
-        run.registry.seed(h, f"(previous run) {h}", flagged=True)
+    run.carry(previous, {_text(x) for x in df["image_id"]})
 
     todo: list[tuple[int, Path]] = []
     seen_targets: dict[str, int] = {}
@@ -684,32 +706,34 @@ def download(
         bar = tqdm(total=len(todo), unit="img", desc="download", disable=not cfg.progress)
         last_write = time.monotonic()
         n_ok = n_failed = 0
-        with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="imat-dl") as pool:
+        pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="imat-dl")
+        try:
             futures = {pool.submit(run.work, i, t): i for i, t in todo}
-            try:
-                for fut in as_completed(futures):
-                    fut.result()
-                    if run.records[futures[fut]]["status"] == "ok":
-                        n_ok += 1
-                    else:
-                        n_failed += 1
-                    bar.update(1)
-                    bar.set_postfix(ok=n_ok, failed=n_failed, refresh=False)
-                    if time.monotonic() - last_write >= cfg.status_every:
-                        run.write_status()
-                        last_write = time.monotonic()
-            except BaseException:
-                # Ctrl-C or a bug: drop what has not started, keep what finished on record.
-                for f in futures:
-                    f.cancel()
+            for fut in as_completed(futures):
+                fut.result()
+                if run.records[futures[fut]]["status"] == "ok":
+                    n_ok += 1
+                else:
+                    n_failed += 1
+                bar.update(1)
+                bar.set_postfix(ok=n_ok, failed=n_failed, refresh=False)
+                if time.monotonic() - last_write >= cfg.status_every:
+                    run.write_status()
+                    last_write = time.monotonic()
+        except BaseException:
+            # Ctrl-C or a bug: drop what has not started, let the running ones finish (each is bounded
+            # by its timeouts), record everything, then re-raise. The next run retries the rest.
+            pool.shutdown(wait=True, cancel_futures=True)
+            with run.lock:
                 for i, _ in todo:
                     rec = run.records[i]
                     if rec["status"] == "failed" and not rec["reason"]:
                         rec.update(reason="interrupted")
-                run.write_status()
-                raise
-            finally:
-                bar.close()
+            run.write_status()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            bar.close()
     seconds = time.perf_counter() - start
     run.session.close()
     full = run.write_status()

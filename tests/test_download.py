@@ -361,6 +361,22 @@ def test_existing_files_count_towards_placeholder(server, tmp_path):
     assert server.counts["/na/0"] == 1  # p0 was still not requested again
 
 
+def test_rows_of_other_runs_are_carried_and_evictable(server, tmp_path):
+    """Another split downloaded into the same folder keeps its rows; if this run reveals their bytes as
+    a placeholder, their files go and their rows say so."""
+    first = download(_frame([("t0", server.url("/na/0")), ("t1", server.url("/na/1"))]), tmp_path, _cfg())
+    assert first.counts == {"ok": 2}
+    second = download(
+        _frame([("v0", server.url("/na/2")), ("v1", server.url("/good.jpg"))]), tmp_path, _cfg(status_every=0)
+    )
+    assert _by_id(second)["v0"]["reason"] == "placeholder: repeated"
+    assert _by_id(second)["v1"]["status"] == "ok"
+    status = read_status(tmp_path).set_index("image_id")
+    assert sorted(status.index) == ["t0", "t1", "v0", "v1"]
+    assert (status.loc[["t0", "t1", "v0"], "reason"] == "placeholder: repeated").all()
+    assert not list(tmp_path.glob("t*.jpg")) and (tmp_path / "v1.jpg").exists()
+
+
 def test_registry_race_free():
     reg = PlaceholderRegistry(threshold=2)
     assert reg.claim("h", "u1") == (False, {})
