@@ -82,7 +82,7 @@ def make_frame(
 def load_json(path: Path) -> Any:
     """Parse a JSON file; a syntax error names the file, line and column."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: tolerate a byte-order mark
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise ImatError(
