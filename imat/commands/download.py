@@ -7,11 +7,8 @@ outcome is in ``DIR/download_status.csv``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from imat.errors import ImatError, require_file
-
-_SPLIT_WORDS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split",
         choices=["train", "val", "test"],
-        default=None,
-        help="split of JSON (default: from its name, else train)",
+        default="test",
+        help="read JSON as this split (default test: labels are not needed to download, so none are required)",
     )
     parser.add_argument(
         "--limit", type=int, default=None, metavar="N", help="only the first N images (a trial run)"
@@ -69,19 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _split_from_name(path: Path) -> str:
-    stem = path.stem.lower()
-    for word, split in _SPLIT_WORDS.items():
-        if stem == word or stem.startswith(word + "_") or stem.endswith("_" + word):
-            return split
-    return "train"
-
-
 def run(args: argparse.Namespace) -> int:
     from imat.download import DownloadConfig, download
 
     path = require_file(args.json, "competition file")
-    split = args.split or _split_from_name(path)
     cfg = DownloadConfig(
         workers=args.workers,
         connect_timeout=args.connect_timeout,
@@ -99,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from imat.formats import read_split
 
     try:
-        df = read_split(path, split)
+        df = read_split(path, args.split)
     except ImatError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
