@@ -1,0 +1,164 @@
+"""Assemble the report: sections in pipeline order, each present only when the run has its data."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from imat.errors import require_dir
+from imat.io import write_text
+from imat.report import plots
+from imat.report.collect import RunData, collect
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f4f4f4} td:first-child,th:first-child{text-align:left} img.plot{max-width:100%;margin:.4em 0}
+.gallery{display:flex;flex-wrap:wrap;gap:8px} .gallery figure{margin:0;width:130px;font-size:.7em}
+.gallery img{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;border:1px solid #ccc}
+.muted{color:#777}
+"""
+
+
+def _img(b64: str | None, alt: str) -> str:
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
+
+
+def _table(df: pd.DataFrame, max_rows: int = 50) -> str:
+    shown = df.head(max_rows).copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    return shown.to_html(index=False, border=0, escape=True)
+
+
+def _thumb(path: Path) -> str | None:
+    try:
+        image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
+    except (OSError, ValueError):
+        return None
+    if image is None:
+        return None
+    h, w = image.shape[:2]
+    scale = 128 / max(h, w)
+    if scale < 1:
+        image = cv2.resize(
+            image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
+    ok, png = cv2.imencode(".png", image)
+    return base64.b64encode(png.tobytes()).decode("ascii") if ok else None
+
+
+def _truth_and_pred(data: RunData) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    preds, sol = data.predictions, data.solution
+    if preds is None or sol is None or "id" not in sol.columns:
+        return None
+    truth_col = next((c for c in ("expected", "label", "predicted") if c in sol.columns and c != "id"), None)
+    if truth_col is None or "topk_labels" not in preds.columns:
+        return None
+    top1 = {
+        str(i): (str(list(t)[0]) if len(t) else "")
+        for i, t in zip(preds["image_id"], preds["topk_labels"], strict=True)
+    }
+    merged = sol.assign(id=sol["id"].astype(str), truth=sol[truth_col].astype(str).str.split().str[0])
+    merged["pred"] = merged["id"].map(top1).fillna("")
+    labels = sorted(set(merged["truth"]), key=lambda s: (len(s), s))
+    return merged["truth"].to_numpy(), merged["pred"].to_numpy(), labels
+
+
+def _audit_section(data: RunData, limit: int = 48) -> str:
+    df = data.audit
+    if df is None or df.empty:
+        return ""
+    path_col = next((c for c in ("abs_path", "file", "path") if c in df.columns), None)
+    figures = []
+    for _, row in df.head(limit).iterrows():
+        thumb = None
+        if path_col:
+            p = Path(str(row[path_col]))
+            if not p.is_absolute() and data.audit_dir is not None:
+                p = data.audit_dir / p
+            thumb = _thumb(p)
+        caption = " · ".join(
+            f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+            for k in df.columns
+            if k != path_col and k not in ("abs_path",)
+        )[:160]
+        src = (
+            f'<img alt="audit image" src="data:image/png;base64,{thumb}">'
+            if thumb
+            else "<div class=muted>(no image)</div>"
+        )
+        figures.append(f"<figure>{src}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        "<h2>Most suspicious training labels (teacher audit)</h2>"
+        f"<p class=muted>{len(df)} images ranked; the first {min(limit, len(df))} shown.</p>"
+        f"<div class=gallery>{''.join(figures)}</div>"
+    )
+
+
+def render(data: RunData) -> str:
+    parts = [f"<h1>imat report: {html.escape(str(data.run_dir))}</h1>"]
+    if data.results is not None:
+        parts += [
+            "<h2>Results</h2>",
+            _table(data.results),
+            _img(plots.accuracy_vs_cost(data.results), "accuracy vs cost"),
+        ]
+    if data.score:
+        parts += ["<h2>Leaderboard score</h2>", _table(pd.DataFrame([data.score]))]
+    if data.pool_eval is not None:
+        parts += ["<h2>Teacher pool and ensemble (validation)</h2>", _table(data.pool_eval)]
+    if data.teacher_curves:
+        parts.append("<h2>Teacher training curves</h2>")
+        parts += [
+            _img(plots.training_curves(name, df), f"{name} curves")
+            for name, df in data.teacher_curves.items()
+        ]
+    if data.student_curves is not None:
+        parts += [
+            "<h2>Student training curves</h2>",
+            _img(plots.training_curves("student", data.student_curves), "student curves"),
+        ]
+    tp = _truth_and_pred(data)
+    if tp is not None:
+        truth, pred, labels = tp
+        parts += [
+            "<h2>Test predictions</h2>",
+            _img(plots.confusion(truth, pred, labels), "confusion matrix"),
+            _img(plots.per_class_accuracy(truth, pred), "per-class accuracy"),
+        ]
+    parts.append(_audit_section(data))
+    if data.export_info:
+        flat = {k: v for k, v in data.export_info.items() if isinstance(v, int | float | str | bool)}
+        verify = data.export_info.get("verification")
+        if isinstance(verify, dict):
+            flat.update(
+                {f"verify_{k}": v for k, v in verify.items() if isinstance(v, int | float | str | bool)}
+            )
+        parts += [
+            "<h2>ONNX export verification</h2>",
+            _table(pd.DataFrame([flat]).T.reset_index().set_axis(["key", "value"], axis=1)),
+        ]
+    if len(parts) == 1:
+        parts.append("<p class=muted>This run directory holds no results yet.</p>")
+    body = "\n".join(p for p in parts if p)
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>imat report</title><style>{STYLE}</style>"
+        f"</head><body>{body}</body></html>"
+    )
+
+
+def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Write RUN_DIR/report.html (or ``out``) and return its path."""
+    root = require_dir(run_dir, "run directory")
+    target = Path(out) if out else root / "report.html"
+    write_text(target, render(collect(root)))
+    return target
