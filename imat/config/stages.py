@@ -10,12 +10,16 @@ from imat.config.base import Section
 
 
 class TuneConfig(Section):
-    space: dict[str, Any] = {}  # dotted distill key -> {type: loguniform|uniform|choice|randint, ...}
+    # dotted config key -> {type: loguniform|uniform|quniform|randint|choice, low/high/q or values}
+    space: dict[str, Any] = {}
     samples: int = Field(4, ge=1)
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    metric: str = "val_top3_err"
+    metric: str = "val_top3_err"  # any numeric column of the student's summary.csv
     mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1)  # asha: epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # asha
+    perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
+    keep_checkpoints: int = Field(2, ge=1)  # per trial, the most recent ones
     cpus_per_trial: float | None = Field(None, gt=0)
     gpus_per_trial: float | None = Field(None, ge=0)
     max_concurrent: int | None = Field(None, ge=1)
