@@ -32,12 +32,8 @@ from distill.blocks import BlockIndex, extract_blocks
 from distill.discriminator import Discriminator, bce
 from distill.grl import grad_reverse
 from distill.losses import similarity, soft_cross_entropy, teacher_probs
-from distill.teachers_runtime import TeacherEnsemble
-
-try:  # the engine's Task base, when it has landed: defaults for the optional methods
-    from imat.engine.task import Task as _EngineTask
-except ImportError:  # pragma: no cover - only before the engine exists
-    _EngineTask = object  # type: ignore[assignment,misc]
+from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+from imat.engine.task import Task
 
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -61,32 +57,26 @@ def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-class DistillTaskBase(_EngineTask):  # type: ignore[misc,valid-type]
-    """What every distillation task shares: the student, the optional hard-label loss, defaults."""
+class DistillTaskBase(Task):
+    """What every distillation task shares: the student, the frozen teachers' placement, defaults."""
 
     manual_optimization = False
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
-        self.model = model
+        super().__init__(model)
         self.label_smoothing = label_smoothing
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+    def frozen_teachers(self) -> list[FrozenTeacher]:
+        """Teachers to move with the task (never checkpointed, never put in train mode by the engine)."""
+        return []
 
-    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return {"main": [{"params": [p for p in self.model.parameters() if p.requires_grad]}]}
-
-    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-    def epoch_extras(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+    def to(self, device: torch.device, memory_format: torch.memory_format | None = None) -> Task:
+        super().to(device, memory_format)
+        for t in self.frozen_teachers():
+            t.to(device)
+            if memory_format is not None:
+                t.model.to(memory_format=memory_format)
+        return self
 
     @staticmethod
     def _autocast(ctx: Any) -> contextlib.AbstractContextManager:
@@ -166,6 +156,9 @@ class KDTask(DistillTaskBase):
         total = self.alpha * soft_l + (1 - self.alpha) * hard
         return {"loss": total, "kd_soft": soft_l.detach(), "ce": hard.detach()}
 
+    def frozen_teachers(self) -> list[FrozenTeacher]:
+        return self.targets.ensemble.teachers if self.targets.ensemble is not None else []
+
     def epoch_extras(self) -> dict[str, float]:
         return self.targets.extras()
 
@@ -210,6 +203,7 @@ class MealTask(DistillTaskBase):
         adv_weight: float = 1.0,
         grl_lambda: float = 1.0,
         label_smoothing: float = 0.0,
+        disc_optimizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, label_smoothing)
         n = len(student_indices)
@@ -236,6 +230,7 @@ class MealTask(DistillTaskBase):
         self.grl_lambda = grl_lambda
         self.disc_lr = disc_lr
         self.disc_weight_decay = disc_weight_decay
+        self.disc_optimizer = disc_optimizer  # engine optimizer_options for "disc" (alternating only)
         self.discriminators = nn.ModuleList(
             [Discriminator(d, disc_widths) for d in dims] if adversarial else []
         )
@@ -244,6 +239,14 @@ class MealTask(DistillTaskBase):
         self._acc_n = 0
 
     # -- engine hooks -------------------------------------------------------------------------------
+    def frozen_teachers(self) -> list[FrozenTeacher]:
+        return self.ensemble.teachers
+
+    def optimizer_options(self) -> dict[str, dict[str, Any]]:
+        if self.manual_optimization and self.disc_optimizer is not None:
+            return {"disc": dict(self.disc_optimizer)}
+        return {}
+
     def modules(self) -> dict[str, nn.Module]:
         out: dict[str, nn.Module] = {"model": self.model}
         if self.adversarial:

@@ -26,6 +26,9 @@ class AdversarialConfig(Section):
     widths: list[int] | None = None  # hidden widths; default d/2, d/4 (the paper's MLP)
     lr: float = Field(1e-3, gt=0)  # the discriminators' own base lr, scheduled like the student's
     weight_decay: float = Field(0.0, ge=0)
+    # alternating mode only (D has its own optimiser there): "same" = the student's recipe optimiser
+    optimizer: Literal["same", "sgd", "adam", "adamw"] = "same"
+    betas: tuple[float, float] = (0.5, 0.999)  # for adam/adamw
     grl_lambda: float = Field(1.0, gt=0)
     weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
 

@@ -1,0 +1,379 @@
+"""`imat distill`: build the student, the frozen teachers and the task, check everything, run the engine.
+
+Every check that can fail runs before the first step, each as a one-line ImatError: unknown or non-ResNet
+student, teacher/student/manifest class counts, a block index missing from a network, a stage block
+without a pooled length, a logits block whose length is not the class count, meal-v2 with intermediate
+blocks or random selection. Training itself is the shared engine's (no second loop here); the run goes
+to ``RUN_DIR/student/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from distill.blocks import BlockIndex, num_blocks, resolve_index
+from distill.tasks import CETask, DistillTaskBase, KDTask, MealTask, SoftTargets
+from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+from imat.config import RunConfig, save_resolved
+from imat.config.distill import DistillConfig
+from imat.errors import ImatError
+from imat.io import write_csv
+from imat.manifest import ClassMap, load_manifest
+
+log = logging.getLogger(__name__)
+
+STUDENT_DIR = "student"
+
+
+# -- the student -------------------------------------------------------------------------------------
+
+
+def is_resnet(model: nn.Module) -> bool:
+    """timm's ResNet class covers resnet10t..152, ResNet-D/-T, ResNeXt, SE-ResNet(X)t, wide ResNets."""
+    from timm.models.resnet import ResNet
+
+    return isinstance(model, ResNet)
+
+
+def build_student(dcfg: DistillConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The student network (from scratch, or from ``student.pretrained``) and its input pipeline."""
+    from teachers.build import create_model, load_pretrained, resolve_data_config
+
+    spec = dcfg.student
+    data_cfg = resolve_data_config(spec)  # unknown arch -> one-line error
+    model = create_model(spec, num_classes, load_weights=False)
+    if not is_resnet(model) and not dcfg.allow_any_student:
+        raise ImatError(
+            f"distill.student.arch: {spec.arch} is not a timm ResNet (resnet18/26/34/50/101, resnext, "
+            f"seresnet, ...); set distill.allow_any_student=true to distil into it anyway"
+        )
+    if spec.pretrained == "hub":
+        model = create_model(spec, num_classes, load_weights=True)
+    elif spec.pretrained:
+        load_pretrained(model, spec.pretrained)
+    return model, data_cfg
+
+
+# -- teachers ----------------------------------------------------------------------------------------
+
+
+def pool_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.distill.pool) if cfg.distill.pool else cfg.pool_dir
+
+
+def load_frozen_teachers(
+    cfg: RunConfig, pool_dir: Path, classes: ClassMap, device: str = "cpu"
+) -> list[FrozenTeacher]:
+    """The pool's teachers (or ``distill.teachers``), frozen, checked against the class map."""
+    from imat.weights import read_meta
+    from teachers.pool import load_pool, load_teacher
+
+    entries = load_pool(pool_dir, cfg.distill.teachers)
+    out = []
+    for e in entries:
+        if e.num_classes != classes.num_classes:
+            raise ImatError(
+                f"teacher {e.name} has {e.num_classes} classes but the manifest has {classes.num_classes}: "
+                f"the pool was trained on other data"
+            )
+        if e.weights_path.suffix == ".safetensors":
+            meta_classes = read_meta(e.weights_path).get("classes")
+            theirs = [str(x) for x in (meta_classes or {}).get("source_labels", [])]
+            if theirs and theirs != classes.source_labels:
+                raise ImatError(
+                    f"teacher {e.name}: its class map differs from the run's manifest ({e.weights_path})"
+                )
+        model = load_teacher(e, device)
+        out.append(
+            FrozenTeacher(
+                e.name, model, int(e.input_size), tuple(e.mean), tuple(e.std), cfg.distill.teacher_train_mode
+            )
+        )
+    return out
+
+
+# -- checks ------------------------------------------------------------------------------------------
+
+
+def default_selection(dcfg: DistillConfig) -> str:
+    if dcfg.selection is not None:
+        return dcfg.selection
+    return "random" if dcfg.method == "meal" else "mean"
+
+
+def check_method(dcfg: DistillConfig) -> None:
+    """Method-level consistency of the config (no networks needed)."""
+    if dcfg.method in ("meal", "meal-v2") and not dcfg.blocks:
+        raise ImatError("distill.blocks: MEAL needs at least one block (e.g. [{index: logits}])")
+    if dcfg.method == "meal-v2":
+        stage = [i for i, b in enumerate(dcfg.blocks) if b.index != "logits"]
+        if stage:
+            raise ImatError(
+                f"distill.blocks.{stage[0]}: meal-v2 works on the final outputs only; use method=meal "
+                f"for intermediate blocks"
+            )
+        if dcfg.selection == "random":
+            raise ImatError(
+                "distill.selection: meal-v2 averages all teachers (mean); use method=meal for random"
+            )
+    for i, b in enumerate(dcfg.blocks):
+        if b.index != "logits" and b.length is None:
+            raise ImatError(f"distill.blocks.{i}.length: stage block {b.index} needs a pooled length L_k")
+    if dcfg.adversarial.widths is not None and any(w < 1 for w in dcfg.adversarial.widths):
+        raise ImatError(
+            f"distill.adversarial.widths: every width must be >= 1 (got {dcfg.adversarial.widths})"
+        )
+
+
+def resolve_blocks(
+    dcfg: DistillConfig, student: nn.Module, teachers: list[FrozenTeacher], num_classes: int
+) -> tuple[list[BlockIndex], list[list[BlockIndex]], list[int | None], list[int]]:
+    """Block indices per network (negative ones resolved per network), L_k and discriminator widths."""
+    s_count = num_blocks(student)
+    s_idx = [resolve_index(b.index, s_count, f"student {dcfg.student.arch}") for b in dcfg.blocks]
+    t_idx = []
+    for t in teachers:
+        count = num_blocks(t.model)
+        t_idx.append([resolve_index(b.index, count, f"teacher {t.name}") for b in dcfg.blocks])
+    lengths: list[int | None] = []
+    dims: list[int] = []
+    for i, b in enumerate(dcfg.blocks):
+        if b.index == "logits":
+            if b.length is not None and b.length != num_classes:
+                raise ImatError(
+                    f"distill.blocks.{i}.length: the logits block has the class count {num_classes}, not {b.length}"
+                )
+            lengths.append(None)
+            dims.append(num_classes)
+        else:
+            lengths.append(int(b.length))  # type: ignore[arg-type]
+            dims.append(int(b.length))  # type: ignore[arg-type]
+    return s_idx, t_idx, lengths, dims
+
+
+def build_task(
+    cfg: RunConfig,
+    student: nn.Module,
+    student_data: dict[str, Any],
+    teachers: list[FrozenTeacher],
+    num_classes: int,
+    cache: Any = None,
+) -> DistillTaskBase:
+    """The engine task for ``cfg.distill.method``."""
+    dcfg = cfg.distill
+    smoothing = dcfg.train.aug.label_smoothing
+    mean, std = student_data["mean"], student_data["std"]
+    if dcfg.method == "ce":
+        return CETask(student, smoothing)
+    seed = dcfg.seed if dcfg.seed is not None else dcfg.train.seed
+    ensemble = TeacherEnsemble(teachers, default_selection(dcfg), seed) if teachers else None
+    if dcfg.method == "kd":
+        return KDTask(
+            student, SoftTargets(ensemble, mean, std, cache), dcfg.kd_alpha, dcfg.temperature, smoothing
+        )
+    assert ensemble is not None
+    s_idx, t_idx, lengths, dims = resolve_blocks(dcfg, student, teachers, num_classes)
+    adv = dcfg.adversarial
+    disc_opt = None
+    if adv.optimizer != "same":
+        disc_opt = {"optimizer": adv.optimizer, "weight_decay": adv.weight_decay}
+        if adv.optimizer in ("adam", "adamw"):
+            disc_opt["betas"] = tuple(adv.betas)
+    return MealTask(
+        student,
+        ensemble,
+        s_idx,
+        t_idx,
+        lengths,
+        [b.gamma for b in dcfg.blocks],
+        [b.eta for b in dcfg.blocks],
+        dims,
+        mean,
+        std,
+        similarity_kind=dcfg.similarity,
+        temperature=dcfg.temperature,
+        hard_label_weight=dcfg.hard_label_weight,
+        spatial_pool=dcfg.spatial_pool,
+        channel_reduce=dcfg.channel_reduce,
+        adversarial=adv.enabled,
+        mode=adv.mode,
+        disc_widths=adv.widths,
+        disc_lr=adv.lr,
+        disc_weight_decay=adv.weight_decay,
+        adv_weight=adv.weight,
+        grl_lambda=adv.grl_lambda,
+        label_smoothing=smoothing,
+        disc_optimizer=disc_opt,
+    )
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+
+def run_manifest(cfg: RunConfig, pool_dir: Path) -> tuple[pd.DataFrame, ClassMap, Path]:
+    """The manifest the teachers were trained on: the run's, else the one pool.json points to, else
+    one built from ``cfg.data``."""
+    run_manifest_path = cfg.run_path / "data" / "manifest.parquet"
+    if not run_manifest_path.is_file():
+        from teachers.pool import read_pool_json
+
+        rel = read_pool_json(pool_dir, missing_ok=True).get("manifest")
+        if rel:
+            p = (pool_dir / rel).resolve()
+            if p.is_file():
+                df, classes = load_manifest(p)
+                return df, classes, p
+    from teachers.train import prepare_manifest
+
+    return prepare_manifest(cfg)
+
+
+def images_root(cfg: RunConfig, pool_dir: Path) -> str | None:
+    if cfg.data.images:
+        return cfg.data.images
+    from teachers.pool import read_pool_json
+
+    return read_pool_json(pool_dir, missing_ok=True).get("images")
+
+
+def split_with_noise(
+    cfg: RunConfig, df: pd.DataFrame, classes: ClassMap, manifest: Path, out_dir: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labelled train and val rows; ``data.label_noise`` corrupts train labels (seeded, as the teachers'
+    were) and the flipped mask is recorded in ``out_dir/label_noise.csv``."""
+    train_df = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
+    val_df = df[(df["split"] == "val") & (df["label"] >= 0)].reset_index(drop=True)
+    if train_df.empty:
+        raise ImatError(f"{manifest}: no labelled train images to distil on (set data.train)")
+    noise = cfg.data.label_noise
+    if noise.fraction > 0:
+        from imat.data import apply_label_noise
+
+        clean = train_df["label"].to_numpy(dtype=np.int64)
+        noisy, flipped = apply_label_noise(clean, classes.num_classes, noise.fraction, noise.kind, noise.seed)
+        train_df = train_df.assign(label=noisy)
+        record = pd.DataFrame(
+            {"image_id": train_df["image_id"], "clean_label": clean, "noisy_label": noisy, "flipped": flipped}
+        )
+        write_csv(out_dir / "label_noise.csv", record)
+        log.warning(
+            "label noise: %d of %d train labels flipped (%s, seed %d)",
+            int(flipped.sum()),
+            len(noisy),
+            noise.kind,
+            noise.seed,
+        )
+    return train_df, val_df
+
+
+def build_loaders(
+    cfg: RunConfig, data_cfg: dict[str, Any], train_df: pd.DataFrame, val_df: pd.DataFrame, root: str | None
+) -> tuple[Any, Any]:
+    from imat.data import (
+        ImageDataset,
+        balanced_sampler,
+        build_eval_transform,
+        build_loader,
+        build_train_transform,
+    )
+
+    recipe = cfg.distill.train
+    size, mean, std, crop = (data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct"))
+    train_ds = ImageDataset(
+        train_df, root, build_train_transform(recipe.aug, size, mean, std, crop), cfg.data.decoder
+    )
+    sampler = None
+    if recipe.aug.balanced_sampler:
+        sampler = balanced_sampler(train_df["label"].to_numpy(), len(train_df), seed=recipe.seed)
+    train_loader = build_loader(
+        train_ds,
+        recipe.batch_size,
+        shuffle=True,
+        num_workers=cfg.data.num_workers,
+        drop_last=len(train_df) > recipe.batch_size,  # a last batch of one breaks BatchNorm
+        sampler=sampler,
+        seed=recipe.seed,
+    )
+    val_loader = None
+    if not val_df.empty:
+        val_ds = ImageDataset(val_df, root, build_eval_transform(size, mean, std, crop), cfg.data.decoder)
+        val_loader = build_loader(
+            val_ds, recipe.eval_batch_size or recipe.batch_size, False, cfg.data.num_workers, seed=recipe.seed
+        )
+    return train_loader, val_loader
+
+
+def student_meta(
+    dcfg: DistillConfig, data_cfg: dict[str, Any], classes: ClassMap, teachers: list[str]
+) -> dict[str, Any]:
+    return {
+        "kind": "student",
+        "method": dcfg.method,
+        "arch": dcfg.student.arch,
+        "num_classes": classes.num_classes,
+        "input_size": data_cfg["input_size"],
+        "mean": data_cfg["mean"],
+        "std": data_cfg["std"],
+        "crop_pct": data_cfg["crop_pct"],
+        "model_kwargs": dict(dcfg.student.model_kwargs),
+        "classes": classes.to_dict(),
+        "teachers": teachers,
+    }
+
+
+# -- the whole step ----------------------------------------------------------------------------------
+
+
+def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Train the student of ``cfg`` into ``RUN_DIR/student/``; returns the engine's per-epoch summary."""
+    from imat.engine import Engine
+
+    dcfg = cfg.distill
+    check_method(dcfg)
+    out_dir = cfg.run_path / STUDENT_DIR
+    pool_dir = pool_dir_of(cfg)
+    needs_teachers = dcfg.method != "ce"
+    if needs_teachers and not (pool_dir / "pool.json").is_file():
+        raise ImatError(f"teacher pool not found: {pool_dir / 'pool.json'} (run `imat teachers train` first)")
+    df, classes, manifest = run_manifest(cfg, pool_dir)
+    student, data_cfg = build_student(dcfg, classes.num_classes)
+    teachers = load_frozen_teachers(cfg, pool_dir, classes) if needs_teachers else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_df, val_df = split_with_noise(cfg, df, classes, manifest, out_dir)
+    root = images_root(cfg, pool_dir)
+    cache = None
+    if dcfg.cache.enabled and needs_teachers:
+        from distill.cache import prepare_cache
+
+        cache, train_loader, val_loader = prepare_cache(
+            cfg, teachers, data_cfg, train_df, val_df, root, out_dir
+        )
+    else:
+        train_loader, val_loader = build_loaders(cfg, data_cfg, train_df, val_df, root)
+    task = build_task(cfg, student, data_cfg, teachers, classes.num_classes, cache)
+    save_resolved(cfg, cfg.run_path / "config.yaml")
+    save_resolved(cfg, out_dir / "config.yaml")
+    log.info(
+        "distill: %s into %s (%d classes) from %s",
+        dcfg.method,
+        dcfg.student.arch,
+        classes.num_classes,
+        ", ".join(t.name for t in teachers) or "labels only",
+    )
+    engine = Engine(
+        task,
+        dcfg.train,
+        out_dir,
+        train_loader,
+        val_loader,
+        meta=student_meta(dcfg, data_cfg, classes, [t.name for t in teachers]),
+        log_name=f"distill-{dcfg.method}",
+        progress=progress,
+    )
+    return engine.fit(resume=resume and (out_dir / "last.ckpt").is_file())

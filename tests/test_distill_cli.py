@@ -1,0 +1,202 @@
+"""`imat distill` end to end on a tiny generated pool, config errors, label noise and `imat data audit`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+
+from imat.cli import main
+from imat.manifest import ClassMap, save_manifest
+from imat.weights import read_meta, save_weights
+from teachers.pool import TeacherEntry, update_pool_entry
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
+
+
+def make_run(
+    root: Path, n_train: int = 24, n_val: int = 9, teachers=(("ta", "resnet10t", 32), ("tb", "resnet10t", 40))
+) -> Path:
+    """A run dir with a manifest of coloured-square images and a pool of tiny (untrained) teachers."""
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            label = i % 3
+            img = rng.integers(0, 60, size=(36, 36, 3), dtype=np.uint8)
+            img[8:28, 8:28] = COLOURS[label]
+            name = f"{split}_{i}.png"
+            cv2.imwrite(str(images / name), img[:, :, ::-1])
+            rows.append(
+                {
+                    "image_id": f"{split}_{i}",
+                    "split": split,
+                    "path": name,
+                    "label": label,
+                    "source_label": str(label + 1),
+                    "url": "",
+                }
+            )
+    classes = ClassMap.from_labels(["1", "2", "3"])
+    run = root / "run"
+    save_manifest(pd.DataFrame(rows), classes, run / "data")
+    pool = run / "teachers"
+    for i, (name, arch, size) in enumerate(teachers):
+        torch.manual_seed(10 + i)
+        model = timm.create_model(arch, pretrained=False, num_classes=3)
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        meta = {
+            "arch": arch,
+            "num_classes": 3,
+            "input_size": size,
+            "mean": mean,
+            "std": std,
+            "crop_pct": 0.875,
+            "model_kwargs": {},
+            "classes": classes.to_dict(),
+        }
+        save_weights(pool / name / "best.safetensors", model.state_dict(), meta)
+        entry = TeacherEntry(name, arch, 3, size, mean, std, 0.875, f"{name}/best.safetensors", pool_dir=pool)
+        update_pool_entry(pool, entry, extra={"manifest": "../data/manifest.parquet", "images": str(images)})
+    cfg = {
+        "run_dir": str(run),
+        "data": {"images": str(images), "num_workers": 0},
+        "distill": {
+            "method": "meal",
+            "student": {
+                "arch": "resnet10t",
+                "input_size": 32,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+            },
+            "blocks": [{"index": 2, "length": 16, "gamma": 0.1}, {"index": "logits", "gamma": 1.0}],
+            "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "lr": 0.05, "aug": {"preset": "light"}},
+        },
+    }
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "cfg.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("distill"))
+
+
+def run_dir(cfg: Path) -> Path:
+    return Path(yaml.safe_load(cfg.read_text())["run_dir"])
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("meal", []),
+        ("meal", ["distill.adversarial.mode=grl"]),
+        ("meal", ["distill.adversarial.mode=joint", "distill.adversarial.optimizer=adam"]),
+        ("meal-v2", ["distill.blocks=[{index: logits}]"]),
+        ("kd", ["distill.temperature=2"]),
+        ("ce", []),
+    ],
+)
+def test_distill_each_method_one_epoch(run_cfg, method, extra, capsys):
+    out = run_dir(run_cfg) / "student"
+    for f in ("summary.csv", "best.safetensors", "last.ckpt"):
+        (out / f).unlink(missing_ok=True)
+    code = main(["distill", str(run_cfg), f"distill.method={method}", *extra, "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 1 and {"train_loss", "val_top1", "val_top3"} <= set(summary.columns)
+    assert np.isfinite(summary["train_loss"]).all()
+    meta = read_meta(out / "best.safetensors")
+    assert meta["arch"] == "resnet10t" and meta["num_classes"] == 3 and meta["method"] == method
+    assert meta["classes"]["source_labels"] == ["1", "2", "3"]
+    assert (out / "config.yaml").is_file() and (out / "tensorboard").is_dir()
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["distill"]["method"] == method
+    cols = set(summary.columns)
+    if method == "meal":
+        assert {"train_sim", "train_sim_b0", "train_sim_b1", "train_d_loss"} <= cols
+        assert {"d_acc_teacher_b0", "d_acc_student_b1", "pick_ta", "pick_tb"} <= cols
+        assert summary["pick_ta"].iloc[0] + summary["pick_tb"].iloc[0] == 3  # 24 images / batch 8
+        if not extra:
+            assert {"train_adv", "lr_main", "lr_disc"} <= cols
+            assert summary["lr_disc"].iloc[0] < summary["lr_main"].iloc[0]
+    if method == "meal-v2":
+        assert summary["pick_ta"].iloc[0] == summary["pick_tb"].iloc[0] == 3
+    if method == "kd":
+        assert {"train_kd_soft", "train_ce"} <= cols
+    if method == "ce":
+        assert not any(c.startswith("pick_") for c in cols)
+
+
+def test_distill_resume_is_a_noop_when_finished(run_cfg, capsys):
+    args = ["distill", str(run_cfg), "distill.method=kd", "--quiet"]
+    assert main(args) == 0
+    out = run_dir(run_cfg) / "student"
+    before = (out / "summary.csv").read_text()
+    assert main([*args, "--resume"]) == 0
+    assert (out / "summary.csv").read_text() == before
+    assert (
+        main(["distill", str(run_cfg), "distill.method=kd", "distill.train.epochs=2", "--quiet", "--resume"])
+        == 0
+    )
+    assert len(pd.read_csv(out / "summary.csv")) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["distill.student.arch=resnet_nope"], "unknown model 'resnet_nope'"),
+        (["distill.student.arch=mobilenetv3_small_050"], "is not a timm ResNet"),
+        (["distill.blocks=[{index: 7, length: 4}]"], "block index 7 does not exist in student resnet10t"),
+        (["distill.blocks=[{index: 1}]"], "distill.blocks.0.length: stage block 1 needs a pooled length"),
+        (["distill.blocks=[{index: logits, length: 10}]"], "the logits block has the class count 3, not 10"),
+        (["distill.method=meal-v2"], "meal-v2 works on the final outputs only"),
+        (
+            ["distill.method=meal-v2", "distill.blocks=[{index: logits}]", "distill.selection=random"],
+            "meal-v2 averages",
+        ),
+        (["distill.blocks=[]"], "MEAL needs at least one block"),
+        (["distill.pool=/nonexistent/pool"], "teacher pool not found"),
+        (["distill.teachers=[nobody]"], "no teacher named nobody"),
+        (["distill.adversarial.mode=minimax"], "distill.adversarial.mode"),
+        (["distill.student.pretrained=/nonexistent.safetensors"], "weights not found"),
+    ],
+)
+def test_config_errors_are_one_line(run_cfg, overrides, message, capsys):
+    code = main(["distill", str(run_cfg), *overrides, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_class_count_mismatch_is_one_line(tmp_path, capsys):
+    cfg = make_run(tmp_path, teachers=(("ta", "resnet10t", 32),))
+    pool = run_dir(cfg) / "teachers"
+    data = json.loads((pool / "pool.json").read_text())
+    data["teachers"][0]["num_classes"] = 5
+    (pool / "pool.json").write_text(json.dumps(data))
+    code = main(["distill", str(cfg), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 5 classes but the manifest has 3" in err
+
+
+def test_label_noise_recorded_and_applied(tmp_path, capsys):
+    cfg = make_run(tmp_path, teachers=(("ta", "resnet10t", 32),))
+    code = main(["distill", str(cfg), "distill.method=ce", "data.label_noise.fraction=0.5", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rec = pd.read_csv(run_dir(cfg) / "student" / "label_noise.csv")
+    assert len(rec) == 24 and rec["flipped"].sum() == 12
+    assert ((rec["clean_label"] != rec["noisy_label"]) == rec["flipped"]).all()
+    # same seed, same flips (the teachers saw the same noisy labels)
+    main(["distill", str(cfg), "distill.method=ce", "data.label_noise.fraction=0.5", "--quiet"])
+    assert pd.read_csv(run_dir(cfg) / "student" / "label_noise.csv").equals(rec)
