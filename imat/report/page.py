@@ -27,6 +27,12 @@ th{background:#f4f4f4} td:first-child,th:first-child{text-align:left} img.plot{m
 """
 
 
+# After loading, the page records how many of its images decoded (body[data-images]="ok/total"), so a
+# headless browser can confirm that the report renders with its images.
+IMAGE_CHECK = """<script>window.addEventListener("load",()=>{const i=[...document.images];
+document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+"/"+i.length;});</script>"""
+
+
 def _img(b64: str | None, alt: str) -> str:
     return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
 
@@ -147,12 +153,12 @@ def render(data: RunData) -> str:
             "<h2>ONNX export verification</h2>",
             _table(pd.DataFrame([flat]).T.reset_index().set_axis(["key", "value"], axis=1)),
         ]
-    if len(parts) == 1:
+    if not any(parts[1:]):
         parts.append("<p class=muted>This run directory holds no results yet.</p>")
     body = "\n".join(p for p in parts if p)
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>imat report</title><style>{STYLE}</style>"
-        f"</head><body>{body}</body></html>"
+        f"</head><body>{body}{IMAGE_CHECK}</body></html>"
     )
 
 
