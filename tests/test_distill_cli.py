@@ -200,3 +200,80 @@ def test_label_noise_recorded_and_applied(tmp_path, capsys):
     # same seed, same flips (the teachers saw the same noisy labels)
     main(["distill", str(cfg), "distill.method=ce", "data.label_noise.fraction=0.5", "--quiet"])
     assert pd.read_csv(run_dir(cfg) / "student" / "label_noise.csv").equals(rec)
+
+
+# -- imat data audit ---------------------------------------------------------------------------------
+
+
+def test_score_labels_ranks_disagreement():
+    from distill.audit import score_labels
+
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
+    labels = np.array([0, 0, 2, -1])
+    s = score_labels(probs, labels)
+    assert np.allclose(s["suspicion"][:3], [0.1, 0.9, 0.6])
+    assert np.allclose(s["margin"][:3], [0.05 - 0.9, 0.8 - 0.1, 0.3 - 0.4])
+    assert list(s["predicted"]) == [0, 1, 2, 2]
+    assert np.isnan(s["suspicion"][3])
+
+
+def test_data_audit_writes_csv_and_self_contained_html(tmp_path, capsys):
+    cfg = make_run(tmp_path, teachers=(("ta", "resnet10t", 32), ("tb", "resnet10t", 40)))
+    run = run_dir(cfg)
+    code = main(
+        ["data", "audit", str(run / "teachers"), "--config", str(cfg), "--top", "5", "--device", "cpu"]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    table = pd.read_csv(run / "audit" / "audit.csv")
+    assert len(table) == 24 and list(table["rank"]) == list(range(1, 25))
+    assert table["suspicion"].is_monotonic_decreasing
+    assert np.allclose(table["suspicion"], 1 - table["p_given"])
+    assert set(table["given_label"]) <= {1, 2, 3}
+    page = (run / "audit" / "audit.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 5 and 'src="/' not in page
+    # with label noise: the corrupted labels are audited and known flips are marked
+    code = main(
+        [
+            "data",
+            "audit",
+            str(run / "teachers"),
+            "--config",
+            str(cfg),
+            "--top",
+            "3",
+            "--out",
+            str(tmp_path / "a2"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    noisy_cfg = tmp_path / "noisy.yaml"
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["label_noise"] = {"fraction": 0.5, "seed": 1}
+    noisy_cfg.write_text(yaml.safe_dump(raw))
+    code = main(
+        [
+            "data",
+            "audit",
+            str(run / "teachers"),
+            "--config",
+            str(noisy_cfg),
+            "--top",
+            "4",
+            "--out",
+            str(tmp_path / "a3"),
+            "--device",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    noisy = pd.read_csv(tmp_path / "a3" / "audit.csv")
+    assert noisy["flipped"].sum() == 12 and "known flipped labels among the top 4" in out.out
+
+
+def test_data_audit_missing_pool_is_one_line(tmp_path, capsys):
+    assert main(["data", "audit", str(tmp_path / "nope")]) == 2
+    assert "teacher pool not found" in capsys.readouterr().err
