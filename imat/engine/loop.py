@@ -18,7 +18,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from imat.config.train import TrainConfig
+from imat.engine import distributed as dist_utils
 from imat.engine.checkpoint import (
     get_rng_state,
     load_checkpoint,
@@ -47,6 +48,21 @@ from imat.weights import save_weights
 log = logging.getLogger("imat.engine")
 
 HIGHER_IS_BETTER = {"top1": True, "top3": True, "loss": False}
+
+# Called as hook(engine, row) on every rank after each epoch's row is final and rank 0 has written
+# summary.csv and last.ckpt (e.g. a Ray Tune trial reporting metrics with a checkpoint).
+_EPOCH_END_HOOKS: list[Callable[[Engine, dict[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def epoch_end_hook(hook: Callable[[Engine, dict[str, Any]], None]) -> Iterator[None]:
+    """Register ``hook(engine, row)`` for every Engine that ends an epoch inside the ``with`` block, so
+    a caller can observe a run built deep inside a command's entry function (``distill()``)."""
+    _EPOCH_END_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _EPOCH_END_HOOKS.remove(hook)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,6 +208,12 @@ class Engine:
         self.log_name = log_name
         self.progress = progress
         self.tensorboard = tensorboard
+        # torchrun / Ray Train: join the process group, shard the loaders (see engine/distributed.py)
+        self.distributed = dist_utils.init_from_env()
+        if self.distributed:
+            self.train_loader = dist_utils.shard_loader(train_loader, pad=True)
+            if val_loader is not None:
+                self.val_loader = dist_utils.shard_loader(val_loader, pad=False)
 
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
@@ -281,6 +303,8 @@ class Engine:
 
     def _step_optimizer(self, name: str) -> None:
         opt = self.optimizers[name]
+        if self.distributed:
+            dist_utils.average_gradients(p for g in opt.param_groups for p in g["params"])
         if self.cfg.grad_clip is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
@@ -344,6 +368,9 @@ class Engine:
                 index = batch.get("index")
                 if isinstance(index, torch.Tensor):
                     outs["index"].append(index.cpu())
+        if self.distributed and loader is self.val_loader:  # sharded: count the whole split
+            dist_utils.reduce_topk_meter(meter)
+            skipped = int(dist_utils.sum_across_ranks({"skipped": skipped}, self.device)["skipped"])
         result: dict[str, Any] = meter.compute()
         result["skipped"] = skipped
         if return_outputs:
@@ -402,8 +429,12 @@ class Engine:
                 f"{path}: checkpoint optimizers {sorted(saved_opts)} do not match the task's {sorted(self.optimizers)}"
             )
         for name, opt in self.optimizers.items():
+            # the config's base lrs win over the checkpoint's (a PBT trial resumes with a mutated lr)
+            base_lrs = [g["base_lr"] for g in opt.param_groups]
             try:
                 opt.load_state_dict(saved_opts[name])
+                for group, base in zip(opt.param_groups, base_lrs, strict=True):
+                    group["base_lr"] = base
             except (ValueError, KeyError) as exc:
                 raise ImatError(f"{path}: optimizer {name!r} does not match the checkpoint ({exc})") from None
         if self.scaler is not None and ckpt.get("scaler"):
@@ -450,6 +481,10 @@ class Engine:
             seed_everything(self.cfg.seed)
             self.history, self.best_value, self.best_epoch = [], None, None
             self.epoch, self.global_step = 0, 0
+        if self.distributed:  # every rank starts from rank 0's weights, as DDP does
+            dist_utils.broadcast_modules(self.task.modules())
+            if self.ema is not None:
+                dist_utils.broadcast_modules({"ema": self.ema.module})
         if self.epoch >= self.cfg.epochs and resumed is None:
             if self.is_main and self.history and not self.summary_path.exists():
                 RunLogger(self.out_dir, tensorboard=False).write_summary(self.history)
@@ -595,6 +630,15 @@ class Engine:
         self, epoch: int, sums: dict[str, Any], n_images: int, skipped: int, train_time: float
     ) -> None:
         t_eval = time.perf_counter()
+        if self.distributed:  # whole-epoch sums over ranks; rank 0's BatchNorm statistics everywhere
+            totals = dist_utils.sum_across_ranks(
+                {**{f"sum_{k}": v for k, v in sums.items()}, "_images": n_images, "_skipped": skipped},
+                self.device,
+            )
+            sums = {k: totals[f"sum_{k}"] for k in sums}
+            n_images, skipped = int(totals["_images"]), int(totals["_skipped"])
+            train_time = dist_utils.max_across_ranks(train_time, self.device)
+            dist_utils.broadcast_modules(self.task.modules(), buffers_only=True)
         row: dict[str, Any] = {"epoch": epoch + 1, "global_step": self.global_step}
         for key, total in sums.items():
             row[f"train_{key}"] = float(total) / n_images if n_images else float("nan")
@@ -645,6 +689,10 @@ class Engine:
                     f"{self.log_name} epoch {epoch + 1}/{self.cfg.epochs}: " + " ".join(parts),
                     file=sys.stderr,
                 )
+        if self.distributed:
+            dist_utils.barrier()  # rank 0's checkpoint is on disk before any rank goes on
+        for hook in list(_EPOCH_END_HOOKS):
+            hook(self, row)
 
     def _metric_of(self, row: dict[str, Any]) -> float | None:
         key = f"val_{self.cfg.best_metric}" if self.val_loader is not None else "train_loss"
