@@ -1,0 +1,416 @@
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from imat.config.train import TrainConfig
+from imat.engine import ClassificationTask, Engine, LrSchedule, Task
+from imat.engine.checkpoint import get_rng_state, set_rng_state
+from imat.errors import ImatError
+from imat.metrics import topk_accuracy
+from imat.weights import load_weights, read_meta
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# A tiny learnable problem: the class shifts the mean of channel 0, so a 1-conv net learns it fast.
+class ToyData(Dataset):
+    def __init__(self, n=48, seed=0, classes=3):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % classes
+        self.x = torch.randn(n, 3, 16, 16, generator=g)
+        self.x[:, 0] += 1.5 * self.y[:, None, None].float()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": int(self.y[i]), "index": i}
+
+
+def collate(items):
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "skipped": 1 if len(items) % 2 else 0,
+    }
+
+
+def tiny_cnn(classes=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )
+
+
+def loaders(n=48, batch=8, seed=0, generator=True):
+    # generator=False: the sampler draws its order from the global torch RNG (the harder resume case)
+    gen = torch.Generator().manual_seed(seed) if generator else None
+    train = DataLoader(ToyData(n), batch_size=batch, shuffle=True, collate_fn=collate, generator=gen)
+    val = DataLoader(ToyData(24, seed=1), batch_size=16, collate_fn=collate)
+    return train, val
+
+
+# The same helpers, as source, for the training script run (and killed) in a subprocess.
+COMMON = (
+    "import torch\nfrom torch import nn\nfrom torch.utils.data import DataLoader, Dataset\n\n"
+    + "\n\n".join(inspect.getsource(obj) for obj in (ToyData, collate, tiny_cnn, loaders))
+)
+
+RUN_SCRIPT = (
+    COMMON
+    + """
+import sys, time
+from imat.config.train import TrainConfig
+from imat.engine import ClassificationTask, Engine
+
+torch.set_num_threads(1)
+out, resume, slow, gen = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), sys.argv[4] == "gen"
+
+
+class SlowTask(ClassificationTask):
+    def step(self, batch, ctx):
+        time.sleep(slow)
+        return super().step(batch, ctx)
+
+
+cfg = TrainConfig(epochs=3, lr=0.05, momentum=0.9, ema=True, warmup_epochs=0.5, ckpt_every_steps=3,
+                  device="cpu", seed=7)
+train, val = loaders(n=64, generator=gen)
+engine = Engine(SlowTask(tiny_cnn()), cfg, out, train, val, meta={"arch": "tiny"}, progress=False, tensorboard=False)
+engine.fit(resume=resume)
+"""
+)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, lr=0.05, device="cpu", seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_fit_learns_and_writes_files(tmp_path: Path) -> None:
+    train, val = loaders()
+    engine = Engine(
+        ClassificationTask(tiny_cnn()), _cfg(epochs=4), tmp_path, train, val, meta={"arch": "tiny"}
+    )
+    df = engine.fit()
+    assert list(df["epoch"]) == [1, 2, 3, 4]
+    assert df["train_loss"].iloc[-1] < df["train_loss"].iloc[0]
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    for col in ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top3", "val_top1_err",
+                "val_top3_err", "lr_main", "images_per_s", "epoch_time_s", "skipped", "is_best"]:  # fmt: skip
+        assert col in summary.columns, col
+    assert len(summary) == 4
+    # 48 training images in batches of 8 -> never odd; validation 24 in 16 + 8 -> 0 skipped per the collate
+    assert (summary["skipped"] == 0).all()
+    assert summary["val_top3_err"].tolist() == pytest.approx((1 - summary["val_top3"]).tolist())
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 24
+    assert len(ckpt["history"]) == 4 and set(ckpt["modules"]) == {"model"}
+    state, meta = load_weights(tmp_path / "best.safetensors")
+    assert meta["arch"] == "tiny" and meta["best_metric"] == "top1"
+    assert meta["epoch"] == int(summary.loc[summary["is_best"], "epoch"].iloc[-1])
+    assert set(state) == set(engine.task.model.state_dict())
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+
+
+def test_skipped_images_are_summed(tmp_path: Path) -> None:
+    train, val = loaders(n=45, batch=8)  # 6 batches, the last one has 5 items -> collate says 1 skipped
+    df = Engine(ClassificationTask(tiny_cnn()), _cfg(epochs=1), tmp_path, train, None, progress=False).fit()
+    assert df["skipped"].tolist() == [1] and df["train_images"].tolist() == [45]
+    assert "val_top1" not in df.columns and (tmp_path / "best.safetensors").exists()
+
+
+def test_evaluate_returns_outputs_consistent_with_metrics(tmp_path: Path) -> None:
+    train, val = loaders()
+    engine = Engine(ClassificationTask(tiny_cnn()), _cfg(epochs=1), tmp_path, train, val, progress=False)
+    res = engine.evaluate(val, return_outputs=True)
+    assert (
+        res["logits"].shape == (24, 3)
+        and res["labels"].shape == (24,)
+        and res["index"].tolist() == list(range(24))
+    )
+    acc = topk_accuracy(res["logits"], res["labels"])
+    assert res["top1"] == pytest.approx(acc["top1"]) and res["top3"] == pytest.approx(acc["top3"])
+    loss = nn.functional.cross_entropy(res["logits"], res["labels"]).item()
+    assert res["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_tuple_batches_and_step_cap(tmp_path: Path) -> None:
+    x, y = torch.randn(40, 3, 16, 16), torch.arange(40) % 3
+    train = DataLoader(list(zip(x, y, strict=True)), batch_size=4, shuffle=True)
+    cfg = _cfg(epochs=2, max_steps_per_epoch=3)
+    df = Engine(ClassificationTask(tiny_cnn()), cfg, tmp_path, train, train, progress=False).fit()
+    assert df["global_step"].tolist() == [3, 6] and df["train_images"].tolist() == [12, 12]
+
+
+def test_resume_finished_run_is_noop_and_foreign_checkpoint_is_rejected(tmp_path: Path) -> None:
+    train, val = loaders()
+    df = Engine(ClassificationTask(tiny_cnn()), _cfg(epochs=2), tmp_path, train, val, progress=False).fit()
+    before = (tmp_path / "last.ckpt").stat().st_mtime_ns
+    again = Engine(ClassificationTask(tiny_cnn()), _cfg(epochs=2), tmp_path, train, val, progress=False).fit(
+        resume=True
+    )
+    assert (tmp_path / "last.ckpt").stat().st_mtime_ns == before
+    pd.testing.assert_frame_equal(df, again)
+    other = Engine(
+        ClassificationTask(tiny_cnn(classes=5)), _cfg(epochs=3), tmp_path, train, val, progress=False
+    )
+    with pytest.raises(ImatError, match=r"last\.ckpt: checkpoint does not match 'model'.*shape mismatch"):
+        other.fit(resume=True)
+
+
+def _wait_for(path: Path, predicate, timeout: float, proc: subprocess.Popen) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training process ended early: {proc.stderr.read().decode()[-2000:]}")
+        if path.exists():
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # being renamed into place
+                ckpt = None
+            if ckpt is not None and predicate(ckpt):
+                return ckpt
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for a checkpoint")
+
+
+def _run(out: Path, resume: bool, slow: float, sampler: str) -> subprocess.Popen:
+    script = out.parent / "run_engine.py"
+    script.write_text(RUN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), "1" if resume else "0", str(slow), sampler],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize("sampler", ["gen", "global"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path, sampler: str) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = _run(full, resume=False, slow=0.0, sampler=sampler)
+    victim = _run(killed, resume=False, slow=0.15, sampler=sampler)
+    # 64 images / 8 = 8 steps per epoch, checkpoints every 3 steps: wait for one inside epoch 2
+    _wait_for(killed / "last.ckpt", lambda c: c["epoch"] == 1 and c["step_in_epoch"] > 0, 120, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    state = torch.load(killed / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and state["step_in_epoch"] > 0, "kill did not land mid-epoch"
+    assert len(pd.read_csv(killed / "summary.csv")) == 1
+    assert ref.wait(timeout=120) == 0, ref.stderr.read().decode()[-2000:]
+    resumed = _run(killed, resume=True, slow=0.0, sampler=sampler)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]
+
+    a = torch.load(full / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"] == 24
+    for key, value in a["modules"]["model"].items():  # bit-for-bit on the CPU
+        assert torch.equal(value, b["modules"]["model"][key]), key
+    for key, value in a["ema"]["module"].items():
+        assert torch.equal(value, b["ema"]["module"][key]), key
+    bufs_a = [s["momentum_buffer"] for s in a["optimizers"]["main"]["state"].values()]
+    bufs_b = [s["momentum_buffer"] for s in b["optimizers"]["main"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(bufs_a, bufs_b, strict=True))
+    sa, sb = pd.read_csv(full / "summary.csv"), pd.read_csv(killed / "summary.csv")
+    assert sb["epoch"].tolist() == [1, 2, 3]
+    for col in ["train_loss", "train_top1", "val_loss", "val_top1", "val_top3", "lr_main", "train_images"]:
+        assert sa[col].tolist() == sb[col].tolist(), col
+    assert read_meta(killed / "best.safetensors")["epoch"] == read_meta(full / "best.safetensors")["epoch"]
+
+
+class NanAt(ClassificationTask):
+    def __init__(self, model: nn.Module, at: int) -> None:
+        super().__init__(model)
+        self.at = at
+
+    def step(self, batch, ctx):
+        out = super().step(batch, ctx)
+        if ctx.step == self.at:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    train, val = loaders()  # 6 steps per epoch; NaN at global step 8 = epoch 2, step 3
+    engine = Engine(NanAt(tiny_cnn(), at=8), _cfg(epochs=3), tmp_path, train, val, progress=False)
+    with pytest.raises(
+        ImatError,
+        match=r"non-finite loss at epoch 2 step 3: loss=nan; last good checkpoint kept at .*last\.ckpt",
+    ):
+        engine.fit()
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["modules"]["model"].values() if v.is_floating_point())
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 1
+    # the weights in memory were not updated by the bad step either
+    assert all(torch.isfinite(p).all() for p in engine.task.model.parameters())
+
+
+class TwoOptimizers(Task):
+    """Manual optimisation with three param groups across two optimisers, recording every lr."""
+
+    manual_optimization = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.disc = nn.Linear(3, 1)
+        self.lrs: list[tuple[float, float, float]] = []
+
+    def modules(self):
+        return {"model": self.model, "disc": self.disc}
+
+    def param_groups(self):
+        body = [p for n, p in self.model.named_parameters() if not n.startswith("6.")]
+        head = list(self.model[6].parameters())
+        return {
+            "main": [{"params": body}, {"params": head, "lr": 0.01}],
+            "disc": [{"params": self.disc.parameters(), "lr": 0.001}],
+        }
+
+    def optimizer_options(self):
+        return {"disc": {"optimizer": "adam", "betas": (0.5, 0.999), "weight_decay": 0.0}}
+
+    def step(self, batch, ctx):
+        main, disc = ctx.optimizers["main"], ctx.optimizers["disc"]
+        self.lrs.append((main.param_groups[0]["lr"], main.param_groups[1]["lr"], disc.param_groups[0]["lr"]))
+        with ctx.autocast():
+            logits = self.model(batch["image"])
+        d_loss = self.disc(logits.detach().float()).pow(2).mean()
+        ctx.optimize("disc", d_loss)
+        loss = (
+            nn.functional.cross_entropy(logits.float(), batch["label"])
+            + 0.1 * self.disc(logits.float()).mean()
+        )
+        ctx.optimize("main", loss)
+        return {"loss": loss.detach(), "d_loss": d_loss.detach()}
+
+
+def test_per_group_lr_keeps_its_ratio_through_warmup_and_cosine(tmp_path: Path) -> None:
+    train, val = loaders()
+    task = TwoOptimizers(tiny_cnn())
+    engine = Engine(task, _cfg(epochs=3, lr=0.1, warmup_epochs=1), tmp_path, train, val, progress=False)
+    assert isinstance(engine.optimizers["disc"], torch.optim.Adam)
+    df = engine.fit()
+    lrs = torch.tensor(task.lrs, dtype=torch.float64)
+    assert lrs.shape == (18, 3)
+    assert torch.allclose(lrs[:, 1] / lrs[:, 0], torch.full((18,), 0.1, dtype=torch.float64))
+    assert torch.allclose(lrs[:, 2] / lrs[:, 0], torch.full((18,), 0.01, dtype=torch.float64))
+    # warm-up over the first epoch (6 steps), then cosine decay
+    assert lrs[:6, 0].tolist() == pytest.approx([0.1 * (i + 1) / 6 for i in range(6)])
+    assert (lrs[6:, 0].diff() < 0).all()
+    assert {"train_d_loss", "lr_main", "lr_main_1", "lr_disc"} <= set(df.columns)
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(ckpt["modules"]) == {"model", "disc"} and set(ckpt["optimizers"]) == {"main", "disc"}
+
+
+def test_schedules() -> None:
+    cos = LrSchedule(_cfg(epochs=4, warmup_epochs=1, min_lr_ratio=0.1), steps_per_epoch=10)
+    factors = [cos.factor(s) for s in range(40)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=0.01)
+    assert min(factors[10:]) >= 0.1
+    ms = LrSchedule(_cfg(epochs=4, schedule="multistep", milestones=[2, 3], lr_gamma=0.5), steps_per_epoch=10)
+    assert [ms.factor(s) for s in (0, 19, 20, 29, 30, 39)] == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+    const = LrSchedule(_cfg(epochs=2, schedule="constant", warmup_epochs=0.5), steps_per_epoch=4)
+    assert [const.factor(s) for s in range(8)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1])
+
+
+class RecordDtype(ClassificationTask):
+    dtypes: list[torch.dtype] = []
+
+    def step(self, batch, ctx):
+        self.dtypes.append(self.model(batch["image"]).dtype)
+        return super().step(batch, ctx)
+
+
+def test_bf16_autocast_on_cpu_and_fp16_falls_back(tmp_path: Path) -> None:
+    train, val = loaders()
+    task = RecordDtype(tiny_cnn())
+    df = Engine(
+        task, _cfg(epochs=1, precision="bf16", channels_last=True), tmp_path, train, val, progress=False
+    ).fit()
+    assert task.dtypes and set(task.dtypes) == {torch.bfloat16}
+    assert next(task.model.parameters()).dtype == torch.float32 and df["val_loss"].notna().all()
+    with pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        engine = Engine(ClassificationTask(tiny_cnn()), _cfg(precision="fp16"), tmp_path / "b", train, val)
+    assert engine.amp_dtype == torch.bfloat16 and engine.scaler is None
+
+
+def test_ema_differs_from_raw_weights_and_is_what_gets_saved(tmp_path: Path) -> None:
+    train, val = loaders()
+    engine = Engine(
+        ClassificationTask(tiny_cnn()),
+        _cfg(epochs=2, ema=True, ema_decay=0.9, best_metric="loss"),  # val loss falls: epoch 2 is best
+        tmp_path,
+        train,
+        val,
+        progress=False,
+    )
+    df = engine.fit()
+    raw = engine.task.model.state_dict()
+    ema = engine.ema.module.state_dict()
+    assert not torch.equal(raw["0.weight"], ema["0.weight"])
+    assert {"val_raw_top1", "val_raw_loss"} <= set(df.columns)
+    state, meta = load_weights(tmp_path / "best.safetensors")
+    assert meta["ema"] is True and meta["epoch"] == 2 and df["val_loss"].iloc[1] < df["val_loss"].iloc[0]
+    assert torch.equal(state["0.weight"], ema["0.weight"])
+    assert engine.evaluate(val)["loss"] != engine.evaluate(val, use_ema=False)["loss"]
+
+
+def test_timm_resnet_trains_channels_last_bf16(tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3, pretrained=False)
+    train, val = loaders(n=16)
+    cfg = _cfg(
+        epochs=1, precision="bf16", channels_last=True, optimizer="adamw", lr=1e-3, grad_clip=1.0, ema=True
+    )
+    df = Engine(
+        ClassificationTask(model, label_smoothing=0.1), cfg, tmp_path, train, val, progress=False
+    ).fit()
+    assert df["train_loss"].notna().all() and df["grad_norm_main"].iloc[0] > 0
+
+
+def test_mixup_soft_targets(tmp_path: Path) -> None:
+    from timm.data import Mixup
+
+    mix = Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=3)
+    train, val = loaders(n=45)  # odd last batch: one image is dropped before mixing
+    df = Engine(
+        ClassificationTask(tiny_cnn(), mixup=mix), _cfg(epochs=1), tmp_path, train, val, progress=False
+    ).fit()
+    assert df["train_loss"].notna().all() and "train_top1" not in df.columns
+
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    state = get_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
