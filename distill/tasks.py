@@ -128,7 +128,9 @@ class SoftTargets:
         return raw, teacher_probs(outs, temperature)
 
     def extras(self) -> dict[str, float]:
-        return self.ensemble.pick_counts() if self.ensemble is not None and self.cache is None else {}
+        if self.cache is not None:
+            return self.cache.pick_counts()
+        return self.ensemble.pick_counts() if self.ensemble is not None else {}
 
 
 class KDTask(DistillTaskBase):
@@ -204,6 +206,7 @@ class MealTask(DistillTaskBase):
         grl_lambda: float = 1.0,
         label_smoothing: float = 0.0,
         disc_optimizer: dict[str, Any] | None = None,
+        cache: Any = None,
     ) -> None:
         super().__init__(model, label_smoothing)
         n = len(student_indices)
@@ -231,6 +234,11 @@ class MealTask(DistillTaskBase):
         self.disc_lr = disc_lr
         self.disc_weight_decay = disc_weight_decay
         self.disc_optimizer = disc_optimizer  # engine optimizer_options for "disc" (alternating only)
+        # Offline teacher outputs (logits block only): the teachers are not run; the discriminator then
+        # compares log-probabilities (the cached top-k rebuilt, vs the student's log-softmax).
+        self.cache = cache
+        if cache is not None and any(i != "logits" for i in self.student_indices):
+            raise ValueError("cached teacher outputs cover the logits block only")
         self.discriminators = nn.ModuleList(
             [Discriminator(d, disc_widths) for d in dims] if adversarial else []
         )
@@ -269,7 +277,7 @@ class MealTask(DistillTaskBase):
         return {"main": main + disc}  # one step over both, each group from its own base lr
 
     def epoch_extras(self) -> dict[str, float]:
-        out = self.ensemble.pick_counts()
+        out = self.cache.pick_counts() if self.cache is not None else self.ensemble.pick_counts()
         if self.adversarial and self._acc_n:
             acc = self._acc / self._acc_n
             for k in range(len(self.discriminators)):
@@ -292,6 +300,18 @@ class MealTask(DistillTaskBase):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """(student vectors, teacher raw vectors, teacher probabilities at T, student logits) per block."""
         x = batch["image"]
+        if self.cache is not None and "soft_index" in batch:
+            with self._autocast(ctx):
+                s_logits = self.model(x)
+            s_vec = F.log_softmax(s_logits.float(), dim=-1)
+            chosen = self.cache.choose()
+            idx, prob = batch["soft_index"], batch["soft_prob"]
+            probs_t = self.cache.dense(idx, prob, self.temperature, chosen).to(x.device)
+            probs_1 = (
+                probs_t if self.temperature == 1.0 else self.cache.dense(idx, prob, 1.0, chosen).to(x.device)
+            )
+            n = len(self.aligners)
+            return [s_vec] * n, [probs_1.clamp_min(1e-8).log()] * n, [probs_t] * n, s_logits
         chosen = self.ensemble.pick()
         want = list(self.student_indices)
         need_logits = "logits" not in want

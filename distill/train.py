@@ -210,6 +210,7 @@ def build_task(
         grl_lambda=adv.grl_lambda,
         label_smoothing=smoothing,
         disc_optimizer=disc_opt,
+        cache=cache,
     )
 
 
