@@ -1,0 +1,96 @@
+"""A tiny run directory for the scale-out tests: coloured squares, a manifest and a pool of one
+untrained resnet10t teacher (nothing downloaded), plus a distill/tune config on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import timm
+import torch
+import yaml
+
+from imat.manifest import ClassMap, save_manifest
+from imat.weights import save_weights
+from teachers.pool import TeacherEntry, update_pool_entry
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
+
+
+def make_run(root: Path, n_train: int = 24, n_val: int = 9, extra: dict[str, Any] | None = None) -> Path:
+    """Write images, RUN_DIR/data/manifest.parquet, RUN_DIR/teachers/pool.json and ROOT/cfg.yaml."""
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            label = i % 3
+            img = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
+            img[8:24, 8:24] = COLOURS[label]
+            name = f"{split}_{i}.png"
+            cv2.imwrite(str(images / name), img[:, :, ::-1])
+            rows.append(
+                {
+                    "image_id": f"{split}_{i}",
+                    "split": split,
+                    "path": name,
+                    "label": label,
+                    "source_label": str(label + 1),
+                    "url": "",
+                }
+            )
+    classes = ClassMap.from_labels(["1", "2", "3"])
+    run = root / "run"
+    save_manifest(pd.DataFrame(rows), classes, run / "data")
+    pool = run / "teachers"
+    torch.manual_seed(10)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    meta = {
+        "arch": "resnet10t",
+        "num_classes": 3,
+        "input_size": 32,
+        "mean": mean,
+        "std": std,
+        "crop_pct": 0.875,
+        "model_kwargs": {},
+        "classes": classes.to_dict(),
+    }
+    save_weights(pool / "ta" / "best.safetensors", model.state_dict(), meta)
+    entry = TeacherEntry("ta", "resnet10t", 3, 32, mean, std, 0.875, "ta/best.safetensors", pool_dir=pool)
+    update_pool_entry(pool, entry, extra={"manifest": "../data/manifest.parquet", "images": str(images)})
+    cfg: dict[str, Any] = {
+        "run_dir": str(run),
+        "data": {"images": str(images), "num_workers": 0},
+        "distill": {
+            "method": "kd",
+            "student": {
+                "arch": "resnet10t",
+                "input_size": 32,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+            },
+            "train": {"epochs": 2, "batch_size": 8, "device": "cpu", "lr": 0.05, "aug": {"preset": "none"}},
+        },
+        "tune": {
+            "samples": 2,
+            "scheduler": "asha",
+            "space": {
+                "distill.train.lr": {"type": "loguniform", "low": 0.01, "high": 0.1},
+                "distill.temperature": {"type": "choice", "values": [1.0, 4.0]},
+            },
+        },
+    }
+    for key, value in (extra or {}).items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
