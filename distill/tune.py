@@ -155,6 +155,11 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
 # --- the driver ----------------------------------------------------------------------------------------
 
 
+def _trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Ray's default spells out every value)."""
+    return f"trial_{trial.trial_id}"
+
+
 def _scheduler(cfg: RunConfig, space: dict[str, Any]) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
