@@ -12,6 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/student/last.ckpt")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or console table")
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data-parallel over N Ray Train workers (for torchrun just launch this command with torchrun)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +32,22 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)
-    summary = distill(cfg, resume=args.resume, progress=not args.quiet)
+    if getattr(args, "ray_workers", 0):
+        import pandas as pd
+
+        from imat.engine.distributed import run_entry_on_ray
+
+        run_entry_on_ray(
+            "distill.train:distill",
+            cfg,
+            args.ray_workers,
+            {"resume": args.resume, "progress": False},
+            args.address,
+        )
+        summary_path = cfg.run_path / STUDENT_DIR / "summary.csv"
+        summary = pd.read_csv(summary_path) if summary_path.is_file() else pd.DataFrame()
+    else:
+        summary = distill(cfg, resume=args.resume, progress=not args.quiet)
     out = cfg.run_path / STUDENT_DIR
     last = summary.iloc[-1] if len(summary) else None
     if last is not None and "val_top1" in summary:

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -296,8 +297,11 @@ def run_ray_train(
         raise ImatError(f"--ray-workers must be >= 1, got {num_workers}")
     started = False
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        if address == "local" and os.environ.get("IMAT_RAY_NUM_CPUS"):
+            kwargs["num_cpus"] = int(os.environ["IMAT_RAY_NUM_CPUS"])
+        ray.init(address=address, **kwargs)
         started = True
     try:
         if use_gpu is None:
@@ -320,3 +324,54 @@ def run_ray_train(
     finally:
         if started:
             ray.shutdown()
+
+
+def absolute_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config dict with its paths made absolute, for workers that run elsewhere."""
+
+    def fix(section: dict[str, Any], key: str) -> None:
+        value = section.get(key)
+        if isinstance(value, str) and value and value != "hub":
+            section[key] = str(Path(value).expanduser().resolve())
+
+    fix(raw, "run_dir")
+    for key in ("train", "val", "test", "images"):
+        fix(raw.get("data", {}), key)
+    fix(raw.get("teachers", {}), "dir")
+    fix(raw.get("distill", {}), "pool")
+    return raw
+
+
+def _entry_worker(config: dict[str, Any]) -> None:
+    """A Ray Train worker: validate the config and call the command's entry (``module:function``)."""
+    import importlib
+
+    from imat.config.loader import validate
+
+    module, _, name = config["entry"].partition(":")
+    cfg = validate(config["config"], "ray train worker")
+    getattr(importlib.import_module(module), name)(cfg, **config.get("kwargs", {}))
+
+
+def run_entry_on_ray(
+    entry: str,
+    cfg: Any,
+    num_workers: int,
+    kwargs: dict[str, Any] | None = None,
+    address: str | None = None,
+    use_gpu: bool | None = None,
+) -> Any:
+    """Run a command's entry function (e.g. ``"distill.train:distill"``) as one data-parallel job of
+    ``num_workers`` Ray Train workers: ``imat distill --ray-workers N`` and ``imat teachers train
+    --ray-workers N``. The run directory must be on storage every worker's node sees."""
+    raw = absolute_config(cfg.model_dump(mode="json"))
+    storage = str(Path(raw["run_dir"]) / "ray_train")
+    return run_ray_train(
+        _entry_worker,
+        {"entry": entry, "config": raw, "kwargs": dict(kwargs or {})},
+        num_workers,
+        use_gpu=use_gpu,
+        address=address,
+        storage=storage,
+        name=entry.replace(":", "-").replace(".", "-"),
+    )

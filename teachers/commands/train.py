@@ -25,6 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue unfinished teachers from last.ckpt")
     parser.add_argument("--force", action="store_true", help="retrain teachers that already finished")
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data-parallel over N Ray Train workers (for torchrun just launch this command with torchrun)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"
+    )
 
 
 def _setup_logging() -> None:
@@ -39,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_config(args.config, args.overrides)
     source = str(args.config)
+    if getattr(args, "ray_workers", 0):
+        from imat.engine.distributed import run_entry_on_ray
+
+        kwargs = {"only": args.only, "resume": args.resume, "force": args.force, "source": source}
+        run_entry_on_ray("teachers.train:train_pool", cfg, args.ray_workers, kwargs, args.address)
+        print(f"teacher pool: {cfg.pool_dir / 'pool.json'}")
+        return 0
     results = train_pool(cfg, only=args.only, resume=args.resume, force=args.force, source=source)
     print(f"teacher pool: {cfg.pool_dir / 'pool.json'}")
     print(results_table(results))
