@@ -199,9 +199,11 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # "local" always starts a fresh Ray here (never a stale cluster left by a killed driver);
+    # `--address auto` joins one started with `ray start` on this machine
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if address is None and num_cpus is not None:
+    if address == "local" and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     try:
         ray.init(address=address, **kwargs)

@@ -1,0 +1,115 @@
+"""`imat tune`: a 2-trial, 2-epoch ASHA sweep on the CPU, and a sweep restored after its driver is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from scale_kit import make_run
+
+from imat.cli import main
+from imat.config import load_config
+
+IMAT = [sys.executable, "-m", "imat.cli"]
+
+
+def storage(cfg: Path) -> Path:
+    return Path(yaml.safe_load(cfg.read_text())["run_dir"]) / "tune"
+
+
+def test_space_errors_are_one_line(tmp_path, capsys):
+    cfg = make_run(
+        tmp_path, extra={"tune.space": {"distill.train.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}}
+    )
+    assert main(["tune", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imat tune: error:") and "lrr" in err and "\n" not in err
+    assert main(["tune", str(cfg), "tune.space={distill.train.lr: {type: loguniform, low: 0, high: 1}}"]) == 2
+    assert "low > 0" in capsys.readouterr().err
+    assert main(["tune", str(cfg), "tune.space={distill.train.lr: {type: gauss}}"]) == 2
+    assert "unknown 'gauss'" in capsys.readouterr().err
+
+
+def test_asha_sweep_writes_best_config_and_checkpoint(tmp_path, capsys):
+    cfg = make_run(tmp_path, extra={"tune.metric": "val_loss"})
+    assert main(["tune", str(cfg), "--num-cpus", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep finished; 2 trial(s)" in out
+    st = storage(cfg)
+    trials = pd.read_csv(st / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) <= {"done", "stopped"}
+    assert trials["epochs"].max() == 2  # ASHA lets at least the leader run both epochs
+    assert trials["best_val_loss"].notna().all()
+    # best.yaml is a ready-to-run config holding the best trial's values
+    best = load_config(st / "best.yaml")
+    row = trials.iloc[0]
+    assert best.distill.train.lr == pytest.approx(row["distill.train.lr"])
+    assert best.distill.temperature == pytest.approx(row["distill.temperature"])
+    assert Path(best.run_dir) == Path(yaml.safe_load(cfg.read_text())["run_dir"])
+    ckpt = torch.load(st / "best" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] >= 1 and "model" in ckpt["modules"]
+    assert ckpt["config"]["lr"] == pytest.approx(row["distill.train.lr"])
+    assert (st / "best" / "best.safetensors").is_file()
+    # every trial ran the real `imat distill` engine (its own summary.csv with the engine's columns)
+    summaries = list((st / "distill").glob("trial_*/run/student/summary.csv"))
+    assert len(summaries) == 2
+    assert {"epoch", "train_loss", "val_loss", "val_top3_err"} <= set(pd.read_csv(summaries[0]).columns)
+
+
+def _iterations(trial_dir: Path) -> list[int]:
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["training_iteration"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_sweep_restores_after_driver_is_killed(tmp_path):
+    cfg = make_run(
+        tmp_path, extra={"tune.metric": "val_loss", "tune.scheduler": "fifo", "distill.train.epochs": 3}
+    )
+    st = storage(cfg)
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    cmd = IMAT + ["tune", str(cfg), "--num-cpus", "2", "--quiet"]
+    driver = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 150
+        first: Path | None = None
+        while time.monotonic() < deadline and driver.poll() is None:
+            done = [d for d in (st / "distill").glob("trial_*") if (d / "checkpoint_000000").is_dir()]
+            if done:
+                first = done[0]
+                time.sleep(1.5)  # let the driver save the experiment state once more
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the sweep finished before it could be killed"
+        assert first is not None, "no trial reported within the time limit"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait(30)
+    before = _iterations(first)
+    assert before and max(before) < 3
+    assert list(st.glob("distill/experiment_state-*.json"))
+    assert not (st / "best.yaml").exists()
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "restored and finished" in proc.stdout
+    trials = pd.read_csv(st / "trials.csv")
+    assert len(trials) == 2 and (trials["epochs"] == 3).all()
+    after = _iterations(first)
+    # the killed trial continued from its checkpoint: its iterations carry on, never start again at 1
+    assert after[-1] == 3 and after.count(1) == 1, after
+    assert load_config(st / "best.yaml").distill.train.epochs == 3
