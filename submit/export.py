@@ -231,7 +231,7 @@ def export_model(
             calib_rows = sample_rows(source, cfg.calibration_images, seed=1)
             calib_batches, calib_kept = load_batches(calib_rows, prep, workers=workers, decoder=decoder)
             log.info("int8 calibration on %d images", len(calib_kept))
-            to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method)
+            to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method, not cfg.quantize_head)
 
         description = model_description(prep, classes, meta, cfg.precision, wrapper)
         proto = onnx.load(str(final))

@@ -35,6 +35,7 @@ class ExportConfig(Section):
     topk_in_graph: int | None = Field(None, ge=1)
     calibration_images: int = Field(256, ge=1)  # int8: training images for static quantisation
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    quantize_head: bool = False  # int8: also quantise the final classifier (default: keep it float)
     verify_images: int = Field(256, ge=1)  # validation images compared against PyTorch
     min_top3_agreement: float = Field(0.99, ge=0, le=1)  # same top-3 set as PyTorch; below: refuse
 

@@ -1,0 +1,182 @@
+"""imat export: dynamic batch, fp32/fp16/int8 verification, refusal, metadata, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from submit_kit import make_checkpoint, make_kit
+
+from imat.cli import main
+from imat.config.stages import ExportConfig
+from imat.errors import ImatError
+from imat.weights import load_weights, save_weights
+from submit.export import export_model, read_description
+from submit.inputs import read_images
+from submit.model import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("export")
+    k = make_kit(root)
+    k["ckpt"] = make_checkpoint(root / "best.safetensors", k["images"], k["train_classes"])
+    k["root"] = root
+    return k
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_fp32_export_dynamic_batch_and_sidecar(kit: dict, tmp_path: Path) -> None:
+    out = tmp_path / "student.onnx"
+    assert main(["export", str(kit["ckpt"]), "--out", str(out), "--images", str(kit["images"])]) == 0
+    onnx.checker.check_model(onnx.load(str(out)))
+    sess = _session(out)
+    assert sess.get_inputs()[0].shape[0] == "batch"  # symbolic, not a fixed number
+    model, *_ = load_checkpoint(kit["ckpt"])
+    for batch in (1, 37):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        got = sess.run(None, {"input": x})[0]
+        want = model(torch.from_numpy(x)).detach().numpy()
+        assert got.shape == (batch, 5)
+        assert np.abs(got - want).max() < 1e-3
+    report = json.loads((tmp_path / "student.onnx.json").read_text())
+    assert report["precision"] == "fp32"
+    assert report["input_size"] == 32 and report["mean"] == [0.5] * 3 and report["crop_pct"] == 1.0
+    assert report["classes"]["source_labels"] == ["3", "7", "12", "20", "31"]
+    assert report["providers_tested"] == ["cpu"]
+    assert report["dynamic_batch_checked"] == [1, 37]
+    v = report["verification"]
+    assert v["images"] == 54  # 55 image files, one corrupt
+    assert v["top1_agreement"] == 1.0 and v["top3_agreement"] == 1.0
+    assert v["max_abs_logit_diff"] < 1e-3
+    # the same description travels inside the ONNX file
+    (tmp_path / "student.onnx.json").unlink()
+    assert read_description(out)["classes"]["source_labels"] == report["classes"]["source_labels"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_agrees(kit: dict, tmp_path: Path, precision: str) -> None:
+    out = tmp_path / f"student_{precision}.onnx"
+    df = read_images(kit["images"])
+    # With 5 classes the 3rd/4th places of a linear probe are near-ties, so the top-3 *set* of int8 may
+    # differ on a few images; the best class must not.
+    threshold = {"fp16": 0.95, "int8": 0.8}[precision]
+    cfg = ExportConfig(
+        precision=precision, min_top3_agreement=threshold, calibration_images=64, exporter="legacy"
+    )
+    report = export_model(kit["ckpt"], out, df, cfg=cfg)
+    assert out.is_file()
+    v = report["verification"]
+    assert v["top3_agreement"] >= threshold and v["top1_agreement"] >= 0.95 and v["top1_in_top3"] == 1.0
+    proto = onnx.load(str(out))
+    # fp32 in and out whatever the inside
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ops = {n.op_type for n in proto.graph.node}
+    inits = {i.data_type for i in proto.graph.initializer}
+    if precision == "int8":
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    else:
+        assert onnx.TensorProto.FLOAT16 in inits
+    assert _session(out).run(None, {"input": np.zeros((37, 3, 32, 32), np.float32)})[0].shape == (37, 5)
+
+
+def _tied_checkpoint(kit: dict, path: Path) -> Path:
+    """Logits = 1000 + [0, .01, .02, .03, .04]: fp32 ranks them, fp16/int8 cannot tell them apart."""
+    state, meta = load_weights(kit["ckpt"])
+    state["fc.weight"] = torch.zeros_like(state["fc.weight"])
+    state["fc.bias"] = torch.tensor([1000.0, 1000.01, 1000.02, 1000.03, 1000.04])
+    save_weights(path, state, meta)
+    return path
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_refuses_below_threshold_and_leaves_nothing(kit: dict, tmp_path: Path, precision: str) -> None:
+    ckpt = _tied_checkpoint(kit, tmp_path / "tied.safetensors")
+    out = tmp_path / "out" / "student.onnx"
+    df = read_images(kit["images"])
+    with pytest.raises(ImatError, match="top-3 of only"):
+        cfg = ExportConfig(precision=precision, calibration_images=16, quantize_head=True, exporter="legacy")
+        export_model(ckpt, out, df, cfg=cfg)
+    assert not out.exists() and not (tmp_path / "out" / "student.onnx.json").exists()
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+    # the fp32 export of the same checkpoint is faithful and passes
+    export_model(ckpt, out, df, cfg=ExportConfig(precision="fp32", exporter="legacy"))
+    assert out.is_file()
+
+
+def test_too_high_threshold_refuses_cli(kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = _tied_checkpoint(kit, tmp_path / "tied.safetensors")
+    out = tmp_path / "s.onnx"
+    code = main(
+        [
+            "export",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--precision",
+            "fp16",
+            "--images",
+            str(kit["images"]),
+            "--min-agreement",
+            "1.0",
+            "--exporter",
+            "legacy",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("imat export: error:") and "\n" not in err
+    assert not out.exists()
+
+
+def test_softmax_and_topk_in_graph(kit: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.onnx"
+    df = read_images(kit["images"])
+    report = export_model(
+        kit["ckpt"], out, df, cfg=ExportConfig(with_softmax=True, topk_in_graph=3, exporter="legacy")
+    )
+    assert report["outputs"] == ["probs", "topk_scores", "topk_indices"] and report["exporter"] == "legacy"
+    probs, scores, idx = _session(out).run(None, {"input": np.ones((4, 3, 32, 32), np.float32)})
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert scores.shape == (4, 3) and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, np.argsort(-probs, axis=1)[:, :3])
+
+
+def test_bad_inputs_are_one_line_errors(kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    state, meta = load_weights(kit["ckpt"])
+    save_weights(tmp_path / "other.safetensors", state, {**meta, "arch": "resnet18"})
+    save_weights(tmp_path / "nometa.safetensors", state, {})
+    save_weights(tmp_path / "badarch.safetensors", state, {**meta, "arch": "no_such_net"})
+    save_weights(tmp_path / "classes.safetensors", state, {**meta, "num_classes": 7})
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    cases = {
+        "other": "does not match resnet18",
+        "nometa": "metadata lacks",
+        "badarch": "unknown model arch",
+        "classes": "with 7 classes expects",
+        "junk": "not a safetensors file",
+    }
+    for name, fragment in cases.items():
+        code = main(
+            [
+                "export",
+                str(tmp_path / f"{name}.safetensors"),
+                "--out",
+                str(tmp_path / "x.onnx"),
+                "--images",
+                str(kit["images"]),
+            ]
+        )
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and fragment in err and "\n" not in err, (name, err)
+    assert main(["export", str(kit["ckpt"]), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "pass --images" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
