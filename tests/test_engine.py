@@ -414,3 +414,11 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path: Path) -> None:
     first = (random.random(), float(np.random.rand()), torch.rand(1).item())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
+
+
+def test_compile_flag_compiles_in_place_without_renaming_weights(tmp_path: Path) -> None:
+    train, val = loaders()
+    model = tiny_cnn()
+    keys = list(model.state_dict())
+    Engine(ClassificationTask(model), _cfg(compile=True), tmp_path, train, val, progress=False)
+    assert model._compiled_call_impl is not None and list(model.state_dict()) == keys

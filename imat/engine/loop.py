@@ -245,6 +245,7 @@ class Engine:
         self.global_step = 0
         self._logger: RunLogger | None = None
         self._grad_norms: dict[str, list[torch.Tensor]] = {}
+        self._scaler_stepped = False
 
     # --- paths and process role ----------------------------------------------------------------
     @property
@@ -313,6 +314,7 @@ class Engine:
             self._grad_norms.setdefault(name, []).append(norm.detach().float())
         if self.scaler is not None:
             self.scaler.step(opt)
+            self._scaler_stepped = True
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -590,8 +592,9 @@ class Engine:
                     self._backward(out["loss"])
                     for name in self.optimizers:
                         self._step_optimizer(name)
-                if self.scaler is not None:
+                if self.scaler is not None and self._scaler_stepped:  # once per iteration, after all steps
                     self.scaler.update()
+                    self._scaler_stepped = False
                 if self.ema is not None:
                     self.ema.update(task.model)
                 bs = _batch_size(batch)
