@@ -109,10 +109,15 @@ def update_pool_entry(
 ) -> Path:
     """Insert or replace ``entry`` (by name) in ``pool.json``, atomically; other teachers are kept.
 
-    ``extra`` top-level keys (e.g. the manifest and images root the pool was trained on) are merged in."""
+    ``extra`` top-level keys (e.g. the manifest and images root the pool was trained on) are merged in.
+    A changed entry drops the ``selected`` record of the last ``imat teachers eval`` (it is stale)."""
     data = read_pool_json(pool_dir, missing_ok=True)
+    new = entry.to_dict()
+    old = [t for t in data["teachers"] if isinstance(t, dict) and t.get("name") == entry.name]
+    if old != [new]:  # a new or retrained teacher makes the last evaluation's selection stale
+        data.pop("selected", None)
     teachers = [t for t in data["teachers"] if isinstance(t, dict) and t.get("name") != entry.name]
-    teachers.append(entry.to_dict())
+    teachers.append(new)
     data["version"] = POOL_VERSION
     data["teachers"] = teachers
     if extra:

@@ -12,7 +12,14 @@ from imat.config.models import ModelSpec
 from imat.errors import ImatError
 from imat.weights import save_weights
 from teachers.build import count_params, create_model, load_pretrained, read_state_dict, resolve_data_config
-from teachers.pool import TeacherEntry, load_pool, load_teacher, read_pool_json, update_pool_entry
+from teachers.pool import (
+    TeacherEntry,
+    load_pool,
+    load_teacher,
+    read_pool_json,
+    update_pool_entry,
+    write_pool_json,
+)
 
 ARCH = "resnet10t"
 
@@ -165,6 +172,14 @@ def test_pool_json_round_trip_and_load_teacher(tmp_path):
     assert torch.allclose(teacher(x), m1(x))
     with pytest.raises(ImatError, match="no teacher named t9"):
         load_pool(pool, ["t9"])
+    # an evaluation's selection survives an unchanged entry, not a retrained teacher
+    data["selected"] = {"teachers": ["t1"]}
+    write_pool_json(pool, data)
+    update_pool_entry(pool, e1)
+    assert read_pool_json(pool)["selected"] == {"teachers": ["t1"]}
+    e1.val_top1 = 0.75
+    update_pool_entry(pool, e1)
+    assert "selected" not in read_pool_json(pool)
 
 
 def test_load_teacher_rejects_weights_of_another_model(tmp_path):
