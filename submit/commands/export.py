@@ -21,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx to write (plus FILE.json)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None)
     parser.add_argument("--config", metavar="CONFIG", help="run config: export section and image lists")
-    parser.add_argument("overrides", nargs="*", metavar="k=v", help="config overrides (export.opset=18)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="k=v",
+        help="config overrides, right after CKPT (export.precision=int8)",
+    )
     parser.add_argument(
         "--images",
         metavar="DIR_OR_MANIFEST",
