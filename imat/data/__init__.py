@@ -1,0 +1,45 @@
+"""Datasets, loaders and augmentation: from manifest rows to normalised, batched tensors."""
+
+from imat.data.dataset import ImageDataset, resolve_paths
+from imat.data.decode import DECODERS, ImageDecodeError, decode_image
+from imat.data.loader import SkipLoader, balanced_sampler, build_loader, collate_skip
+from imat.data.mixing import OddSafeMixup, build_mixup
+from imat.data.noise import NOISE_KINDS, apply_label_noise
+from imat.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    View,
+    apply_view,
+    build_eval_transform,
+    build_normalize_transform,
+    build_train_transform,
+    random_view,
+    sample_view,
+)
+
+__all__ = [
+    "DECODERS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NOISE_KINDS",
+    "PRESETS",
+    "ImageDataset",
+    "ImageDecodeError",
+    "OddSafeMixup",
+    "SkipLoader",
+    "View",
+    "apply_label_noise",
+    "apply_view",
+    "balanced_sampler",
+    "build_eval_transform",
+    "build_loader",
+    "build_mixup",
+    "build_normalize_transform",
+    "build_train_transform",
+    "collate_skip",
+    "decode_image",
+    "random_view",
+    "resolve_paths",
+    "sample_view",
+]

@@ -1,0 +1,137 @@
+"""Batching: a collate that drops unreadable samples, a loader that never yields an empty batch,
+seeded workers, and a class-balanced sampler for long-tailed training sets."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+
+from imat.errors import ImatError
+
+log = logging.getLogger(__name__)
+
+
+def collate_skip(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack the readable items; ``skipped`` says how many of this batch were None.
+
+    A batch whose items are all None comes back with ``image`` of shape (0,) and empty label/index
+    tensors; :class:`SkipLoader` swallows such batches so training code never sees one."""
+    kept = [it for it in items if it is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"image": torch.zeros(0), "label": empty, "index": empty.clone(), "skipped": skipped}
+    return {
+        "image": torch.stack([it["image"] for it in kept]),
+        "label": torch.as_tensor([it["label"] for it in kept], dtype=torch.long),
+        "index": torch.as_tensor([it["index"] for it in kept], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+def _worker_init(worker_id: int) -> None:
+    """Give each worker its own numpy/random/albumentations stream, derived from the loader's seed.
+
+    torch seeds each worker with base_seed + worker_id (base_seed drawn from the loader's generator);
+    numpy, random and albumentations (2.x keeps its own RNG inside each Compose) do not follow it, so
+    without this every forked worker would replay the same augmentations."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    # Note: no cv2.setNumThreads() here. In a forked worker it can deadlock (OpenCV 5 waits for the
+    # parent's pool threads, which fork did not copy) once the parent has run a parallel cv2 op.
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+class SkipLoader(DataLoader):
+    """A DataLoader whose batches with no readable image are not yielded.
+
+    Their ``skipped`` count moves onto the next yielded batch, so summing ``batch["skipped"]`` counts
+    every dropped sample; ``epoch_skipped`` holds the total of the last (or current) pass, including
+    trailing all-unreadable batches that had no later batch to carry their count."""
+
+    epoch_skipped: int = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        carry = 0
+        self.epoch_skipped = 0
+        for batch in super().__iter__():
+            self.epoch_skipped += int(batch["skipped"])
+            if batch["label"].numel() == 0:
+                carry += int(batch["skipped"])
+                continue
+            if carry:
+                batch["skipped"] = int(batch["skipped"]) + carry
+                carry = 0
+            yield batch
+        if carry:
+            log.warning("%d unreadable image(s) at the end of the pass formed no batch", carry)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    drop_last: bool = False,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+) -> SkipLoader:
+    """A seeded loader over ``dataset`` with :func:`collate_skip`.
+
+    Pinned memory when CUDA is available, persistent workers when num_workers > 0, shuffling from a
+    generator seeded with ``seed`` (ignored when a ``sampler`` is given). With num_workers == 0 the
+    dataset's albumentations pipeline is seeded too, so a single-process run repeats exactly."""
+    if batch_size < 1:
+        raise ImatError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ImatError(f"num_workers must be >= 0, got {num_workers}")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    if num_workers == 0:
+        transform = getattr(dataset, "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(int(seed))
+    return SkipLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=bool(shuffle) and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_skip,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=generator,
+    )
+
+
+def balanced_sampler(
+    labels: Sequence[int] | np.ndarray, num_samples: int | None = None, seed: int = 0
+) -> WeightedRandomSampler:
+    """Sample every class equally often in expectation: weight 1/count(class), with replacement.
+
+    Rows labelled -1 (unknown) get weight 0. ``num_samples`` defaults to len(labels) (one "epoch")."""
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    known = y >= 0
+    if not known.any():
+        raise ImatError("balanced sampler: no labelled samples")
+    counts = np.bincount(y[known])
+    weights = np.zeros(len(y), dtype=np.float64)
+    weights[known] = 1.0 / counts[y[known]]
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    n = len(y) if num_samples is None else int(num_samples)
+    if n < 1:
+        raise ImatError(f"balanced sampler: num_samples must be >= 1, got {n}")
+    return WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)
