@@ -207,6 +207,14 @@ def test_all_unreadable_batches_are_not_yielded_and_counts_carry(tmp_path):
     batches = list(build_loader(ds, batch_size=2, shuffle=False, num_workers=0))
     # [x1,x2] empty -> carried; [ok,x3] -> 1 image, 2+1 skipped; [x4] empty at the end -> warned only
     assert len(batches) == 1 and batches[0]["skipped"] == 3 and batches[0]["index"].tolist() == [2]
+
+    def tagged(items):
+        out = collate_skip(items)
+        out["tag"] = len(out["label"])
+        return out
+
+    custom = list(build_loader(ds, batch_size=5, shuffle=False, num_workers=0, collate_fn=tagged))
+    assert custom[0]["tag"] == 1 and custom[0]["skipped"] == 4
     empty = collate_skip([None, None])
     assert empty["skipped"] == 2 and empty["label"].numel() == 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,12 +85,15 @@ def build_loader(
     drop_last: bool = False,
     sampler: Sampler | None = None,
     seed: int = 0,
+    collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None,
 ) -> SkipLoader:
     """A seeded loader over ``dataset`` with :func:`collate_skip`.
 
     Pinned memory when CUDA is available, persistent workers when num_workers > 0, shuffling from a
     generator seeded with ``seed`` (ignored when a ``sampler`` is given). With num_workers == 0 the
-    dataset's albumentations pipeline is seeded too, so a single-process run repeats exactly."""
+    dataset's albumentations pipeline is seeded too, so a single-process run repeats exactly.
+    ``collate_fn`` replaces :func:`collate_skip` (e.g. to add per-item extras); its batches must keep
+    the ``label`` tensor and ``skipped`` count, best by calling collate_skip first."""
     if batch_size < 1:
         raise ImatError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
@@ -107,7 +110,7 @@ def build_loader(
         shuffle=bool(shuffle) and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_skip,
+        collate_fn=collate_skip if collate_fn is None else collate_fn,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
