@@ -134,3 +134,21 @@ def test_bad_inputs_are_one_line(run, tmp_path, capsys):
     assert main(["teachers", "eval", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("imat teachers eval: error:") and "\n" not in err
+
+
+def test_pool_probs_marks_unreadable_images(run):
+    from imat.manifest import load_manifest
+    from teachers.ensemble import pool_probs
+
+    tmp, _ = run
+    df, _ = load_manifest(tmp / "run" / "data" / "manifest.parquet")
+    val = df[df["split"] == "val"].head(4).reset_index(drop=True)
+    (tmp / "broken.png").write_bytes(b"not an image")
+    bad = val.iloc[[0]].assign(path=str(tmp / "broken.png"), image_id="broken")
+    rows = pd.concat([val.iloc[:2], bad, val.iloc[2:]], ignore_index=True)
+    entries = load_pool(tmp / "run" / "teachers")
+    probs, labels = pool_probs(entries, rows, tmp / "images", device="cpu", batch_size=2)
+    assert probs.shape == (2, 5, 3)
+    assert labels.tolist() == [*val["label"].iloc[:2], -1, *val["label"].iloc[2:]]
+    np.testing.assert_allclose(probs.sum(axis=2), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs[:, 2], 1 / 3, rtol=1e-6)  # unreadable: uniform, label -1
