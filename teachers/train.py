@@ -41,9 +41,18 @@ class TeacherResult:
     wall_s: float
 
 
+def is_main_rank() -> bool:
+    """Rank 0 (or not distributed). Checked before the engine joins the process group too, through
+    torchrun's RANK variable, so only one process writes the manifest, configs and pool.json."""
+    from imat.engine import is_main_process
+
+    return is_main_process() and int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def prepare_manifest(cfg: RunConfig, rebuild: bool = False) -> tuple[pd.DataFrame, ClassMap, Path]:
     """The run's manifest: ``RUN_DIR/data/manifest.parquet`` when it exists (every step of a run sees
-    the same rows and class map), else built from ``cfg.data`` and saved there."""
+    the same rows and class map), else built from ``cfg.data`` and saved there (by rank 0 only; the
+    build is deterministic, so other ranks use their own identical copy)."""
     path = cfg.run_path / MANIFEST
     if path.is_file() and not rebuild:
         df, classes = load_manifest(path)
@@ -52,7 +61,8 @@ def prepare_manifest(cfg: RunConfig, rebuild: bool = False) -> tuple[pd.DataFram
     from imat.formats import build_manifest
 
     df, classes = build_manifest(cfg.data)
-    save_manifest(df, classes, path.parent)
+    if is_main_rank():
+        save_manifest(df, classes, path.parent)
     return df, classes, path
 
 
@@ -250,7 +260,8 @@ def train_teacher(
     mixup = build_mixup(recipe.aug, classes.num_classes)
     task = ClassificationTask(model, label_smoothing=recipe.aug.label_smoothing, mixup=mixup)
     train_loader, val_loader = _loaders(cfg, spec, data_cfg, train_df, val_df)
-    save_resolved(cfg, out_dir / "config.yaml")
+    if is_main_rank():
+        save_resolved(cfg, out_dir / "config.yaml")
     engine = Engine(
         task,
         recipe,
@@ -284,7 +295,8 @@ def train_pool(
     train_df, val_df = split_frames(cfg, df, classes, manifest)
     pool_dir = cfg.pool_dir
     pool_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, cfg.run_path / "config.yaml")
+    if is_main_rank():
+        save_resolved(cfg, cfg.run_path / "config.yaml")
     extra = {
         "manifest": os.path.relpath(manifest.resolve(), pool_dir.resolve()),
         "images": str(Path(cfg.data.images).resolve()) if cfg.data.images else None,
@@ -313,7 +325,8 @@ def train_pool(
         if params is None:
             params = count_params(create_model(spec, classes.num_classes, load_weights=False))
         entry = pool_entry(spec, pool_dir, data_cfg, classes.num_classes, params)
-        update_pool_entry(pool_dir, entry, extra=extra)
+        if is_main_rank():
+            update_pool_entry(pool_dir, entry, extra=extra)
         results.append(
             TeacherResult(
                 spec.name,
