@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imat-installed
-TORCH := torch==2.15.0 torchvision==0.29.2
+TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint bench clean
