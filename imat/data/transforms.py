@@ -81,11 +81,12 @@ def build_eval_transform(
     return A.Compose([*_eval_geometry(size, crop_pct), A.Normalize(mean=m, std=s), ToTensorV2()])
 
 
-def _preset_ops(preset: str, size: int, crop_pct: float) -> list[Any]:
+def _preset_ops(preset: str, size: int, crop_pct: float, flips: bool = True) -> list[Any]:
     if preset == "none":
         return _eval_geometry(size, crop_pct)
     crop = A.RandomResizedCrop(size=(size, size), scale=CROP_SCALE[preset], ratio=RATIO)
-    ops: list[Any] = [crop, A.HorizontalFlip(p=0.5)]
+    # Flips are off for classes a mirror image changes (digits, text, left/right parts).
+    ops: list[Any] = [crop, A.HorizontalFlip(p=0.5 if flips else 0.0)]
     if preset == "light":
         return ops
     if preset == "medium":
@@ -99,7 +100,7 @@ def _preset_ops(preset: str, size: int, crop_pct: float) -> list[Any]:
     # heavy
     return [
         *ops,
-        A.VerticalFlip(p=0.1),
+        A.VerticalFlip(p=0.1 if flips else 0.0),
         A.Affine(
             scale=(0.8, 1.2),
             translate_percent=(-0.1, 0.1),
@@ -135,11 +136,12 @@ def build_train_transform(
     """Training pipeline for a preset name or an AugConfig (only its ``preset`` matters here; mixup and
     cutmix work on batches, see :func:`imat.data.build_mixup`). ``crop_pct`` is used by ``none``."""
     preset = aug.preset if isinstance(aug, AugConfig) else aug
+    flips = aug.flips if isinstance(aug, AugConfig) else True
     if preset not in PRESETS:
         raise ImatError(f"unknown augmentation preset {preset!r} (choose from {', '.join(PRESETS)})")
     size = _check_size(input_size)
     m, s = _norm_stats(mean, std)
-    return A.Compose([*_preset_ops(preset, size, crop_pct), A.Normalize(mean=m, std=s), ToTensorV2()])
+    return A.Compose([*_preset_ops(preset, size, crop_pct, flips), A.Normalize(mean=m, std=s), ToTensorV2()])
 
 
 # --- replayable views -------------------------------------------------------------------------------
