@@ -92,7 +92,7 @@ class DownloadConfig:
     max_bytes: int = 20 * 1024 * 1024
     max_side: int | None = None  # shrink so the longer side is <= this (None: keep the size)
     quality: int = 90
-    min_side: int = 32  # an image with a side below this is a placeholder (1x1 pixels, spacer GIFs)
+    min_side: int = 16  # a side below this marks a placeholder (1x1 pixels, spacer GIFs); 28 px digits pass
     placeholder_repeats: int = 3  # this many distinct URLs with identical bytes -> placeholder; 0: off
     max_pixels: int = 100_000_000  # decompression-bomb guard
     status_every: float = 30.0  # seconds between periodic status-table writes

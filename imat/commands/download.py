@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quality", type=int, default=90, help="JPEG quality of the written files (default 90)"
     )
     parser.add_argument(
-        "--min-side", type=int, default=32, metavar="PX", help="smaller images are placeholders (default 32)"
+        "--min-side", type=int, default=16, metavar="PX", help="smaller images are placeholders (default 16)"
     )
     parser.add_argument(
         "--placeholder-repeats",
