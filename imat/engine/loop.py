@@ -642,6 +642,11 @@ class Engine:
             n_images, skipped = int(totals["_images"]), int(totals["_skipped"])
             train_time = dist_utils.max_across_ranks(train_time, self.device)
             dist_utils.broadcast_modules(self.task.modules(), buffers_only=True)
+        if n_images == 0 and skipped > 0:
+            raise ImatError(
+                f"epoch {epoch + 1}: none of the {skipped} training images could be read "
+                "(are the images downloaded, and is data.images right?)"
+            )
         row: dict[str, Any] = {"epoch": epoch + 1, "global_step": self.global_step}
         for key, total in sums.items():
             row[f"train_{key}"] = float(total) / n_images if n_images else float("nan")
