@@ -158,7 +158,9 @@ def ray_predict(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         blocks = max(actors, min(n, (n + batch_size - 1) // batch_size)) if n else 1
-        ds = ray.data.from_pandas(table).repartition(blocks)
+        # blocks made here (no repartition task): the actors may hold every CPU of a small machine
+        chunks = [table.iloc[i : i + -(-n // blocks)] for i in range(0, max(n, 1), max(1, -(-n // blocks)))]
+        ds = ray.data.from_pandas(chunks)
         result = ds.map_batches(
             OnnxPredictor,
             fn_constructor_kwargs={
