@@ -168,8 +168,14 @@ def _folder(tmp_path: Path, n: int = 10) -> pd.DataFrame:
 @pytest.mark.parametrize("decoder", ["cv2", "pil"])
 def test_loader_skips_corrupt_and_missing(tmp_path, caplog, num_workers, decoder):
     df = _folder(tmp_path)
+    # a real JPEG cut off mid-stream (an interrupted download), beside the random bytes and the missing file
+    photo = RNG.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", photo)
+    assert ok
+    (tmp_path / "truncated.jpg").write_bytes(buf.tobytes()[: len(buf) // 2])
+    df = pd.concat([df, pd.DataFrame([{"path": "truncated.jpg", "label": 0}])], ignore_index=True)
     ds = ImageDataset(df, tmp_path, build_train_transform("medium", 16), decoder)
-    assert len(ds) == 12
+    assert len(ds) == 13
     loader = build_loader(ds, batch_size=4, shuffle=True, num_workers=num_workers, seed=3)
     with caplog.at_level(logging.WARNING):
         for _epoch in range(2):
@@ -180,14 +186,50 @@ def test_loader_skips_corrupt_and_missing(tmp_path, caplog, num_workers, decoder
                 seen += batch["index"].tolist()
                 seen_labels += batch["label"].tolist()
                 skipped += batch["skipped"]
-            assert skipped == 2 and loader.epoch_skipped == 2
-            assert sorted(seen) == [i for i in range(12) if i not in (3, 7)]
+            assert skipped == 3 and loader.epoch_skipped == 3
+            assert sorted(seen) == [i for i in range(13) if i not in (3, 7, 12)]
             assert seen_labels == df["label"].to_numpy()[seen].tolist()
     if num_workers == 0:
-        assert ds.skipped == 4 and len(ds.bad_files) == 2
+        assert ds.skipped == 6 and len(ds.bad_files) == 3
         # warned once per file even though each file failed twice
         warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
-        assert len(warnings) == 2
+        assert len(warnings) == 3
+
+
+class _EpochTagged(torch.utils.data.Dataset):
+    """Items say which epoch the dataset (in whichever process builds them) was told."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.zeros(1), "label": self.epoch, "index": index}
+
+
+def test_workers_see_the_epoch_of_an_epoch_aware_dataset():
+    ds = _EpochTagged()
+    loader = build_loader(ds, batch_size=2, shuffle=False, num_workers=1)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert {int(v) for b in loader for v in b["label"]} == {epoch}
+
+
+def test_flips_off_keeps_left_and_right():
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    img[:, 16:] = 255  # dark left half, bright right half: a mirror image swaps them
+    mirrored = {}
+    for flips in (True, False):
+        tf = build_train_transform(AugConfig(preset="light", flips=flips), 16)
+        tf.set_random_seed(0)
+        outs = [tf(image=img)["image"] for _ in range(40)]
+        mirrored[flips] = sum(bool(o[:, :, 0].mean() > o[:, :, -1].mean()) for o in outs)
+    assert mirrored[True] > 0 and mirrored[False] == 0
 
 
 def test_items_carry_label_and_index(tmp_path):

@@ -89,7 +89,8 @@ def build_loader(
 ) -> SkipLoader:
     """A seeded loader over ``dataset`` with :func:`collate_skip`.
 
-    Pinned memory when CUDA is available, persistent workers when num_workers > 0, shuffling from a
+    Pinned memory when CUDA is available, persistent workers when num_workers > 0 (except for a dataset
+    with ``set_epoch``: a persistent worker would keep its copy at the first epoch), shuffling from a
     generator seeded with ``seed`` (ignored when a ``sampler`` is given). With num_workers == 0 the
     dataset's albumentations pipeline is seeded too, so a single-process run repeats exactly.
     ``collate_fn`` replaces :func:`collate_skip` (e.g. to add per-item extras); its batches must keep
@@ -113,7 +114,7 @@ def build_loader(
         collate_fn=collate_skip if collate_fn is None else collate_fn,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not callable(getattr(dataset, "set_epoch", None)),
         worker_init_fn=_worker_init if num_workers > 0 else None,
         generator=generator,
     )
