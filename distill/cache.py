@@ -114,6 +114,7 @@ def fingerprint(
     seed: int,
     scale: tuple[float, float],
     num_classes: int,
+    hflip: float = 0.5,
 ) -> str:
     h = hashlib.sha256()
     for t, w in zip(teachers, weights, strict=True):
@@ -124,7 +125,7 @@ def fingerprint(
             f"{t.mean}|{t.std}".encode()
         )
     h.update("\n".join(image_ids).encode())
-    h.update(f"{topk}|{views}|{seed}|{scale}|{num_classes}".encode())
+    h.update(f"{topk}|{views}|{seed}|{scale}|{num_classes}|{hflip}".encode())
     return h.hexdigest()
 
 
@@ -143,6 +144,7 @@ def build_cache(
     views_per_image: int,
     seed: int,
     scale: tuple[float, float],
+    hflip: float = 0.5,
     decoder: str = "cv2",
     batch_size: int = 64,
     device: torch.device | str = "cpu",
@@ -187,7 +189,7 @@ def build_cache(
             index[i] = torch.arange(k, dtype=torch.int32)
             continue
         for v in range(v_count):
-            view = sample_view(img.shape, _view_seed(seed, i, v), scale=scale)
+            view = sample_view(img.shape, _view_seed(seed, i, v), scale=scale, hflip=hflip)
             views[i, v] = torch.tensor(
                 [view.x0, view.y0, view.x1, view.y1, int(view.flip)], dtype=torch.int32
             )
@@ -307,14 +309,27 @@ def prepare_cache(
         raise ImatError(
             f"distill.cache: cached teacher outputs cover the final outputs only (kd, meal-v2), not {dcfg.method}"
         )
+    aug = dcfg.train.aug
+    # A cached view is a random-resized crop and a flip (the `light` preset): what a teacher scored
+    # must be what the student sees, so augmentations the cache cannot replay are refused, not dropped.
+    if aug.preset != "light":
+        raise ImatError(
+            f"distill.train.aug.preset: the teacher cache stores crop + flip views (the light preset), "
+            f"not {aug.preset!r}; set distill.train.aug.preset=light or distill.cache.enabled=false"
+        )
+    if aug.balanced_sampler:
+        raise ImatError(
+            "distill.train.aug.balanced_sampler: not supported with distill.cache.enabled (one epoch = "
+            "each image once, on one of its cached views)"
+        )
     ccfg = dcfg.cache
     entries = {e.name: e for e in load_pool(pool_dir_of(cfg), dcfg.teachers)}
     num_classes = next(iter(entries.values())).num_classes
     weights = [str(entries[t.name].weights_path) for t in teachers]
-    scale = CROP_SCALE.get(dcfg.train.aug.preset, CROP_SCALE["light"])
+    scale, hflip = CROP_SCALE["light"], 0.5 if aug.flips else 0.0
     seed = dcfg.seed if dcfg.seed is not None else dcfg.train.seed
     ids = train_df["image_id"].astype(str).tolist()
-    fp = fingerprint(teachers, weights, ids, ccfg.topk, ccfg.views_per_image, seed, scale, num_classes)
+    fp = fingerprint(teachers, weights, ids, ccfg.topk, ccfg.views_per_image, seed, scale, num_classes, hflip)
     path = (Path(ccfg.dir) if ccfg.dir else out_dir / "teacher_cache") / CACHE_FILE
     loaded = load_cache(path, fp)
     t0 = time.perf_counter()
@@ -330,6 +345,7 @@ def prepare_cache(
             views_per_image=ccfg.views_per_image,
             seed=seed,
             scale=scale,
+            hflip=hflip,
             decoder=cfg.data.decoder,
             batch_size=dcfg.train.eval_batch_size or dcfg.train.batch_size,
             device=resolve_device(dcfg.train.device),

@@ -125,6 +125,35 @@ def test_distill_from_cache_end_to_end_and_reuse(run_cfg, method, extra, capsys)
     assert os.stat(cache_file).st_mtime_ns != stamp  # another k: rebuilt
 
 
+def test_views_follow_the_flip_setting(run_cfg):
+    run = run_dir(run_cfg)
+    df = pd.read_parquet(run / "data" / "manifest.parquet")
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    images = yaml.safe_load(run_cfg.read_text())["data"]["images"]
+    teacher = FrozenTeacher(
+        "t", timm.create_model("resnet10t", num_classes=3).eval(), 32, (0.5,) * 3, (0.25,) * 3
+    )
+    common = {"num_classes": 3, "topk": 2, "views_per_image": 4, "seed": 0, "scale": (0.35, 1.0)}
+    _, _, flipped = build_cache([teacher], train, images, **common)
+    _, _, unflipped = build_cache([teacher], train, images, **common, hflip=0.0)
+    assert flipped[..., 4].any() and not unflipped[..., 4].any()
+    assert torch.equal(flipped[..., :4], unflipped[..., :4])  # the same crops, only the flips differ
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("distill.train.aug.preset=heavy", "not 'heavy'"),
+        ("distill.train.aug.balanced_sampler=true", "balanced_sampler: not supported"),
+    ],
+)
+def test_cache_refuses_augmentation_it_cannot_replay(run_cfg, override, message, capsys):
+    args = ["distill", str(run_cfg), "distill.method=kd", "distill.cache.enabled=true", override, "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 def test_cache_with_stage_blocks_is_one_line_error(run_cfg, capsys):
     code = main(["distill", str(run_cfg), "distill.cache.enabled=true", "--quiet"])
     err = capsys.readouterr().err
