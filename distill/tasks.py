@@ -323,7 +323,7 @@ class MealTask(DistillTaskBase):
                 self.ensemble.teachers[i].blocks(x, self.teacher_indices[i], self.mean, self.std)
                 for i in chosen
             ]
-        s_logits = s_out[-1]
+        s_logits = s_out[want.index("logits")]  # the logits block may sit anywhere in the block list
         s_vecs = [al(s_out[k]) for k, al in enumerate(self.aligners)]
         t_raw, t_probs = [], []
         for k, al in enumerate(self.aligners):

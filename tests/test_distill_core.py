@@ -346,6 +346,35 @@ def test_single_teacher_and_no_discriminator_ablation():
     assert task.epoch_extras() == {"pick_t0": 1.0}
 
 
+def test_logits_block_first_still_gives_the_student_logits_to_the_hard_loss():
+    student = tiny(100)
+    ens = TeacherEnsemble([FrozenTeacher("t0", tiny(0), 32, MEAN, STD)], "mean")
+    blocks = ["logits", 2]
+    task = MealTask(
+        student,
+        ens,
+        blocks,
+        [blocks],
+        [None, 20],
+        [1.0, 1.0],
+        [1.0, 1.0],
+        [5, 20],
+        MEAN,
+        STD,
+        hard_label_weight=0.5,
+        adversarial=False,
+    )
+    ctx = Ctx(task)
+    b = batch()
+    _, _, _, s_logits = task.vectors(b, ctx)
+    assert s_logits.shape == (4, 5)
+    with torch.no_grad():
+        want = student(b["image"])
+    assert torch.allclose(s_logits, want, atol=1e-5)
+    out = ctx.run(task, b)
+    assert torch.isfinite(out["loss"]) and "ce" in out
+
+
 def test_meal_similarity_decreases_when_training():
     task = make_meal("alternating", teachers=1, adversarial=False)
     ctx = Ctx(task, lr=0.02)
