@@ -129,6 +129,18 @@ def check_method(dcfg: DistillConfig) -> None:
         raise ImatError(
             f"distill.adversarial.widths: every width must be >= 1 (got {dcfg.adversarial.widths})"
         )
+    adv = dcfg.adversarial
+    if adv.enabled and adv.mode != "alternating" and adv.optimizer != "same":
+        # grl and joint update student and discriminators in one step with the student's optimiser
+        raise ImatError(
+            f"distill.adversarial.optimizer: {adv.optimizer!r} needs mode alternating (the discriminators "
+            f"have their own optimiser only there), not {adv.mode!r}"
+        )
+    if adv.enabled and adv.mode == "joint" and adv.weight != 1.0:
+        raise ImatError(
+            f"distill.adversarial.weight: joint mode adds the discriminators' loss as it is (the official "
+            f"code); weight {adv.weight} applies to alternating and grl"
+        )
 
 
 def resolve_blocks(

@@ -100,7 +100,8 @@ def run_dir(cfg: Path) -> Path:
     [
         ("meal", []),
         ("meal", ["distill.adversarial.mode=grl"]),
-        ("meal", ["distill.adversarial.mode=joint", "distill.adversarial.optimizer=adam"]),
+        ("meal", ["distill.adversarial.mode=joint"]),
+        ("meal", ["distill.adversarial.optimizer=adam", "distill.adversarial.lr=2e-4"]),
         ("meal-v2", ["distill.blocks=[{index: logits}]"]),
         ("kd", ["distill.temperature=2"]),
         ("ce", []),
@@ -126,7 +127,7 @@ def test_distill_each_method_one_epoch(run_cfg, method, extra, capsys):
         assert {"train_sim", "train_sim_b0", "train_sim_b1", "train_d_loss"} <= cols
         assert {"d_acc_teacher_b0", "d_acc_student_b1", "pick_ta", "pick_tb"} <= cols
         assert summary["pick_ta"].iloc[0] + summary["pick_tb"].iloc[0] == 3  # 24 images / batch 8
-        if not extra:
+        if not any("mode=" in e for e in extra):  # alternating: its own D optimiser and lr
             assert {"train_adv", "lr_main", "lr_disc"} <= cols
             assert summary["lr_disc"].iloc[0] < summary["lr_main"].iloc[0]
     if method == "meal-v2":
@@ -169,6 +170,12 @@ def test_distill_resume_is_a_noop_when_finished(run_cfg, capsys):
         (["distill.teachers=[nobody]"], "no teacher named nobody"),
         (["distill.adversarial.mode=minimax"], "distill.adversarial.mode"),
         (["distill.student.pretrained=/nonexistent.safetensors"], "weights not found"),
+        (["distill.adversarial.widths=[4, 0]"], "every width must be >= 1"),
+        (
+            ["distill.adversarial.mode=grl", "distill.adversarial.optimizer=adam"],
+            "'adam' needs mode alternating",
+        ),
+        (["distill.adversarial.mode=joint", "distill.adversarial.weight=0.5"], "joint mode adds"),
     ],
 )
 def test_config_errors_are_one_line(run_cfg, overrides, message, capsys):
