@@ -4,6 +4,7 @@ from imat.config.data import DataConfig, LabelNoise
 from imat.config.distill import AdversarialConfig, BlockSpec, CacheConfig, DistillConfig
 from imat.config.loader import apply_override, load_config, read_yaml, save_resolved, to_dict, validate
 from imat.config.models import ModelSpec
+from imat.config.pipeline import PipelineConfig
 from imat.config.root import RunConfig
 from imat.config.stages import ExportConfig, SubmitConfig, TuneConfig
 from imat.config.teachers import TeachersConfig, TeacherSpec, deep_merge
@@ -19,6 +20,7 @@ __all__ = [
     "ExportConfig",
     "LabelNoise",
     "ModelSpec",
+    "PipelineConfig",
     "RunConfig",
     "SubmitConfig",
     "TeacherSpec",

@@ -7,6 +7,7 @@ from pathlib import Path
 from imat.config.base import Section
 from imat.config.data import DataConfig
 from imat.config.distill import DistillConfig
+from imat.config.pipeline import PipelineConfig
 from imat.config.stages import ExportConfig, SubmitConfig, TuneConfig
 from imat.config.teachers import TeachersConfig
 
@@ -19,6 +20,7 @@ class RunConfig(Section):
     tune: TuneConfig = TuneConfig()
     export: ExportConfig = ExportConfig()
     submit: SubmitConfig = SubmitConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @property
     def run_path(self) -> Path:

@@ -1,0 +1,54 @@
+"""`imat pipeline CONFIG [k=v ...] [--force STEP] [--until STEP]`: every step, skipping steps whose
+outputs exist."""
+
+from __future__ import annotations
+
+import argparse
+
+from imat.config import RunConfig
+from imat.pipeline import STEP_NAMES
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        choices=STEP_NAMES,
+        metavar="STEP",
+        help=f"rerun this step and every later one ({', '.join(STEP_NAMES)})",
+    )
+    parser.add_argument("--until", choices=STEP_NAMES, metavar="STEP", help="stop after this step")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="the run's YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="k=v", help="override config keys by dotted path")
+    add_step_arguments(parser)
+
+
+def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
+    """The steps with their status, the comparison table when the run has one, and the key outputs."""
+    import pandas as pd
+
+    from imat.results import format_table
+
+    print("\nstep        status         seconds")
+    for name, status, seconds in rows:
+        print(f"{name:<11} {status:<14} {seconds:7.1f}")
+    results = cfg.run_path / "results.csv"
+    if results.is_file():
+        print("\nvalidation split; images/s = model compute on this machine's CPU at batch 32")
+        print(format_table(pd.read_csv(results)))
+    print()
+    for name in ("submission.csv", "score.json", "report.html"):
+        path = cfg.run_path / name
+        if path.is_file():
+            print(f"{name + ':':<16}{path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from imat.config import load_config
+    from imat.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    print_summary(cfg, run_pipeline(cfg, force=args.force, until=args.until))
+    return 0

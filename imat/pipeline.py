@@ -1,0 +1,263 @@
+"""`imat pipeline CONFIG`: every step from competition files to a scored submission and a report.
+
+Each step reads files and writes files. When a step finishes it leaves a marker in
+``RUN_DIR/.pipeline/``; a step whose marker and outputs exist is skipped, so a killed pipeline picks
+up where it stopped (and the step that was running resumes from its own checkpoint). ``--force STEP``
+reruns that step and every step after it. The stage packages are imported lazily, step by step:
+``imat`` itself imports none of them (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imat.config import RunConfig, save_resolved
+from imat.errors import ImatError
+from imat.io import write_json
+
+log = logging.getLogger("imat.pipeline")
+
+MARKERS = ".pipeline"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[RunConfig], None]
+    outputs: Callable[[RunConfig], list[Path]]  # what must exist for the step to count as done
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True
+
+
+def _manifest(cfg: RunConfig) -> Path:
+    return cfg.run_path / "data" / "manifest.parquet"
+
+
+def _student(cfg: RunConfig) -> Path:
+    return cfg.run_path / "student" / "best.safetensors"
+
+
+def _onnx(cfg: RunConfig) -> Path:
+    return cfg.run_path / "export" / "student.onnx"
+
+
+def _baseline_cfg(cfg: RunConfig) -> RunConfig:
+    """The student alone: the same student and recipe, plain CE on the labels, beside the MEAL run."""
+    distill = cfg.distill.model_copy(update={"method": "ce"})
+    teachers = cfg.teachers.model_copy(update={"dir": str(cfg.pool_dir)})
+    return cfg.model_copy(
+        update={"run_dir": str(cfg.run_path / "baseline"), "distill": distill, "teachers": teachers}
+    )
+
+
+# -- the steps -----------------------------------------------------------------------------------------
+
+
+def step_data(cfg: RunConfig) -> None:
+    """Fetch the images of URL-only competitions (resumable), then write the manifest."""
+    from imat.download import download
+    from imat.formats import read_split, write_manifest
+
+    for split in ("train", "val", "test"):
+        source = getattr(cfg.data, split)
+        if not source or not Path(source).is_file() or not cfg.data.images:
+            continue
+        rows = read_split(source, "test")  # labels are not needed to fetch images
+        rows = rows[rows["url"].astype(str) != ""]
+        if len(rows):
+            report = download(
+                rows,
+                cfg.data.images,
+                workers=cfg.pipeline.download_workers,
+                max_side=cfg.pipeline.download_max_side,
+                progress=True,
+            )
+            print(report.format())
+            if not (report.status["status"].isin(["ok", "skipped"])).any():
+                raise ImatError(
+                    f"{source}: no image could be fetched into {cfg.data.images} (see download_status.csv)"
+                )
+    path = write_manifest(cfg)
+    print(f"manifest: {path}")
+
+
+def step_teachers(cfg: RunConfig) -> None:
+    from teachers.train import results_table, train_pool
+
+    print(results_table(train_pool(cfg, resume=True)))
+
+
+def step_evaluate(cfg: RunConfig) -> None:
+    from teachers.evaluate import describe_selection, evaluate_pool, table_for_print
+
+    result = evaluate_pool(cfg.pool_dir, tta_flip=cfg.teachers.tta_flip, num_workers=cfg.data.num_workers)
+    print(table_for_print(result.table))
+    print(describe_selection(result.selection))
+
+
+def step_audit(cfg: RunConfig) -> None:
+    """Rank training images by how strongly the pool disagrees with their label (report gallery)."""
+    from distill.audit import audit
+
+    res = audit(cfg.pool_dir, cfg, top=cfg.pipeline.audit_top, num_workers=cfg.data.num_workers)
+    print(f"audit: {res.csv} ({len(res.table)} training images ranked)")
+
+
+def step_distill(cfg: RunConfig) -> None:
+    from distill.train import distill
+
+    distill(cfg, resume=True)
+
+
+def step_baseline(cfg: RunConfig) -> None:
+    from distill.train import distill
+
+    distill(_baseline_cfg(cfg), resume=True)
+
+
+def step_export(cfg: RunConfig) -> None:
+    from submit.export import export_model
+    from submit.inputs import read_images
+
+    images = read_images(_manifest(cfg), cfg.data.images, split="val")
+    calib = read_images(_manifest(cfg), cfg.data.images, split="train")
+    verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
+    calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
+    report = export_model(_student(cfg), _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder)
+    print(f"export: {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
+
+
+def step_predict(cfg: RunConfig) -> None:
+    from submit.predict import predict
+
+    if not cfg.data.test:
+        raise ImatError("pipeline: data.test is not set: nothing to predict")
+    predict(
+        _onnx(cfg),
+        cfg.data.test,
+        out=cfg.run_path / "predictions.parquet",
+        images=cfg.data.images,
+        split="test",
+        topk=cfg.submit.topk,
+        provider=cfg.submit.provider,
+        batch_size=cfg.submit.batch_size,
+        tta_flip=cfg.submit.tta_flip,
+        workers=cfg.data.num_workers,
+        save_probs=cfg.submit.prior_correction,
+        decoder=cfg.data.decoder,
+    )
+
+
+def step_submit(cfg: RunConfig) -> None:
+    from submit.formats import write_submission
+
+    stats = write_submission(
+        cfg.run_path / "predictions.parquet",
+        cfg.submit.format,
+        cfg.data.test,
+        cfg.run_path / "submission.csv",
+        sample=cfg.submit.sample_submission,
+        train=_manifest(cfg),
+        prior_correction=cfg.submit.prior_correction,
+        topk=cfg.submit.topk,
+    )
+    print(f"submission: {cfg.run_path / 'submission.csv'} ({stats})")
+
+
+def step_score(cfg: RunConfig) -> None:
+    from submit.score import score
+
+    result = score(cfg.run_path / "submission.csv", cfg.data.solution, metric="top3")
+    write_json(cfg.run_path / "score.json", result)
+    print(f"score: {result}")
+
+
+def step_results(cfg: RunConfig) -> None:
+    from imat.results import results_table, write_results
+
+    print(f"results: {write_results(cfg, results_table(cfg))}")
+
+
+def step_report(cfg: RunConfig) -> None:
+    from imat.report import build_report
+
+    print(f"report: {build_report(cfg.run_path)}")
+
+
+STEPS: list[Step] = [
+    Step("data", step_data, lambda c: [_manifest(c)]),
+    Step("teachers", step_teachers, lambda c: [c.pool_dir / "pool.json"], lambda c: bool(c.teachers.pool)),
+    Step(
+        "evaluate", step_evaluate, lambda c: [c.pool_dir / "pool_eval.csv"], lambda c: bool(c.teachers.pool)
+    ),
+    Step(
+        "audit",
+        step_audit,
+        lambda c: [c.run_path / "audit" / "audit.csv"],
+        lambda c: bool(c.teachers.pool) and c.pipeline.audit_top > 0,
+    ),
+    Step("distill", step_distill, lambda c: [_student(c)]),
+    Step(
+        "baseline",
+        step_baseline,
+        lambda c: [_baseline_cfg(c).run_path / "student" / "best.safetensors"],
+        lambda c: c.pipeline.baseline and c.distill.method != "ce",
+    ),
+    Step("export", step_export, lambda c: [_onnx(c), _onnx(c).with_name("student.onnx.json")]),
+    Step(
+        "predict", step_predict, lambda c: [c.run_path / "predictions.parquet"], lambda c: bool(c.data.test)
+    ),
+    Step("submit", step_submit, lambda c: [c.run_path / "submission.csv"], lambda c: bool(c.data.test)),
+    Step(
+        "score",
+        step_score,
+        lambda c: [c.run_path / "score.json"],
+        lambda c: bool(c.data.test and c.data.solution and Path(c.data.solution).is_file()),
+    ),
+    Step("results", step_results, lambda c: [c.run_path / "results.csv"]),
+    Step("report", step_report, lambda c: [c.run_path / "report.html"]),
+]
+STEP_NAMES = [s.name for s in STEPS]
+
+
+def _marker(cfg: RunConfig, step: Step) -> Path:
+    return cfg.run_path / MARKERS / f"{step.name}.done"
+
+
+def is_done(cfg: RunConfig, step: Step) -> bool:
+    return _marker(cfg, step).is_file() and all(p.exists() for p in step.outputs(cfg))
+
+
+def run_pipeline(
+    cfg: RunConfig, force: str | None = None, until: str | None = None
+) -> list[tuple[str, str, float]]:
+    """Run every enabled step in order; returns (step, status, seconds) rows."""
+    for name in (force, until):
+        if name is not None and name not in STEP_NAMES:
+            raise ImatError(f"unknown step {name!r} (steps: {', '.join(STEP_NAMES)})")
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, cfg.run_path / "config.yaml")
+    forcing = False
+    done: list[tuple[str, str, float]] = []
+    for step in STEPS:
+        forcing = forcing or step.name == force
+        if not step.enabled(cfg):
+            done.append((step.name, "not needed", 0.0))
+        elif forcing or not is_done(cfg, step):
+            _marker(cfg, step).unlink(missing_ok=True)
+            print(f"== {step.name} ==", flush=True)
+            start = time.perf_counter()
+            step.run(cfg)
+            seconds = time.perf_counter() - start
+            write_json(
+                _marker(cfg, step), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}
+            )
+            done.append((step.name, "ran", seconds))
+        else:
+            done.append((step.name, "done earlier", 0.0))
+        if step.name == until:
+            break
+    return done

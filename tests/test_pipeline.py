@@ -1,0 +1,155 @@
+"""`imat pipeline` and `imat demo`: every step from competition files to a scored submission and a
+report; finished steps are skipped, a stopped pipeline picks up where it stopped, --force reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from imat.cli import main
+from imat.kit import write_kit
+from submit.score import score
+
+TEACHER = {"name": "r10", "arch": "resnet10t", "input_size": 28, "crop_pct": 1.0}
+TINY = {"epochs": 1, "batch_size": 32, "lr": 0.05, "aug": {"preset": "light", "flips": False}}
+
+
+def write_config(root: Path) -> Path:
+    kit = write_kit("mnist5k", root / "kit", seed=0, limit=300)
+    cfg = {
+        "run_dir": str(root / "run"),
+        "data": {
+            "train": str(kit["train"]),
+            "val": str(kit["val"]),
+            "test": str(kit["test"]),
+            "solution": str(kit["solution"]),
+            "images": str(root / "images"),
+            "num_workers": 0,
+        },
+        "teachers": {"defaults": TINY, "pool": [TEACHER]},
+        "distill": {
+            "method": "meal",
+            "student": {"arch": "resnet10t", "input_size": 28, "crop_pct": 1.0},
+            "blocks": [{"index": -2, "length": 8, "gamma": 0.05}, {"index": "logits"}],
+            "train": TINY,
+        },
+        "export": {"verify_images": 16, "calibration_images": 16},
+        "pipeline": {"baseline": True, "speed_images": 8, "audit_top": 8},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def statuses(out: str) -> dict[str, str]:
+    """step -> status from the printed step table."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[-2] in {"ran", "earlier", "needed"}:
+            rows[parts[0]] = " ".join(parts[1:-1])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("pipeline"))
+
+
+def test_until_then_the_rest_then_force(config, capsys):
+    run = Path(yaml.safe_load(config.read_text())["run_dir"])
+    # a pipeline stopped after distillation ...
+    assert main(["pipeline", str(config), "--until", "distill"]) == 0
+    first = statuses(capsys.readouterr().out)
+    assert first == {s: "ran" for s in ("data", "teachers", "evaluate", "audit", "distill")}
+    assert (run / "student" / "best.safetensors").is_file() and not (run / "submission.csv").exists()
+
+    # ... picks up where it stopped
+    assert main(["pipeline", str(config)]) == 0
+    out = capsys.readouterr().out
+    second = statuses(out)
+    assert all(second[s] == "done earlier" for s in ("data", "teachers", "evaluate", "audit", "distill"))
+    later = ("baseline", "export", "predict", "submit", "score", "results", "report")
+    assert all(second[s] == "ran" for s in later), second
+    for name in ("submission.csv", "score.json", "report.html", "predictions.parquet", "results.csv"):
+        assert (run / name).is_file(), name
+        assert str(run / name) in out or name in ("predictions.parquet", "results.csv")
+
+    # the submission is complete and valid: one row per test image, scored against the kit's solution
+    sub = pd.read_csv(run / "submission.csv")
+    test_ids = [
+        im["id"]
+        for im in json.loads(Path(yaml.safe_load(config.read_text())["data"]["test"]).read_text())["images"]
+    ]
+    assert list(sub.columns) == ["id", "predicted"] and list(sub["id"]) == test_ids
+    assert all(len(p.split()) == 3 for p in sub["predicted"])
+    scored = json.loads((run / "score.json").read_text())
+    again = score(run / "submission.csv", yaml.safe_load(config.read_text())["data"]["solution"], "top3")
+    assert scored["top3_error"] == pytest.approx(again["top3_error"])
+
+    # the comparison table holds every model the demo promises
+    results = pd.read_csv(run / "results.csv")
+    names = " | ".join(results["model"])
+    for want in (
+        "teacher r10",
+        "ensemble_mean",
+        "student alone (CE)",
+        "student (meal)",
+        "student (ONNX fp32)",
+    ):
+        assert want in names, names
+    assert results["top1_err"].between(0, 1).all() and (results["images_per_s"] > 0).all()
+    student = results.set_index("model").loc["student (meal)"]
+    summary = pd.read_csv(run / "student" / "summary.csv")
+    assert student["top1_err"] == pytest.approx(1 - summary["val_top1"].iloc[-1])
+
+    # a rerun does nothing; --force export reruns export and every later step only
+    assert main(["pipeline", str(config)]) == 0
+    assert set(statuses(capsys.readouterr().out).values()) == {"done earlier"}
+    stamp = (run / "student" / "best.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", str(config), "--force", "export"]) == 0
+    forced = statuses(capsys.readouterr().out)
+    assert forced["distill"] == "done earlier" and all(forced[s] == "ran" for s in later[1:])
+    assert (run / "student" / "best.safetensors").stat().st_mtime_ns == stamp
+
+    # a step whose output went missing is run again, and only the steps after it that lack outputs
+    (run / "submission.csv").unlink()
+    assert main(["pipeline", str(config)]) == 0
+    redo = statuses(capsys.readouterr().out)
+    assert redo["submit"] == "ran" and redo["predict"] == "done earlier"
+
+
+def test_unknown_step_is_a_one_line_error(config, capsys):
+    with pytest.raises(SystemExit):
+        main(["pipeline", str(config), "--force", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--limit",
+        "300",
+        f"teachers.pool=[{json.dumps(TEACHER)}]",
+        "teachers.defaults.epochs=1",
+        "distill.train.epochs=1",
+        "pipeline.speed_images=8",
+        "pipeline.audit_top=8",
+        "export.verify_images=16",
+        "export.calibration_images=16",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for line in ("submission.csv:", "report.html:", "student (ONNX fp32)", "student alone (CE)"):
+        assert line in printed
+    assert (out / "kit" / "train.json").is_file() and (out / "images" / "download_status.csv").is_file()
+    report = (out / "report.html").read_text()
+    assert "data:image/png;base64" in report
+    assert len(pd.read_csv(out / "submission.csv")) == len(pd.read_csv(out / "kit" / "solution.csv"))
