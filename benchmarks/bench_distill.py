@@ -81,6 +81,7 @@ def base_config(run_dir: Path, images: Path, args: argparse.Namespace, noise: fl
         "schedule": "cosine",
         "warmup_epochs": 0.5,
         "precision": args.precision,
+        "channels_last": args.channels_last,
         "device": args.device,
         "aug": {"preset": "light"},
     }
@@ -212,6 +213,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument(
@@ -244,6 +246,7 @@ def main() -> None:
     header = (
         f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train, {args.val_per_class}/class test; teachers "
         f"{args.teachers} x {args.teacher_epochs} ep; student {args.student} x {args.student_epochs} ep; "
+        f"{args.precision}{' channels-last' if args.channels_last else ''}, batch {args.batch_size}, lr {args.lr}; "
         f"{platform.machine()} {torch.get_num_threads()} threads, device {args.device}; "
         f"total {time.perf_counter() - start:.0f}s\n\n"
     )

@@ -15,7 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="kit split seed")
     parser.add_argument(
-        "--limit", type=int, default=None, metavar="N", help="a class-balanced subset of N digits (quick look)"
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a class-balanced subset of N digits (quick look)",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="k=v", help="override demo config keys by dotted path"
