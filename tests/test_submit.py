@@ -151,6 +151,29 @@ def test_round_trip_product_folder_and_flip(kit: dict, tmp_path: Path) -> None:
     assert result["top3_accuracy"] >= 15 / 16 and result["top1_accuracy"] >= 14 / 16
 
 
+def test_flip_tta_is_the_mean_of_image_and_mirror(kit: dict, tmp_path: Path) -> None:
+    import cv2
+
+    from imat.data import decode_image
+    from submit.predict import predict
+
+    plain, mirror = tmp_path / "plain", tmp_path / "mirror"
+    plain.mkdir()
+    mirror.mkdir()
+    for i in range(1, 6):  # square PNGs at the model's size: resizing and cropping commute with a mirror
+        img = cv2.resize(decode_image(kit["images"] / f"{i}.jpg"), (32, 32), interpolation=cv2.INTER_AREA)
+        img[:, :8] = 255  # make the mirror image really differ
+        cv2.imwrite(str(plain / f"{i}.png"), img[..., ::-1])
+        cv2.imwrite(str(mirror / f"{i}.png"), img[:, ::-1, ::-1])
+    opts = {"workers": 0, "save_probs": True, "progress": False, "provider": "cpu"}
+    p = np.stack(predict(kit["onnx"], plain, **opts).sort_values("image_id")["probs"].to_list())
+    m = np.stack(predict(kit["onnx"], mirror, **opts).sort_values("image_id")["probs"].to_list())
+    tta = predict(kit["onnx"], plain, tta_flip=True, **opts).sort_values("image_id")
+    assert np.abs(p - m).max() > 1e-3  # the two views disagree, so the mean is a real test
+    np.testing.assert_allclose(np.stack(tta["probs"].to_list()), (p + m) / 2, atol=1e-5)
+    assert tta.attrs["imat"]["tta_flip"] is True
+
+
 def test_manifest_input(kit: dict, tmp_path: Path) -> None:
     manifest = pd.DataFrame(
         {
@@ -257,6 +280,30 @@ def test_too_few_labels_in_predictions_refused() -> None:
     preds, info = _preds([("a.jpg", [12])])
     with pytest.raises(ImatError, match="--topk 3"):
         make_submission(preds, info, get_format("product2019"), _test(["a.jpg"]))
+
+
+def test_labels_the_format_cannot_hold_are_refused_and_nothing_is_written(kit: dict, tmp_path: Path) -> None:
+    # an ImageFolder competition has class names, not the integer ids Product 2019 expects
+    names = ClassMap.from_labels(["cat", "cow", "dog"])
+    preds = pd.DataFrame(
+        {
+            "image_id": ["a.jpg"],
+            "topk_labels": [["cat", "dog", "cow"]],
+            "topk_scores": [[0.5, 0.3, 0.2]],
+            "missing": [False],
+        }
+    )
+    with pytest.raises(ImatError, match="integer"):
+        make_submission(preds, {"classes": names.to_dict()}, get_format("product2019"), _test(["a.jpg"]))
+    # through the command: the validator's refusal leaves no file behind
+    from submit.predict import write_predictions
+
+    path = write_predictions(tmp_path / "p.parquet", preds, {"classes": names.to_dict(), "topk": 3})
+    test = tmp_path / "test.csv"
+    test.write_text("path,label\na.jpg,cat\n")
+    out = tmp_path / "s.csv"
+    code = main(["submit", str(path), "--format", "product2019", "--test", str(test), "--out", str(out)])
+    assert code == 2 and not out.exists()
 
 
 def test_match_predictions_ambiguous_stem_is_not_guessed() -> None:
