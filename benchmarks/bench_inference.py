@@ -7,6 +7,10 @@ images (a linear probe): logits are then separated enough for top-1/top-3 agreem
 something, though 3rd-vs-4th places stay closer than in a trained network.
 
     .venv/bin/python benchmarks/bench_inference.py [--arch resnet18] [--size 224] [--images 64]
+    python benchmarks/bench_inference.py --providers cpu,cuda,tensorrt   # on a GPU machine
+
+With GPU providers the fp16 model is exported too and every (precision, provider) pair is timed in
+the same table, beside PyTorch eager on the GPU (fp32 and fp16 autocast) when CUDA is available.
 
 Prints a Markdown table (images/s and top-1/top-3 agreement with eager fp32 on the same images)."""
 
@@ -72,7 +76,12 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch1-images", type=int, default=16, help="images timed one at a time")
+    parser.add_argument(
+        "--providers", default="cpu", help="comma list of onnxruntime providers: cpu, cuda, tensorrt"
+    )
     args = parser.parse_args()
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    gpu = any(p != "cpu" for p in providers)
 
     import timm
 
@@ -120,7 +129,7 @@ def main() -> None:
     ckpt = save_weights(work / "best.safetensors", model.state_dict(), meta)
     rows = read_images(work / "images")
     onnx_paths = {}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", *(["fp16"] if gpu else [])):
         onnx_paths[precision] = work / f"student_{precision}.onnx"
         export_model(
             ckpt,
@@ -142,9 +151,26 @@ def main() -> None:
             return model(torch.from_numpy(b)).float().numpy()
 
     engines = {"PyTorch eager fp32": eager, "PyTorch eager bf16 autocast": bf16}
-    for precision, path in onnx_paths.items():
-        session, active = create_session(path, "cpu")
-        engines[f"onnxruntime {precision} ({active})"] = lambda b, r=Runner(session, active): r(b)[0]
+    if gpu and torch.cuda.is_available():
+        cuda_model = timm.create_model(args.arch, num_classes=args.classes, pretrained=False).eval().cuda()
+        cuda_model.load_state_dict(model.state_dict())
+
+        def cuda_eager(b: np.ndarray, half: bool = False) -> np.ndarray:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
+                return cuda_model(torch.from_numpy(b).cuda()).float().cpu().numpy()
+
+        engines["PyTorch eager fp32 (cuda)"] = cuda_eager
+        engines["PyTorch eager fp16 autocast (cuda)"] = lambda b: cuda_eager(b, half=True)
+    for provider in providers:
+        for precision, path in onnx_paths.items():
+            if precision == "fp16" and provider == "cpu":
+                continue  # fp16 is for GPUs; onnxruntime's CPU kernels upcast it
+            try:
+                session, active = create_session(path, provider)
+            except Exception as exc:  # a provider that cannot take this model: say so in the table
+                print(f"onnxruntime {precision} on {provider}: {str(exc).splitlines()[0][:200]}")
+                continue
+            engines[f"onnxruntime {precision} ({active})"] = lambda b, r=Runner(session, active): r(b)[0]
 
     reference = np.concatenate([eager(b) for b in big])
     results = []
@@ -162,21 +188,19 @@ def main() -> None:
         )
 
     e2e = []
-    for precision, path in onnx_paths.items():
-        predict(
-            path, work / "images", None, batch_size=32, workers=1, provider="cpu", progress=False
-        )  # warm caches
-        start = time.perf_counter()
-        predict(
-            path,
-            work / "images",
-            work / f"pred_{precision}.parquet",
-            batch_size=32,
-            workers=1,
-            provider="cpu",
-            progress=False,
-        )
-        e2e.append((precision, args.images / (time.perf_counter() - start)))
+    for provider in providers:
+        for precision, path in onnx_paths.items():
+            if precision == "fp16" and provider == "cpu":
+                continue
+            kwargs = {"batch_size": 32, "workers": 1, "provider": provider, "progress": False}
+            try:
+                predict(path, work / "images", None, **kwargs)  # warm caches (and build TensorRT engines)
+            except Exception as exc:
+                print(f"imat predict {precision} on {provider}: {str(exc).splitlines()[0][:200]}")
+                continue
+            start = time.perf_counter()
+            predict(path, work / "images", work / f"pred_{precision}_{provider}.parquet", **kwargs)
+            e2e.append((f"{precision}, {provider}", args.images / (time.perf_counter() - start)))
 
     print(
         f"\n{args.arch} at {args.size} px, {args.classes} classes, {args.images} images; torch {torch.__version__}, "
@@ -188,8 +212,8 @@ def main() -> None:
         print(f"| {name} | {b1:.1f} | {b32:.1f} | {t1:.3f} | {t3:.3f} |")
     print("\n| end-to-end `imat predict` (JPEG decode + resize/crop in 1 worker, batch 32) | images/s |")
     print("|---|---|")
-    for precision, ips in e2e:
-        print(f"| onnxruntime {precision}, CPU | {ips:.1f} |")
+    for what, ips in e2e:
+        print(f"| onnxruntime {what} | {ips:.1f} |")
 
 
 if __name__ == "__main__":
