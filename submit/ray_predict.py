@@ -89,6 +89,7 @@ class OnnxPredictor:
             {"_row": rows["_row"].to_numpy(), "top_idx": top_idx, "top_scores": top_scores, "missing": ~ok}
         )
         out["provider"] = self.provider
+        out["_actor"] = os.getpid()  # which actor process did the work (reported, then dropped)
         if self.save_probs:
             out["probs"] = probs_col
         return out
@@ -219,9 +220,16 @@ def ray_predict(
         "classes": classes.to_dict(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "ray_actors": actors,
+        "ray_actors_used": int(result["_actor"].nunique()) if n else 0,
     }
     frame.attrs["imat"] = info
     if out is not None:
         write_predictions(out, frame, info)
-    log.info("predicted %d images with Ray Data (%d actors, provider %s)", n, actors, active)
+    log.info(
+        "predicted %d images with Ray Data (%d of %d actors did work, provider %s)",
+        n,
+        info["ray_actors_used"],
+        actors,
+        active,
+    )
     return frame
