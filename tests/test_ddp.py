@@ -83,3 +83,23 @@ def test_torchrun_two_gloo_ranks_keep_the_single_process_contract(tmp_path):
         s3.iloc[:2][["epoch", "train_loss", "val_loss"]], s2[["epoch", "train_loss", "val_loss"]]
     )
     assert torch.load(out2 / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_ray_train_two_workers_keep_the_single_process_contract(tmp_path):
+    """`imat distill --ray-workers 2`: the engine as 2 Ray Train ranks (gloo), same files and sums."""
+    recipe = {"distill.train.batch_size": 4, "distill.train.epochs": 1}
+    cfg = make_run(tmp_path, extra=recipe)
+    env = {**ENV, "IMAT_RAY_NUM_CPUS": "2"}
+    cmd = [sys.executable, "-m", "imat.cli", "distill", str(cfg), "--ray-workers", "2", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(yaml.safe_load(cfg.read_text())["run_dir"]) / "student"
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["epoch"]) == [1]
+    assert summary["train_images"].iloc[0] == 24 and summary["global_step"].iloc[0] == 3  # 2 ranks x 4
+    assert (out / "best.safetensors").is_file() and sorted(p.name for p in out.glob("*.ckpt")) == [
+        "last.ckpt"
+    ]
+    res = _val_metrics(cfg, out / "last.ckpt")
+    assert res["n"] == 9 and res["top1"] == pytest.approx(summary["val_top1"].iloc[-1], abs=1e-6)
