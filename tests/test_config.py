@@ -90,3 +90,26 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     again = load_config(out)
     assert again == cfg
     assert again.distill.temperature == 2.0
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_validate_and_their_sweeps_parse(path: Path) -> None:
+    from distill.tune_space import check_keys, parse_space
+    from imat.config import to_dict
+
+    cfg = load_config(path)
+    assert cfg.teachers.pool and cfg.distill.blocks
+    if cfg.tune.space:  # every key of the search space applies to this very config
+        raw = to_dict(cfg)
+        check_keys(raw, parse_space(cfg.tune.space), str(path))
+
+
+def test_demo_config_ships_inside_the_package() -> None:
+    from imat.commands.demo import demo_config_path
+
+    shipped = demo_config_path()
+    assert shipped.is_file()
+    assert load_config(shipped) == load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
