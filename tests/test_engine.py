@@ -416,9 +416,15 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path: Path) -> None:
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
 
 
-def test_compile_flag_compiles_in_place_without_renaming_weights(tmp_path: Path) -> None:
+def test_compile_flag_compiles_in_place_trains_and_keeps_weight_names(tmp_path: Path) -> None:
     train, val = loaders()
     model = tiny_cnn()
     keys = list(model.state_dict())
-    Engine(ClassificationTask(model), _cfg(compile=True), tmp_path, train, val, progress=False)
+    engine = Engine(
+        ClassificationTask(model), _cfg(compile=True, epochs=2), tmp_path, train, val, progress=False
+    )
     assert model._compiled_call_impl is not None and list(model.state_dict()) == keys
+    df = engine.fit()  # the compiled module trains and its checkpoint loads into a plain one
+    assert list(df["epoch"]) == [1, 2] and df["train_loss"].notna().all()
+    plain = tiny_cnn()
+    plain.load_state_dict(load_weights(tmp_path / "best.safetensors")[0])
