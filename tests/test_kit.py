@@ -126,3 +126,27 @@ def test_cli_writes_kit_and_rejects_unknown(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("imat data kit: error: unknown kit 'unknown'")
     assert not (tmp_path / "u").exists()
+
+
+def test_kit_download_inspect_chain(tmp_path, capsys):
+    """A kit's URL-only JSON goes through `imat data download` and `imat data inspect` as a real
+    competition's would: every image fetched, then counted, opened and found sound."""
+    kit = write_kit("mnist5k", tmp_path / "kit", seed=1, limit=60)
+    train = _read(kit["train"])["images"]
+    images = tmp_path / "images"
+    assert main(["data", "download", str(kit["train"]), "--out", str(images), "--workers", "4"]) == 0
+    capsys.readouterr()
+    status = pd.read_csv(images / "download_status.csv")
+    assert len(status) == len(train) and set(status["status"]) == {"ok"}
+    report = tmp_path / "inspect.json"
+    assert main(["data", "inspect", str(kit["train"]), "--images", str(images), "--out", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["images"] == len(train) and got["checked"] and got["problems"] == []
+    assert got["num_classes"] == 10
+    per_class = {str(c["label"]): c["total"] for c in got["classes"]}
+    want = pd.Series([str(im["class"]) for im in train]).value_counts().to_dict()
+    assert per_class == want  # every class counted as the JSON has it
+    # a second download fetches nothing new
+    assert main(["data", "download", str(kit["train"]), "--out", str(images), "--workers", "4"]) == 0
+    again = pd.read_csv(images / "download_status.csv")
+    assert set(again["status"]) <= {"ok", "skipped"}
