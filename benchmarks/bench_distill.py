@@ -18,6 +18,7 @@ docs/BENCHMARKS.md). The data set is unpacked to ``data/cifar10-jpeg`` (git-igno
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import tarfile
@@ -94,7 +95,12 @@ def base_config(run_dir: Path, images: Path, args: argparse.Namespace, noise: fl
         },
         "teachers": {"defaults": {**recipe, "epochs": args.teacher_epochs}, "pool": teachers},
         "distill": {
-            "student": {"arch": args.student, "input_size": 32, "crop_pct": 1.0},
+            "student": {
+                "arch": args.student,
+                "input_size": 32,
+                "crop_pct": 1.0,
+                "model_kwargs": json.loads(args.student_kwargs),
+            },
             "blocks": [{"index": -2, "length": 16, "gamma": 0.05}, {"index": "logits", "gamma": 1.0}],
             "adversarial": {"lr": 1e-3},
             "temperature": 1.0,
@@ -208,6 +214,11 @@ def main() -> None:
     p.add_argument("--val-per-class", type=int, default=50)
     p.add_argument("--teachers", default="resnet18:32,regnetx_002:32", help="arch:input_size,...")
     p.add_argument("--student", default="resnet10t")
+    p.add_argument(
+        "--student-kwargs",
+        default="{}",
+        help="timm create_model kwargs of the student, JSON, e.g. '{\"channels\": [32, 64, 128, 256]}'",
+    )
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--student-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
@@ -245,7 +256,8 @@ def main() -> None:
             shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     header = (
         f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train, {args.val_per_class}/class test; teachers "
-        f"{args.teachers} x {args.teacher_epochs} ep; student {args.student} x {args.student_epochs} ep; "
+        f"{args.teachers} x {args.teacher_epochs} ep; student {args.student} {args.student_kwargs} x "
+        f"{args.student_epochs} ep; "
         f"{args.precision}{' channels-last' if args.channels_last else ''}, batch {args.batch_size}, lr {args.lr}; "
         f"{platform.machine()} {torch.get_num_threads()} threads, device {args.device}; "
         f"total {time.perf_counter() - start:.0f}s\n\n"
