@@ -157,18 +157,13 @@ def audit(
             raise ImatError(
                 f"teacher {e.name} has {e.num_classes} classes but {manifest} has {classes.num_classes}"
             )
-    train = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
+    from imat.config import LabelNoise
+    from imat.data import labelled_splits
+
+    noise = cfg.data.label_noise if cfg is not None else LabelNoise()
+    train, _, flipped = labelled_splits(df, noise, classes.num_classes)
     if train.empty:
         raise ImatError(f"{manifest}: no labelled training images to audit")
-    flipped = None
-    if cfg is not None and cfg.data.label_noise.fraction > 0:
-        from imat.data import apply_label_noise
-
-        noise = cfg.data.label_noise
-        noisy, flipped = apply_label_noise(
-            train["label"].to_numpy(), classes.num_classes, noise.fraction, noise.kind, noise.seed
-        )
-        train = train.assign(label=noisy)
     root = (cfg.data.images if cfg is not None else None) or read_pool_json(pool).get("images")
     decoder = cfg.data.decoder if cfg is not None else read_pool_json(pool).get("decoder", "cv2")
     probs, labels = pool_probs(

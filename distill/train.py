@@ -260,28 +260,22 @@ def split_with_noise(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Labelled train and val rows; ``data.label_noise`` corrupts train labels (seeded, as the teachers'
     were) and the flipped mask is recorded in ``out_dir/label_noise.csv``."""
-    train_df = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
-    val_df = df[(df["split"] == "val") & (df["label"] >= 0)].reset_index(drop=True)
+    from imat.data import labelled_splits
+
+    train_df, val_df, flipped = labelled_splits(df, cfg.data.label_noise, classes.num_classes)
     if train_df.empty:
         raise ImatError(f"{manifest}: no labelled train images to distil on (set data.train)")
-    noise = cfg.data.label_noise
-    if noise.fraction > 0:
-        from imat.data import apply_label_noise
-
-        clean = train_df["label"].to_numpy(dtype=np.int64)
-        noisy, flipped = apply_label_noise(clean, classes.num_classes, noise.fraction, noise.kind, noise.seed)
-        train_df = train_df.assign(label=noisy)
+    if flipped is not None:
+        clean = df[(df["split"] == "train") & (df["label"] >= 0)]["label"].to_numpy(dtype=np.int64)
         record = pd.DataFrame(
-            {"image_id": train_df["image_id"], "clean_label": clean, "noisy_label": noisy, "flipped": flipped}
+            {
+                "image_id": train_df["image_id"],
+                "clean_label": clean,
+                "noisy_label": train_df["label"].to_numpy(),
+                "flipped": flipped,
+            }
         )
         write_csv(out_dir / "label_noise.csv", record)
-        log.warning(
-            "label noise: %d of %d train labels flipped (%s, seed %d)",
-            int(flipped.sum()),
-            len(noisy),
-            noise.kind,
-            noise.seed,
-        )
     return train_df, val_df
 
 

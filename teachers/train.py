@@ -218,23 +218,13 @@ def split_frames(
     cfg: RunConfig, df: pd.DataFrame, classes: ClassMap, manifest: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train and val rows of the manifest; the configured label noise is applied to train only."""
-    train_df = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
-    val_df = df[(df["split"] == "val") & (df["label"] >= 0)].reset_index(drop=True)
+    from imat.data import labelled_splits
+
+    train_df, val_df, _ = labelled_splits(df, cfg.data.label_noise, classes.num_classes)
     if train_df.empty:
         raise ImatError(f"{manifest}: no labelled train images (set data.train)")
     if val_df.empty:
         raise ImatError(f"{manifest}: no labelled val images: teachers need data.val to be evaluated")
-    noise = cfg.data.label_noise
-    if noise.fraction > 0:
-        from imat.data import apply_label_noise
-
-        noisy, flipped = apply_label_noise(
-            train_df["label"].to_numpy(), classes.num_classes, noise.fraction, noise.kind, noise.seed
-        )
-        train_df = train_df.assign(label=noisy)
-        log.warning(
-            "label noise: %d of %d train labels flipped (%s)", int(flipped.sum()), len(noisy), noise.kind
-        )
     return train_df, val_df
 
 

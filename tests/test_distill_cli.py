@@ -204,9 +204,24 @@ def test_label_noise_recorded_and_applied(tmp_path, capsys):
     rec = pd.read_csv(run_dir(cfg) / "student" / "label_noise.csv")
     assert len(rec) == 24 and rec["flipped"].sum() == 12
     assert ((rec["clean_label"] != rec["noisy_label"]) == rec["flipped"]).all()
-    # same seed, same flips (the teachers saw the same noisy labels)
+    # same seed, same flips
     main(["distill", str(cfg), "distill.method=ce", "data.label_noise.fraction=0.5", "--quiet"])
     assert pd.read_csv(run_dir(cfg) / "student" / "label_noise.csv").equals(rec)
+    # the teachers' training rows and the audit carry exactly the labels the student trained on
+    from distill.audit import audit
+    from imat.config import load_config
+    from imat.manifest import load_manifest
+    from teachers.train import split_frames
+
+    noisy = load_config(cfg, ["data.label_noise.fraction=0.5"])
+    manifest = run_dir(cfg) / "data" / "manifest.parquet"
+    df, classes = load_manifest(manifest)
+    teacher_rows, _ = split_frames(noisy, df, classes, manifest)
+    assert list(teacher_rows["image_id"]) == list(rec["image_id"].astype(str))
+    assert list(teacher_rows["label"]) == list(rec["noisy_label"])
+    res = audit(run_dir(cfg) / "teachers", noisy, top=5, out_dir=tmp_path / "audit")
+    by_id = res.table.set_index("image_id")
+    assert by_id.loc[rec["image_id"].astype(str), "flipped"].tolist() == rec["flipped"].tolist()
 
 
 # -- imat data audit ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from imat.data.dataset import ImageDataset, resolve_paths
 from imat.data.decode import DECODERS, ImageDecodeError, decode_image
 from imat.data.loader import SkipLoader, balanced_sampler, build_loader, collate_skip
 from imat.data.mixing import OddSafeMixup, build_mixup
-from imat.data.noise import NOISE_KINDS, apply_label_noise
+from imat.data.noise import NOISE_KINDS, apply_label_noise, labelled_splits
 from imat.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +30,7 @@ __all__ = [
     "SkipLoader",
     "View",
     "apply_label_noise",
+    "labelled_splits",
     "apply_view",
     "balanced_sampler",
     "build_eval_transform",

@@ -3,9 +3,18 @@ clean data set measure how much a method suffers from, or repairs, a known amoun
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import numpy as np
+import pandas as pd
 
 from imat.errors import ImatError
+
+if TYPE_CHECKING:
+    from imat.config.data import LabelNoise
+
+log = logging.getLogger(__name__)
 
 NOISE_KINDS: tuple[str, ...] = ("symmetric", "pair")
 
@@ -45,3 +54,27 @@ def apply_label_noise(
         noisy[chosen] = (y[chosen] + offsets) % num_classes
     mask[chosen] = True
     return noisy, mask
+
+
+def labelled_splits(
+    df: pd.DataFrame, noise: LabelNoise, num_classes: int
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
+    """The manifest's labelled train and val rows, with ``data.label_noise`` applied to train.
+
+    Returns (train, val, flipped mask or None). Teachers, the student and the label audit all take
+    their rows from here, so for one config they see the very same noisy labels."""
+    train = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
+    val = df[(df["split"] == "val") & (df["label"] >= 0)].reset_index(drop=True)
+    if noise.fraction <= 0 or train.empty:
+        return train, val, None
+    noisy, flipped = apply_label_noise(
+        train["label"].to_numpy(dtype=np.int64), num_classes, noise.fraction, noise.kind, noise.seed
+    )
+    log.warning(
+        "label noise: %d of %d train labels flipped (%s, seed %d)",
+        int(flipped.sum()),
+        len(noisy),
+        noise.kind,
+        noise.seed,
+    )
+    return train.assign(label=noisy), val, flipped
