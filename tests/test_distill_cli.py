@@ -186,6 +186,31 @@ def test_config_errors_are_one_line(run_cfg, overrides, message, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_student_starts_from_local_weights_and_refuses_foreign_ones(run_cfg, tmp_path, capsys):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from distill.train import build_student
+    from imat.config import load_config
+
+    torch.manual_seed(123)
+    source = timm.create_model("resnet10t", num_classes=3)
+    path = tmp_path / "student_init.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    cfg = load_config(run_cfg, [f"distill.student.pretrained={path}"])
+    student, _ = build_student(cfg.distill, 3)
+    for k, v in source.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), k
+    # a ResNet-18 file does not fit a ResNet-10-T: one line, no training
+    other = tmp_path / "r18.safetensors"
+    r18 = timm.create_model("resnet18", num_classes=3).state_dict()
+    save_file({k: v.contiguous() for k, v in r18.items()}, str(other))
+    code = main(["distill", str(run_cfg), f"distill.student.pretrained={other}", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and str(other) in err
+
+
 def test_class_count_mismatch_is_one_line(tmp_path, capsys):
     cfg = make_run(tmp_path, teachers=(("ta", "resnet10t", 32),))
     pool = run_dir(cfg) / "teachers"
