@@ -428,3 +428,29 @@ def test_compile_flag_compiles_in_place_trains_and_keeps_weight_names(tmp_path: 
     assert list(df["epoch"]) == [1, 2] and df["train_loss"].notna().all()
     plain = tiny_cnn()
     plain.load_state_dict(load_weights(tmp_path / "best.safetensors")[0])
+
+
+def test_resume_takes_the_configs_learning_rate(tmp_path: Path) -> None:
+    """A resumed run (a PBT trial after a mutation) trains at its config's lr, not the checkpoint's."""
+    train, val = loaders()
+    first = Engine(
+        ClassificationTask(tiny_cnn()),
+        _cfg(epochs=2, schedule="constant"),
+        tmp_path,
+        train,
+        val,
+        progress=False,
+    )
+    first.fit()
+    train, val = loaders()
+    mutated = Engine(
+        ClassificationTask(tiny_cnn()),
+        _cfg(epochs=3, schedule="constant", lr=0.01),
+        tmp_path,
+        train,
+        val,
+        progress=False,
+    )
+    df = mutated.fit(resume=True)
+    assert list(df["epoch"]) == [1, 2, 3]
+    assert df["lr_main"].tolist() == pytest.approx([0.05, 0.05, 0.01])
