@@ -66,6 +66,24 @@ def test_asha_sweep_writes_best_config_and_checkpoint(tmp_path, capsys):
     assert {"epoch", "train_loss", "val_loss", "val_top3_err"} <= set(pd.read_csv(summaries[0]).columns)
 
 
+def test_pbt_sweep_runs_every_trial_to_the_end(tmp_path, capsys):
+    extra = {
+        "tune.metric": "val_loss",
+        "tune.scheduler": "pbt",
+        "tune.samples": 4,  # PBT exploits the bottom quarter: it needs four trials to act at all
+        "tune.perturbation_interval": 1,
+        "tune.space": {"distill.train.lr": {"type": "loguniform", "low": 0.001, "high": 0.2}},
+        "distill.train.epochs": 3,
+        "distill.train.schedule": "constant",
+    }
+    cfg = make_run(tmp_path, extra=extra)
+    assert main(["tune", str(cfg), "--num-cpus", "2", "--quiet"]) == 0
+    assert "sweep finished; 4 trial(s)" in capsys.readouterr().out
+    trials = pd.read_csv(storage(cfg) / "trials.csv")
+    assert len(trials) == 4 and (trials["epochs"] == 3).all()
+    assert load_config(storage(cfg) / "best.yaml").tune.scheduler == "pbt"
+
+
 def _iterations(trial_dir: Path) -> list[int]:
     path = trial_dir / "result.json"
     if not path.is_file():
