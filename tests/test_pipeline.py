@@ -152,4 +152,5 @@ def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
     assert (out / "kit" / "train.json").is_file() and (out / "images" / "download_status.csv").is_file()
     report = (out / "report.html").read_text()
     assert "data:image/png;base64" in report
+    assert "Most suspicious training labels" in report and "teachers say" in report  # the audit gallery
     assert len(pd.read_csv(out / "submission.csv")) == len(pd.read_csv(out / "kit" / "solution.csv"))

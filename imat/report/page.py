@@ -79,6 +79,23 @@ def _truth_and_pred(data: RunData) -> tuple[np.ndarray, np.ndarray, list[str]] |
     return merged["truth"].to_numpy(), merged["pred"].to_numpy(), labels
 
 
+# The audit's own columns, as short captions; other audit CSVs fall back to every column.
+AUDIT_CAPTION = (("rank", "#{}"), ("given_label", "given {}"), ("predicted_label", "teachers say {}"))
+
+
+def _audit_caption(row: pd.Series, columns: pd.Index, path_col: str | None) -> str:
+    if all(k in columns for k, _ in AUDIT_CAPTION):
+        parts = [fmt.format(row[k]) for k, fmt in AUDIT_CAPTION]
+        if "p_given" in columns:
+            parts.append(f"p(given)={float(row['p_given']):.2f}")
+        return " · ".join(parts)
+    return " · ".join(
+        f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+        for k in columns
+        if k not in (path_col, "abs_path")
+    )[:160]
+
+
 def _audit_section(data: RunData, limit: int = 48) -> str:
     df = data.audit
     if df is None or df.empty:
@@ -92,11 +109,7 @@ def _audit_section(data: RunData, limit: int = 48) -> str:
             if not p.is_absolute() and data.audit_dir is not None:
                 p = data.audit_dir / p
             thumb = _thumb(p)
-        caption = " · ".join(
-            f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-            for k in df.columns
-            if k != path_col and k not in ("abs_path",)
-        )[:160]
+        caption = _audit_caption(row, df.columns, path_col)
         src = (
             f'<img alt="audit image" src="data:image/png;base64,{thumb}">'
             if thumb
