@@ -180,6 +180,11 @@ def _scheduler(cfg: RunConfig, space: dict[str, Any]) -> Any:
     return FIFOScheduler()
 
 
+def _checkpoints_to_keep(t: Any) -> int:
+    """Per trial; PBT keeps at least 3, since another trial may still be copying an older one."""
+    return max(t.keep_checkpoints, 3) if t.scheduler == "pbt" else t.keep_checkpoints
+
+
 def _resources(cfg: RunConfig) -> dict[str, float]:
     """Per-trial resources: the config's, else one CPU per loader worker (at least one) and a whole GPU
     when the cluster has GPUs."""
@@ -302,7 +307,7 @@ def tune_distill(
                 run_config=tune.RunConfig(
                     name=EXPERIMENT,
                     storage_path=str(storage),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_to_keep(t)),
                     failure_config=tune.FailureConfig(max_failures=0),
                     verbose=verbose,
                 ),

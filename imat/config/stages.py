@@ -19,7 +19,7 @@ class TuneConfig(Section):
     grace_period: int = Field(1, ge=1)  # asha: epochs every trial gets before it can be stopped
     reduction_factor: float = Field(2.0, gt=1)  # asha
     perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
-    keep_checkpoints: int = Field(2, ge=1)  # per trial, the most recent ones
+    keep_checkpoints: int = Field(2, ge=1)  # per trial, the most recent ones (pbt: at least 3)
     cpus_per_trial: float | None = Field(None, gt=0)
     gpus_per_trial: float | None = Field(None, ge=0)
     max_concurrent: int | None = Field(None, ge=1)
