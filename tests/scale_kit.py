@@ -1,8 +1,10 @@
-"""A tiny run directory for the scale-out tests: coloured squares, a manifest and a pool of one
-untrained resnet10t teacher (nothing downloaded), plus a distill/tune config on the CPU."""
+"""A tiny run directory for the scale-out tests: coloured squares or a subset of the embedded MNIST
+kit, a manifest and a pool of one untrained resnet10t teacher (nothing downloaded), plus a
+distill/tune config on the CPU."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import timm
 import torch
 import yaml
 
+from imat.kit import write_kit
 from imat.manifest import ClassMap, save_manifest
 from imat.weights import save_weights
 from teachers.pool import TeacherEntry, update_pool_entry
@@ -20,8 +23,8 @@ from teachers.pool import TeacherEntry, update_pool_entry
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
 
-def make_run(root: Path, n_train: int = 24, n_val: int = 9, extra: dict[str, Any] | None = None) -> Path:
-    """Write images, RUN_DIR/data/manifest.parquet, RUN_DIR/teachers/pool.json and ROOT/cfg.yaml."""
+def _squares(root: Path, n_train: int, n_val: int) -> tuple[Path, list[dict[str, Any]], list[str]]:
+    """Coloured squares on noise, 3 classes (source labels 1, 2, 3)."""
     rng = np.random.default_rng(0)
     images = root / "images"
     images.mkdir(parents=True)
@@ -43,16 +46,52 @@ def make_run(root: Path, n_train: int = 24, n_val: int = 9, extra: dict[str, Any
                     "url": "",
                 }
             )
-    classes = ClassMap.from_labels(["1", "2", "3"])
+    return images, rows, ["1", "2", "3"]
+
+
+def _embedded_kit(root: Path, n_train: int, n_val: int) -> tuple[Path, list[dict[str, Any]], list[str]]:
+    """The embedded MNIST kit (`imat data kit mnist5k`), a class-balanced subset, 10 classes."""
+    kit = write_kit("mnist5k", root / "kit", seed=0, limit=int((n_train + n_val) / 0.7) + 10)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        entries = json.loads(Path(kit[split]).read_text())["images"][:n]
+        for e in entries:
+            rows.append(
+                {
+                    "image_id": e["id"],
+                    "split": split,
+                    "path": e["id"],
+                    "label": int(e["class"]),
+                    "source_label": str(e["class"]),
+                    "url": e["url"],
+                }
+            )
+    return Path(kit["images"]), rows, [str(c) for c in range(10)]
+
+
+def make_run(
+    root: Path,
+    n_train: int = 24,
+    n_val: int = 9,
+    extra: dict[str, Any] | None = None,
+    data: str = "squares",
+) -> Path:
+    """Write images, RUN_DIR/data/manifest.parquet, RUN_DIR/teachers/pool.json and ROOT/cfg.yaml.
+
+    ``data``: "squares" (3 classes of generated images) or "kit" (the embedded MNIST kit, 10 classes)."""
+    images, rows, labels = (_embedded_kit if data == "kit" else _squares)(root, n_train, n_val)
+    root.mkdir(parents=True, exist_ok=True)
+    num_classes = len(labels)
+    classes = ClassMap.from_labels(labels)
     run = root / "run"
     save_manifest(pd.DataFrame(rows), classes, run / "data")
     pool = run / "teachers"
     torch.manual_seed(10)
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=num_classes)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     meta = {
         "arch": "resnet10t",
-        "num_classes": 3,
+        "num_classes": num_classes,
         "input_size": 32,
         "mean": mean,
         "std": std,
@@ -61,7 +100,9 @@ def make_run(root: Path, n_train: int = 24, n_val: int = 9, extra: dict[str, Any
         "classes": classes.to_dict(),
     }
     save_weights(pool / "ta" / "best.safetensors", model.state_dict(), meta)
-    entry = TeacherEntry("ta", "resnet10t", 3, 32, mean, std, 0.875, "ta/best.safetensors", pool_dir=pool)
+    entry = TeacherEntry(
+        "ta", "resnet10t", num_classes, 32, mean, std, 0.875, "ta/best.safetensors", pool_dir=pool
+    )
     update_pool_entry(pool, entry, extra={"manifest": "../data/manifest.parquet", "images": str(images)})
     cfg: dict[str, Any] = {
         "run_dir": str(run),

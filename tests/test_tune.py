@@ -41,7 +41,8 @@ def test_space_errors_are_one_line(tmp_path, capsys):
 
 
 def test_asha_sweep_writes_best_config_and_checkpoint(tmp_path, capsys):
-    cfg = make_run(tmp_path, extra={"tune.metric": "val_loss"})
+    # a 2-trial, 2-epoch ASHA sweep on the embedded kit (MNIST digits, 10 classes)
+    cfg = make_run(tmp_path, n_train=60, n_val=20, data="kit", extra={"tune.metric": "val_loss"})
     assert main(["tune", str(cfg), "--num-cpus", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "sweep finished; 2 trial(s)" in out
