@@ -334,7 +334,7 @@ def prepare_cache(
     loaded = load_cache(path, fp)
     t0 = time.perf_counter()
     if loaded is None:
-        from teachers.ensemble import resolve_device
+        from imat.engine.runtime import resolve_device
 
         index, prob, views = build_cache(
             teachers,

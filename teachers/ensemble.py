@@ -18,17 +18,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from imat.engine.runtime import resolve_device
 from imat.errors import ImatError
 from teachers.pool import TeacherEntry, load_teacher
 
 METHODS = ("mean", "geomean")
 _EPS = 1e-12
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from imat.engine.checkpoint import get_rng_state, load_checkpoint, seed_everything, set_rng_state
 from imat.engine.ema import ModelEma
-from imat.engine.loop import Engine, StepContext, is_main_process, move_to_device, resolve_device
+from imat.engine.loop import Engine
 from imat.engine.optim import LrSchedule, build_optimizer
-from imat.engine.task import ClassificationTask, Task
+from imat.engine.runtime import is_main_process, move_to_device, resolve_device
+from imat.engine.task import ClassificationTask, StepContext, Task
 
 __all__ = [
     "ClassificationTask",

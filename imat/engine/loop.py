@@ -17,8 +17,7 @@ import logging
 import math
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,16 @@ from imat.engine.checkpoint import (
 from imat.engine.ema import ModelEma
 from imat.engine.logs import RunLogger, console_table, history_frame
 from imat.engine.optim import LrSchedule, build_optimizer
-from imat.engine.task import Task
+from imat.engine.runtime import (
+    as_dict_batch,
+    batch_size_of,
+    is_main_process,
+    move_to_device,
+    resolve_device,
+    resolve_precision,
+    skipped_in,
+)
+from imat.engine.task import StepContext, Task
 from imat.errors import ImatError
 from imat.metrics import TopKMeter
 from imat.weights import save_weights
@@ -63,120 +71,6 @@ def epoch_end_hook(hook: Callable[[Engine, dict[str, Any]], None]) -> Iterator[N
         yield
     finally:
         _EPOCH_END_HOOKS.remove(hook)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ImatError("device=cuda but no CUDA device is available (use device=auto or cpu)")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``precision`` on ``device`` (None = fp32).
-
-    fp16 needs a GradScaler and is CUDA-only here: on a CPU it falls back to bf16 with a warning, so a
-    GPU recipe still runs (slowly) on a laptop instead of failing. bf16 on a GPU without bf16 support
-    falls back to fp16 likewise.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        warnings.warn("precision=fp16 needs CUDA; using bf16 autocast on the CPU instead", stacklevel=3)
-        return torch.bfloat16
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bf16 support; using fp16 with a GradScaler instead", stacklevel=3)
-        return torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torch.distributed job, or True when not distributed: only it writes files."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def move_to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Move every tensor inside dicts/lists/tuples to ``device``; 4-D float tensors become
-    channels-last when asked."""
-    if isinstance(obj, torch.Tensor):
-        out = obj.to(device, non_blocking=True)
-        if channels_last and out.ndim == 4 and out.is_floating_point():
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
-    if isinstance(obj, Mapping):
-        return {k: move_to_device(v, device, channels_last) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(move_to_device(v, device, channels_last) for v in obj)
-    return obj
-
-
-def _as_dict_batch(batch: Any) -> dict[str, Any]:
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    if isinstance(batch, list | tuple) and len(batch) == 2:  # (images, labels), for quick experiments
-        return {"image": batch[0], "label": batch[1], "skipped": 0}
-    raise ImatError(
-        f"a training batch must be a dict with image/label (or an (images, labels) pair), got {type(batch).__name__}"
-    )
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    for key in ("label", "image"):
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim:
-            return int(value.shape[0])
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.ndim:
-            return int(value.shape[0])
-    return 0
-
-
-def _skipped(batch: dict[str, Any]) -> int:
-    value = batch.get("skipped", 0)
-    return int(value.sum().item()) if isinstance(value, torch.Tensor) else int(value or 0)
-
-
-class StepContext:
-    """What a task's ``step`` sees of the engine: device, autocast, the position, and ``optimize``."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.epoch = 0  # 0-based epoch being trained
-        self.step = 0  # 0-based global iteration (across epochs)
-        self.step_in_epoch = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self._engine.device
-
-    @property
-    def num_epochs(self) -> int:
-        return self._engine.cfg.epochs
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._engine.steps_per_epoch
-
-    @property
-    def progress(self) -> float:
-        """Fractional epochs done (e.g. 2.5), for loss-weight schedules."""
-        return self.step / self.steps_per_epoch
-
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self._engine.optimizers
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The run's mixed-precision context (a no-op for fp32)."""
-        return self._engine.autocast()
-
-    def optimize(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """Update optimiser ``name`` with exactly the gradient of ``loss``: zero its grads, check the
-        loss is finite, backward (scaled for fp16), unscale + clip, step, zero grads again."""
-        self._engine._optimize(name, loss, retain_graph=retain_graph)
 
 
 class Engine:
@@ -353,8 +247,8 @@ class Engine:
         skipped = 0
         outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "index": []}
         for raw in loader:
-            batch = move_to_device(_as_dict_batch(raw), self.device, self.channels_last)
-            skipped += _skipped(batch)
+            batch = move_to_device(as_dict_batch(raw), self.device, self.channels_last)
+            skipped += skipped_in(batch)
             labels = batch["label"]
             with self.autocast():
                 logits = forward(batch["image"])
@@ -577,7 +471,7 @@ class Engine:
                     raw = next(iterator)
                 except StopIteration:
                     break
-                batch = move_to_device(_as_dict_batch(raw), self.device, self.channels_last)
+                batch = move_to_device(as_dict_batch(raw), self.device, self.channels_last)
                 ctx.step, ctx.step_in_epoch = self.global_step, step
                 self.schedule.apply(self.optimizers, self.global_step)
                 if task.manual_optimization:
@@ -597,12 +491,12 @@ class Engine:
                     self._scaler_stepped = False
                 if self.ema is not None:
                     self.ema.update(task.model)
-                bs = _batch_size(batch)
+                bs = batch_size_of(batch)
                 for key, value in out.items():
                     v = value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value)
                     sums[key] = sums.get(key, 0.0) + v * bs
                 n_images += bs
-                skipped += _skipped(batch)
+                skipped += skipped_in(batch)
                 self.global_step += 1
                 last_loss = out["loss"]
                 bar.update(1)

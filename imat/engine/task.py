@@ -6,6 +6,7 @@ A task is the only thing a teacher recipe or a distillation method writes: ``ste
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +14,47 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from imat.engine.loop import StepContext
+    from imat.engine.loop import Engine
+
+
+class StepContext:
+    """What a task's ``step`` sees of the engine: device, autocast, the position, and ``optimize``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.epoch = 0  # 0-based epoch being trained
+        self.step = 0  # 0-based global iteration (across epochs)
+        self.step_in_epoch = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._engine.device
+
+    @property
+    def num_epochs(self) -> int:
+        return self._engine.cfg.epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._engine.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Fractional epochs done (e.g. 2.5), for loss-weight schedules."""
+        return self.step / self.steps_per_epoch
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._engine.optimizers
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The run's mixed-precision context (a no-op for fp32)."""
+        return self._engine.autocast()
+
+    def optimize(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Update optimiser ``name`` with exactly the gradient of ``loss``: zero its grads, check the
+        loss is finite, backward (scaled for fp16), unscale + clip, step, zero grads again."""
+        self._engine._optimize(name, loss, retain_graph=retain_graph)
 
 
 class Task:
