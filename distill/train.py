@@ -282,38 +282,18 @@ def split_with_noise(
 def build_loaders(
     cfg: RunConfig, data_cfg: dict[str, Any], train_df: pd.DataFrame, val_df: pd.DataFrame, root: str | None
 ) -> tuple[Any, Any]:
-    from imat.data import (
-        ImageDataset,
-        balanced_sampler,
-        build_eval_transform,
-        build_loader,
-        build_train_transform,
-    )
+    """The student's loaders: its recipe (``distill.train``) on the run's images."""
+    from imat.data import recipe_loaders
 
-    recipe = cfg.distill.train
-    size, mean, std, crop = (data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct"))
-    train_ds = ImageDataset(
-        train_df, root, build_train_transform(recipe.aug, size, mean, std, crop), cfg.data.decoder
-    )
-    sampler = None
-    if recipe.aug.balanced_sampler:
-        sampler = balanced_sampler(train_df["label"].to_numpy(), len(train_df), seed=recipe.seed)
-    train_loader = build_loader(
-        train_ds,
-        recipe.batch_size,
-        shuffle=True,
+    return recipe_loaders(
+        cfg.distill.train,
+        data_cfg,
+        train_df,
+        val_df,
+        images=root,
+        decoder=cfg.data.decoder,
         num_workers=cfg.data.num_workers,
-        drop_last=len(train_df) > recipe.batch_size,  # a last batch of one breaks BatchNorm
-        sampler=sampler,
-        seed=recipe.seed,
     )
-    val_loader = None
-    if not val_df.empty:
-        val_ds = ImageDataset(val_df, root, build_eval_transform(size, mean, std, crop), cfg.data.decoder)
-        val_loader = build_loader(
-            val_ds, recipe.eval_batch_size or recipe.batch_size, False, cfg.data.num_workers, seed=recipe.seed
-        )
-    return train_loader, val_loader
 
 
 def student_meta(

@@ -172,48 +172,6 @@ def pool_entry(
     )
 
 
-def _loaders(
-    cfg: RunConfig, spec: TeacherSpec, data_cfg: dict[str, Any], train_df: pd.DataFrame, val_df: pd.DataFrame
-) -> tuple[Any, Any]:
-    from imat.data import (
-        ImageDataset,
-        balanced_sampler,
-        build_eval_transform,
-        build_loader,
-        build_train_transform,
-    )
-
-    recipe = spec.train
-    size, mean, std, crop = (data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct"))
-    train_tf = build_train_transform(recipe.aug, size, mean, std, crop)
-    eval_tf = build_eval_transform(size, mean, std, crop)
-    images = cfg.data.images
-    train_ds = ImageDataset(train_df, images, train_tf, cfg.data.decoder)
-    val_ds = ImageDataset(val_df, images, eval_tf, cfg.data.decoder)
-    sampler = None
-    if recipe.aug.balanced_sampler:
-        sampler = balanced_sampler(train_df["label"].to_numpy(), len(train_df), seed=recipe.seed)
-    # Mixup pairs samples, and a last batch of one breaks BatchNorm: drop the ragged end when possible.
-    drop_last = len(train_df) > recipe.batch_size
-    train_loader = build_loader(
-        train_ds,
-        recipe.batch_size,
-        shuffle=True,
-        num_workers=cfg.data.num_workers,
-        drop_last=drop_last,
-        sampler=sampler,
-        seed=recipe.seed,
-    )
-    val_loader = build_loader(
-        val_ds,
-        recipe.eval_batch_size or recipe.batch_size,
-        shuffle=False,
-        num_workers=cfg.data.num_workers,
-        seed=recipe.seed,
-    )
-    return train_loader, val_loader
-
-
 def split_frames(
     cfg: RunConfig, df: pd.DataFrame, classes: ClassMap, manifest: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -238,7 +196,7 @@ def train_teacher(
     resume: bool = False,
 ) -> tuple[pd.DataFrame, int]:
     """One engine run for ``spec`` into ``POOL/<name>/``; returns (summary, parameter count)."""
-    from imat.data import build_mixup
+    from imat.data import build_mixup, recipe_loaders
     from imat.engine import ClassificationTask, Engine
 
     out_dir = cfg.pool_dir / spec.name
@@ -249,7 +207,15 @@ def train_teacher(
     recipe = spec.train
     mixup = build_mixup(recipe.aug, classes.num_classes)
     task = ClassificationTask(model, label_smoothing=recipe.aug.label_smoothing, mixup=mixup)
-    train_loader, val_loader = _loaders(cfg, spec, data_cfg, train_df, val_df)
+    train_loader, val_loader = recipe_loaders(
+        recipe,
+        data_cfg,
+        train_df,
+        val_df,
+        images=cfg.data.images,
+        decoder=cfg.data.decoder,
+        num_workers=cfg.data.num_workers,
+    )
     if is_main_rank():
         save_resolved(cfg, out_dir / "config.yaml")
     engine = Engine(

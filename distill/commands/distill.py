@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from imat.commands.options import add_scale_out_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config (YAML); its distill: section says what to train")
@@ -12,16 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/student/last.ckpt")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or console table")
-    parser.add_argument(
-        "--ray-workers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="data-parallel over N Ray Train workers (for torchrun just launch this command with torchrun)",
-    )
-    parser.add_argument(
-        "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"
-    )
+    add_scale_out_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from imat.data.decode import DECODERS, ImageDecodeError, decode_image
 from imat.data.loader import SkipLoader, balanced_sampler, build_loader, collate_skip
 from imat.data.mixing import OddSafeMixup, build_mixup
 from imat.data.noise import NOISE_KINDS, apply_label_noise, labelled_splits
+from imat.data.recipe import recipe_loaders
 from imat.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -41,6 +42,7 @@ __all__ = [
     "collate_skip",
     "decode_image",
     "random_view",
+    "recipe_loaders",
     "resolve_paths",
     "sample_view",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from imat.commands.options import add_scale_out_arguments
 from imat.config import load_config
 
 
@@ -25,16 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue unfinished teachers from last.ckpt")
     parser.add_argument("--force", action="store_true", help="retrain teachers that already finished")
-    parser.add_argument(
-        "--ray-workers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="data-parallel over N Ray Train workers (for torchrun just launch this command with torchrun)",
-    )
-    parser.add_argument(
-        "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"
-    )
+    add_scale_out_arguments(parser)
 
 
 def _setup_logging() -> None:

@@ -1,0 +1,56 @@
+"""Train and validation loaders for one engine run, built from its recipe (teachers and students alike)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from imat.config.train import TrainConfig
+from imat.data.dataset import ImageDataset
+from imat.data.loader import balanced_sampler, build_loader
+from imat.data.transforms import build_eval_transform, build_train_transform
+
+
+def recipe_loaders(
+    recipe: TrainConfig,
+    data_cfg: dict[str, Any],
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    *,
+    images: str | None,
+    decoder: str,
+    num_workers: int,
+) -> tuple[Any, Any]:
+    """``(train_loader, val_loader)``: the recipe's augmentation, batch size and sampler on the train rows,
+    the eval transform (resize + centre crop) on the val rows; ``val_loader`` is None without val rows.
+
+    ``data_cfg`` holds the model's ``input_size``, ``mean``, ``std`` and ``crop_pct``."""
+    size, mean, std, crop = (data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct"))
+    train_ds = ImageDataset(
+        train_df, images, build_train_transform(recipe.aug, size, mean, std, crop), decoder
+    )
+    sampler = None
+    if recipe.aug.balanced_sampler:
+        sampler = balanced_sampler(train_df["label"].to_numpy(), len(train_df), seed=recipe.seed)
+    train_loader = build_loader(
+        train_ds,
+        recipe.batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        # Mixup pairs samples, and a last batch of one breaks BatchNorm: drop the ragged end when possible.
+        drop_last=len(train_df) > recipe.batch_size,
+        sampler=sampler,
+        seed=recipe.seed,
+    )
+    val_loader = None
+    if not val_df.empty:
+        val_ds = ImageDataset(val_df, images, build_eval_transform(size, mean, std, crop), decoder)
+        val_loader = build_loader(
+            val_ds,
+            recipe.eval_batch_size or recipe.batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            seed=recipe.seed,
+        )
+    return train_loader, val_loader
