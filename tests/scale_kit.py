@@ -23,8 +23,10 @@ from teachers.pool import TeacherEntry, update_pool_entry
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
 
-def _squares(root: Path, n_train: int, n_val: int) -> tuple[Path, list[dict[str, Any]], list[str]]:
-    """Coloured squares on noise, 3 classes (source labels 1, 2, 3)."""
+def write_squares(
+    root: Path, n_train: int, n_val: int, size: int = 32
+) -> tuple[Path, list[dict[str, Any]], list[str]]:
+    """Coloured squares on noise, 3 classes (source labels 1, 2, 3): images, manifest rows, labels."""
     rng = np.random.default_rng(0)
     images = root / "images"
     images.mkdir(parents=True)
@@ -32,8 +34,8 @@ def _squares(root: Path, n_train: int, n_val: int) -> tuple[Path, list[dict[str,
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             label = i % 3
-            img = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
-            img[8:24, 8:24] = COLOURS[label]
+            img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+            img[8 : size - 8, 8 : size - 8] = COLOURS[label]
             name = f"{split}_{i}.png"
             cv2.imwrite(str(images / name), img[:, :, ::-1])
             rows.append(
@@ -47,6 +49,34 @@ def _squares(root: Path, n_train: int, n_val: int) -> tuple[Path, list[dict[str,
                 }
             )
     return images, rows, ["1", "2", "3"]
+
+
+def write_pool(
+    run: Path,
+    images: Path,
+    classes: ClassMap,
+    teachers: tuple[tuple[str, str, int], ...] = (("ta", "resnet10t", 32),),
+) -> None:
+    """RUN/teachers/: one untrained (seeded) timm teacher per ``(name, arch, input_size)`` and pool.json."""
+    pool = run / "teachers"
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    n = classes.num_classes
+    for i, (name, arch, size) in enumerate(teachers):
+        torch.manual_seed(10 + i)
+        model = timm.create_model(arch, pretrained=False, num_classes=n)
+        meta = {
+            "arch": arch,
+            "num_classes": n,
+            "input_size": size,
+            "mean": mean,
+            "std": std,
+            "crop_pct": 0.875,
+            "model_kwargs": {},
+            "classes": classes.to_dict(),
+        }
+        save_weights(pool / name / "best.safetensors", model.state_dict(), meta)
+        entry = TeacherEntry(name, arch, n, size, mean, std, 0.875, f"{name}/best.safetensors", pool_dir=pool)
+        update_pool_entry(pool, entry, extra={"manifest": "../data/manifest.parquet", "images": str(images)})
 
 
 def _embedded_kit(root: Path, n_train: int, n_val: int) -> tuple[Path, list[dict[str, Any]], list[str]]:
@@ -79,31 +109,12 @@ def make_run(
     """Write images, RUN_DIR/data/manifest.parquet, RUN_DIR/teachers/pool.json and ROOT/cfg.yaml.
 
     ``data``: "squares" (3 classes of generated images) or "kit" (the embedded MNIST kit, 10 classes)."""
-    images, rows, labels = (_embedded_kit if data == "kit" else _squares)(root, n_train, n_val)
+    images, rows, labels = (_embedded_kit if data == "kit" else write_squares)(root, n_train, n_val)
     root.mkdir(parents=True, exist_ok=True)
-    num_classes = len(labels)
     classes = ClassMap.from_labels(labels)
     run = root / "run"
     save_manifest(pd.DataFrame(rows), classes, run / "data")
-    pool = run / "teachers"
-    torch.manual_seed(10)
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=num_classes)
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    meta = {
-        "arch": "resnet10t",
-        "num_classes": num_classes,
-        "input_size": 32,
-        "mean": mean,
-        "std": std,
-        "crop_pct": 0.875,
-        "model_kwargs": {},
-        "classes": classes.to_dict(),
-    }
-    save_weights(pool / "ta" / "best.safetensors", model.state_dict(), meta)
-    entry = TeacherEntry(
-        "ta", "resnet10t", num_classes, 32, mean, std, 0.875, "ta/best.safetensors", pool_dir=pool
-    )
-    update_pool_entry(pool, entry, extra={"manifest": "../data/manifest.parquet", "images": str(images)})
+    write_pool(run, images, classes)
     cfg: dict[str, Any] = {
         "run_dir": str(run),
         "data": {"images": str(images), "num_workers": 0},

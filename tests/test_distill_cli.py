@@ -5,68 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import timm
 import torch
 import yaml
+from scale_kit import write_pool, write_squares
 
 from imat.cli import main
 from imat.manifest import ClassMap, save_manifest
-from imat.weights import read_meta, save_weights
-from teachers.pool import TeacherEntry, update_pool_entry
-
-COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
+from imat.weights import read_meta
 
 
 def make_run(
     root: Path, n_train: int = 24, n_val: int = 9, teachers=(("ta", "resnet10t", 32), ("tb", "resnet10t", 40))
 ) -> Path:
     """A run dir with a manifest of coloured-square images and a pool of tiny (untrained) teachers."""
-    rng = np.random.default_rng(0)
-    images = root / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            label = i % 3
-            img = rng.integers(0, 60, size=(36, 36, 3), dtype=np.uint8)
-            img[8:28, 8:28] = COLOURS[label]
-            name = f"{split}_{i}.png"
-            cv2.imwrite(str(images / name), img[:, :, ::-1])
-            rows.append(
-                {
-                    "image_id": f"{split}_{i}",
-                    "split": split,
-                    "path": name,
-                    "label": label,
-                    "source_label": str(label + 1),
-                    "url": "",
-                }
-            )
-    classes = ClassMap.from_labels(["1", "2", "3"])
+    images, rows, labels = write_squares(root, n_train, n_val, size=36)
+    classes = ClassMap.from_labels(labels)
     run = root / "run"
     save_manifest(pd.DataFrame(rows), classes, run / "data")
-    pool = run / "teachers"
-    for i, (name, arch, size) in enumerate(teachers):
-        torch.manual_seed(10 + i)
-        model = timm.create_model(arch, pretrained=False, num_classes=3)
-        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-        meta = {
-            "arch": arch,
-            "num_classes": 3,
-            "input_size": size,
-            "mean": mean,
-            "std": std,
-            "crop_pct": 0.875,
-            "model_kwargs": {},
-            "classes": classes.to_dict(),
-        }
-        save_weights(pool / name / "best.safetensors", model.state_dict(), meta)
-        entry = TeacherEntry(name, arch, 3, size, mean, std, 0.875, f"{name}/best.safetensors", pool_dir=pool)
-        update_pool_entry(pool, entry, extra={"manifest": "../data/manifest.parquet", "images": str(images)})
+    write_pool(run, images, classes, teachers)
     cfg = {
         "run_dir": str(run),
         "data": {"images": str(images), "num_workers": 0},
@@ -187,8 +147,6 @@ def test_config_errors_are_one_line(run_cfg, overrides, message, capsys):
 
 
 def test_student_starts_from_local_weights_and_refuses_foreign_ones(run_cfg, tmp_path, capsys):
-    import timm
-    import torch
     from safetensors.torch import save_file
 
     from distill.train import build_student
