@@ -87,10 +87,48 @@ def guess_split(path: Path) -> str:
     return "train"
 
 
+# Kaggle's file names for the splits of a URL-list competition (Furniture/Fashion 2018: validation.json).
+SPLIT_FILES = (
+    ("train", "train.json"),
+    ("val", "val.json"),
+    ("val", "validation.json"),
+    ("test", "test.json"),
+)
+
+
+def competition_files(folder: Path) -> dict[str, Path]:
+    """The split files at the top of a competition folder (``train.json``, ``val.json`` or
+    ``validation.json``, ``test.json``), by split; empty for any other folder."""
+    found: dict[str, Path] = {}
+    for split, name in SPLIT_FILES:
+        if split not in found and (folder / name).is_file():
+            found[split] = folder / name
+    return found
+
+
+def _inspect_competition_folder(folder: Path, files: dict[str, Path], images: Path | None) -> InspectReport:
+    """Every split file of the folder in one report; images default to ``FOLDER/images`` when it exists."""
+    if images is None and (folder / "images").is_dir():
+        images = folder / "images"
+    frames, names, kinds = [], {}, []
+    for split, path in files.items():
+        data = read_source(path, split, images=images, labels_required=False)
+        df = data.df.copy()
+        df["path"] = rebase_paths(data, images)
+        frames.append(df)
+        names.update(data.names)
+        kinds.append(data.fmt)
+    df = pd.concat(frames, ignore_index=True)
+    return InspectReport(
+        str(folder), "+".join(dict.fromkeys(kinds)), df, names, None if images is None else str(images)
+    )
+
+
 def load_for_inspection(
     path: str | os.PathLike[str], images: str | os.PathLike[str] | None = None
 ) -> InspectReport:
-    """Rows and class names of a config (its data section), a manifest, a competition file or folder."""
+    """Rows and class names of a config (its data section), a manifest, a competition file, a competition
+    folder (its split files together) or an image folder."""
     p = Path(path)
     if not p.exists():
         raise ImatError(f"input not found: {p}")
@@ -108,6 +146,9 @@ def load_for_inspection(
         df, classes = load_manifest(p)
         names = dict(zip(classes.source_labels, classes.names, strict=False))
         return InspectReport(str(p), "manifest", df, names, None if images is None else str(images))
+    files = competition_files(p) if p.is_dir() else {}
+    if files:
+        return _inspect_competition_folder(p, files, None if images is None else Path(images))
     data = read_source(p, guess_split(p), images=images, labels_required=False)
     df = data.df.copy()
     df["path"] = rebase_paths(data, None if images is None else Path(images))

@@ -133,3 +133,22 @@ def test_missing_images_folder_is_an_error(kit):
     with pytest.raises(ImatError) as exc:
         inspect_input(kit / "train.json", images=kit / "nowhere")
     assert "nowhere" in str(exc.value)
+
+
+def test_inspect_competition_folder_reads_every_split(kit, capsys):
+    """A Kaggle folder (train.json, validation.json, test.json, images/) is inspected as one data set."""
+    doc = {
+        "images": [{"url": [f"http://x/{i}"], "image_id": i} for i in (6, 7)],
+        "annotations": [{"image_id": i, "label_id": 2} for i in (6, 7)],
+    }
+    (kit / "validation.json").write_text(json.dumps(doc))
+    (kit / "test.json").write_text(json.dumps({"images": [{"url": ["http://x/8"], "image_id": 8}]}))
+    (kit / "images" / "6.jpg").write_bytes(jpeg(seed=6))
+    report = inspect_input(kit, workers=2, progress=False)
+    assert report.kind == "furniture2018"
+    assert report.images_root == str(kit / "images")  # FOLDER/images by default
+    assert report.split_counts() == {"train": 5, "val": 2, "test": 1}
+    problems = dict(zip(report.problems["image_id"], report.problems["problem"], strict=True))
+    assert problems == {"2": "missing", "3": "corrupt", "4": "tiny", "5": "empty", "7": "missing", "8": "missing"}
+    assert main(["data", "inspect", str(kit)]) == 0
+    assert "val" in capsys.readouterr().out
