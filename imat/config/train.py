@@ -39,6 +39,9 @@ class TrainConfig(Section):
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
+    # Steps whose gradients are NaN/inf (the loss being finite) are skipped, as fp16's GradScaler does;
+    # this many in a row stop the run. A rare bad gradient (overflow, a faulty kernel) costs one step.
+    nonfinite_grad_patience: int = Field(5, ge=0)
     ckpt_every_steps: int = Field(0, ge=0)  # 0: only at the end of each epoch
     best_metric: Literal["top1", "top3", "loss"] = "top1"
     seed: int = 0

@@ -139,6 +139,8 @@ class Engine:
         self.global_step = 0
         self._logger: RunLogger | None = None
         self._grad_norms: dict[str, list[torch.Tensor]] = {}
+        self._bad_grad_streak: dict[str, int] = {}  # consecutive skipped steps, per optimiser
+        self._bad_grad_steps = 0  # skipped steps this epoch, all optimisers
         self._scaler_stepped = False
 
     # --- paths and process role ----------------------------------------------------------------
@@ -200,18 +202,51 @@ class Engine:
         opt = self.optimizers[name]
         if self.distributed:
             dist_utils.average_gradients(p for g in opt.param_groups for p in g["params"])
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm: torch.Tensor | None = None
         if self.cfg.grad_clip is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-            self._grad_norms.setdefault(name, []).append(norm.detach().float())
-        if self.scaler is not None:
+        if self.scaler is not None:  # it skips steps with inf/NaN gradients itself (and lowers its scale)
             self.scaler.step(opt)
             self._scaler_stepped = True
         else:
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+            if norm is not None and not bool(torch.isfinite(norm)):
+                self._skip_nonfinite_step(name, norm)
+                opt.zero_grad(set_to_none=True)
+                return
+            self._bad_grad_streak[name] = 0
             opt.step()
+        if norm is not None and self.cfg.grad_clip is not None:
+            self._grad_norms.setdefault(name, []).append(norm.detach().float())
         opt.zero_grad(set_to_none=True)
+
+    def _skip_nonfinite_step(self, name: str, norm: torch.Tensor) -> None:
+        """Count a step skipped for NaN/inf gradients; stop after ``nonfinite_grad_patience`` in a row."""
+        streak = self._bad_grad_streak.get(name, 0) + 1
+        self._bad_grad_streak[name] = streak
+        self._bad_grad_steps += 1
+        where = f"epoch {self.ctx.epoch + 1} step {self.ctx.step_in_epoch + 1}"
+        if streak > self.cfg.nonfinite_grad_patience:
+            kept = (
+                f"last good checkpoint kept at {self.ckpt_path}"
+                if self.ckpt_path.exists()
+                else "no checkpoint yet"
+            )
+            raise ImatError(
+                f"non-finite gradients of optimiser {name!r} in {streak} steps in a row at {where} "
+                f"(gradient norm {float(norm)}); {kept} (lower the lr, set grad_clip, or use fp32)"
+            )
+        log.warning(
+            "%s: optimiser %r step skipped at %s: gradient norm is %s",
+            self.log_name,
+            name,
+            where,
+            float(norm),
+        )
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         if self.scaler is not None:
@@ -454,6 +489,7 @@ class Engine:
         sums: dict[str, torch.Tensor | float] = dict(acc["sums"])
         n_images, skipped = int(acc["images"]), int(acc["skipped"])
         self._grad_norms = {}
+        self._bad_grad_steps = int(acc.get("bad_grad_steps", 0))
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=start,
@@ -514,6 +550,7 @@ class Engine:
                         "sums": {k: float(v) for k, v in sums.items()},
                         "images": n_images,
                         "skipped": skipped,
+                        "bad_grad_steps": self._bad_grad_steps,
                         "train_time": acc["train_time"] + time.perf_counter() - t0,
                     }
                     self._save_last(epoch, step + 1, epoch_rng, acc_now)
@@ -566,6 +603,7 @@ class Engine:
                 value = value.item()
             row[key if key not in row else f"task_{key}"] = value
         row["skipped"] = skipped
+        row["nonfinite_grad_steps"] = self._bad_grad_steps
         row["train_images"] = n_images
         row["images_per_s"] = n_images / train_time if train_time > 0 else float("nan")
         row["train_time_s"] = train_time
