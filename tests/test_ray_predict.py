@@ -67,5 +67,7 @@ def test_ray_data_matches_single_process(onnx_model, tmp_path, capsys):
     ):
         assert list(la) == list(lb)
         np.testing.assert_allclose(np.asarray(sa), np.asarray(sb), rtol=1e-5, atol=1e-6)
-    assert info_b["ray_actors_used"] == 2  # both actor processes predicted a share of the images
+    # A pool of 2 actors ran; which of them got the 6 batches is Ray's scheduling (on 2 busy cores one
+    # actor can finish them all before the other is up), so "both did work" would be a flaky assertion.
+    assert info_b["ray_actors"] == 2 and info_b["ray_actors_used"] in (1, 2)
     assert info_b["classes"] == info_a["classes"] and info_b["topk"] == 3
