@@ -149,6 +149,13 @@ def test_inspect_competition_folder_reads_every_split(kit, capsys):
     assert report.images_root == str(kit / "images")  # FOLDER/images by default
     assert report.split_counts() == {"train": 5, "val": 2, "test": 1}
     problems = dict(zip(report.problems["image_id"], report.problems["problem"], strict=True))
-    assert problems == {"2": "missing", "3": "corrupt", "4": "tiny", "5": "empty", "7": "missing", "8": "missing"}
+    assert problems == {
+        "2": "missing",
+        "3": "corrupt",
+        "4": "tiny",
+        "5": "empty",
+        "7": "missing",
+        "8": "missing",
+    }
     assert main(["data", "inspect", str(kit)]) == 0
     assert "val" in capsys.readouterr().out
