@@ -161,7 +161,8 @@ def audit(
     from imat.data import labelled_splits
 
     noise = cfg.data.label_noise if cfg is not None else LabelNoise()
-    train, _, flipped = labelled_splits(df, noise, classes.num_classes)
+    train, _, clean = labelled_splits(df, noise, classes.num_classes)
+    flipped = None if clean is None else clean != train["label"].to_numpy()
     if train.empty:
         raise ImatError(f"{manifest}: no labelled training images to audit")
     root = (cfg.data.images if cfg is not None else None) or read_pool_json(pool).get("images")

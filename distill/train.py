@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -262,17 +261,17 @@ def split_with_noise(
     were) and the flipped mask is recorded in ``out_dir/label_noise.csv``."""
     from imat.data import labelled_splits
 
-    train_df, val_df, flipped = labelled_splits(df, cfg.data.label_noise, classes.num_classes)
+    train_df, val_df, clean = labelled_splits(df, cfg.data.label_noise, classes.num_classes)
     if train_df.empty:
         raise ImatError(f"{manifest}: no labelled train images to distil on (set data.train)")
-    if flipped is not None:
-        clean = df[(df["split"] == "train") & (df["label"] >= 0)]["label"].to_numpy(dtype=np.int64)
+    if clean is not None:
+        noisy = train_df["label"].to_numpy()
         record = pd.DataFrame(
             {
                 "image_id": train_df["image_id"],
                 "clean_label": clean,
-                "noisy_label": train_df["label"].to_numpy(),
-                "flipped": flipped,
+                "noisy_label": noisy,
+                "flipped": clean != noisy,
             }
         )
         write_csv(out_dir / "label_noise.csv", record)

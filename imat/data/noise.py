@@ -61,15 +61,15 @@ def labelled_splits(
 ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
     """The manifest's labelled train and val rows, with ``data.label_noise`` applied to train.
 
-    Returns (train, val, flipped mask or None). Teachers, the student and the label audit all take
-    their rows from here, so for one config they see the very same noisy labels."""
+    Returns (train, val, the clean train labels or None without noise); a label was flipped exactly
+    where it differs from its clean one (a flip always changes the class). Teachers, the student and
+    the label audit all take their rows from here, so for one config they see the same noisy labels."""
     train = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
     val = df[(df["split"] == "val") & (df["label"] >= 0)].reset_index(drop=True)
     if noise.fraction <= 0 or train.empty:
         return train, val, None
-    noisy, flipped = apply_label_noise(
-        train["label"].to_numpy(dtype=np.int64), num_classes, noise.fraction, noise.kind, noise.seed
-    )
+    clean = train["label"].to_numpy(dtype=np.int64)
+    noisy, flipped = apply_label_noise(clean, num_classes, noise.fraction, noise.kind, noise.seed)
     log.warning(
         "label noise: %d of %d train labels flipped (%s, seed %d)",
         int(flipped.sum()),
@@ -77,4 +77,4 @@ def labelled_splits(
         noise.kind,
         noise.seed,
     )
-    return train.assign(label=noisy), val, flipped
+    return train.assign(label=noisy), val, clean
