@@ -184,18 +184,22 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     # --- optimisation --------------------------------------------------------------------------
+    def _position(self) -> str:
+        return f"epoch {self.ctx.epoch + 1} step {self.ctx.step_in_epoch + 1}"
+
+    def _checkpoint_note(self) -> str:
+        """What a run stopped by a guard leaves behind, for its error message."""
+        if self.ckpt_path.exists():
+            return f"last good checkpoint kept at {self.ckpt_path}"
+        return f"no checkpoint was written yet in {self.out_dir}"
+
     def _check_loss(self, loss: torch.Tensor) -> None:
         if bool(torch.isfinite(loss.detach()).all()):
             return
-        where = (
-            f"last good checkpoint kept at {self.ckpt_path}"
-            if self.ckpt_path.exists()
-            else f"no checkpoint was written yet in {self.out_dir}"
-        )
         value = loss.detach().float().mean().item()
         raise ImatError(
-            f"non-finite loss at epoch {self.ctx.epoch + 1} step {self.ctx.step_in_epoch + 1}: loss={value}; "
-            f"{where} (lower the lr, set grad_clip, or use bf16 instead of fp16)"
+            f"non-finite loss at {self._position()}: loss={value}; "
+            f"{self._checkpoint_note()} (lower the lr, set grad_clip, or use bf16 instead of fp16)"
         )
 
     def _step_optimizer(self, name: str) -> None:
@@ -229,22 +233,16 @@ class Engine:
         streak = self._bad_grad_streak.get(name, 0) + 1
         self._bad_grad_streak[name] = streak
         self._bad_grad_steps += 1
-        where = f"epoch {self.ctx.epoch + 1} step {self.ctx.step_in_epoch + 1}"
         if streak > self.cfg.nonfinite_grad_patience:
-            kept = (
-                f"last good checkpoint kept at {self.ckpt_path}"
-                if self.ckpt_path.exists()
-                else "no checkpoint yet"
-            )
             raise ImatError(
-                f"non-finite gradients of optimiser {name!r} in {streak} steps in a row at {where} "
-                f"(gradient norm {float(norm)}); {kept} (lower the lr, set grad_clip, or use fp32)"
+                f"non-finite gradients of optimiser {name!r} in {streak} steps in a row at {self._position()} "
+                f"(gradient norm {float(norm)}); {self._checkpoint_note()} (lower the lr, set grad_clip, or use fp32)"
             )
         log.warning(
             "%s: optimiser %r step skipped at %s: gradient norm is %s",
             self.log_name,
             name,
-            where,
+            self._position(),
             float(norm),
         )
 
@@ -315,8 +313,7 @@ class Engine:
             for key, value in module.state_dict().items():
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise ImatError(
-                        f"non-finite weights in {name}.{key} at epoch {self.ctx.epoch + 1} step "
-                        f"{self.ctx.step_in_epoch + 1}; last good checkpoint kept at {self.ckpt_path}"
+                        f"non-finite weights in {name}.{key} at {self._position()}; {self._checkpoint_note()}"
                     )
 
     def _save_last(self, epoch: int, step_in_epoch: int, epoch_rng: dict | None, acc: dict | None) -> None:
