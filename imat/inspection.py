@@ -106,10 +106,8 @@ def competition_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _inspect_competition_folder(folder: Path, files: dict[str, Path], images: Path | None) -> InspectReport:
-    """Every split file of the folder in one report; images default to ``FOLDER/images`` when it exists."""
-    if images is None and (folder / "images").is_dir():
-        images = folder / "images"
+def _inspect_sources(source: Path, files: dict[str, Path], images: Path | None) -> InspectReport:
+    """One report over split files (or one image folder), paths rebased onto ``images`` when given."""
     frames, names, kinds = [], {}, []
     for split, path in files.items():
         data = read_source(path, split, images=images, labels_required=False)
@@ -120,7 +118,7 @@ def _inspect_competition_folder(folder: Path, files: dict[str, Path], images: Pa
         kinds.append(data.fmt)
     df = pd.concat(frames, ignore_index=True)
     return InspectReport(
-        str(folder), "+".join(dict.fromkeys(kinds)), df, names, None if images is None else str(images)
+        str(source), "+".join(dict.fromkeys(kinds)), df, names, None if images is None else str(images)
     )
 
 
@@ -146,13 +144,13 @@ def load_for_inspection(
         df, classes = load_manifest(p)
         names = dict(zip(classes.source_labels, classes.names, strict=False))
         return InspectReport(str(p), "manifest", df, names, None if images is None else str(images))
+    images_dir = None if images is None else Path(images)
     files = competition_files(p) if p.is_dir() else {}
-    if files:
-        return _inspect_competition_folder(p, files, None if images is None else Path(images))
-    data = read_source(p, guess_split(p), images=images, labels_required=False)
-    df = data.df.copy()
-    df["path"] = rebase_paths(data, None if images is None else Path(images))
-    return InspectReport(str(p), data.fmt, df, data.names, None if images is None else str(images))
+    if files:  # a competition folder: its split files together, images in FOLDER/images by default
+        if images_dir is None and (p / "images").is_dir():
+            images_dir = p / "images"
+        return _inspect_sources(p, files, images_dir)
+    return _inspect_sources(p, {guess_split(p): p}, images_dir)
 
 
 def check_image(path: str, min_side: int = 10) -> tuple[str, str]:
