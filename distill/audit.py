@@ -118,7 +118,7 @@ def _manifest_for(pool_dir: Path, cfg: RunConfig | None) -> tuple[pd.DataFrame, 
 
     candidates = []
     if cfg is not None:
-        candidates.append(cfg.run_path / "data" / "manifest.parquet")
+        candidates.append(cfg.manifest_path)
     rel = read_pool_json(pool_dir).get("manifest")
     if rel:
         candidates.append((pool_dir / rel).resolve())

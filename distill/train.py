@@ -231,7 +231,7 @@ def build_task(
 def run_manifest(cfg: RunConfig, pool_dir: Path) -> tuple[pd.DataFrame, ClassMap, Path]:
     """The manifest the teachers were trained on: the run's, else the one pool.json points to, else
     one built from ``cfg.data``."""
-    run_manifest_path = cfg.run_path / "data" / "manifest.parquet"
+    run_manifest_path = cfg.manifest_path
     if not run_manifest_path.is_file():
         from teachers.pool import read_pool_json
 

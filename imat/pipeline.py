@@ -32,10 +32,6 @@ class Step:
     enabled: Callable[[RunConfig], bool] = lambda cfg: True
 
 
-def _manifest(cfg: RunConfig) -> Path:
-    return cfg.run_path / "data" / "manifest.parquet"
-
-
 def _student(cfg: RunConfig) -> Path:
     return cfg.run_path / "student" / "best.safetensors"
 
@@ -122,8 +118,8 @@ def step_export(cfg: RunConfig) -> None:
     from submit.export import export_model
     from submit.inputs import read_images
 
-    images = read_images(_manifest(cfg), cfg.data.images, split="val")
-    calib = read_images(_manifest(cfg), cfg.data.images, split="train")
+    images = read_images(cfg.manifest_path, cfg.data.images, split="val")
+    calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
     verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
     calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
     report = export_model(_student(cfg), _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder)
@@ -160,7 +156,7 @@ def step_submit(cfg: RunConfig) -> None:
         cfg.data.test,
         cfg.run_path / "submission.csv",
         sample=cfg.submit.sample_submission,
-        train=_manifest(cfg),
+        train=cfg.manifest_path,
         prior_correction=cfg.submit.prior_correction,
         topk=cfg.submit.topk,
     )
@@ -188,7 +184,7 @@ def step_report(cfg: RunConfig) -> None:
 
 
 STEPS: list[Step] = [
-    Step("data", step_data, lambda c: [_manifest(c)]),
+    Step("data", step_data, lambda c: [c.manifest_path]),
     Step("teachers", step_teachers, lambda c: [c.pool_dir / "pool.json"], lambda c: bool(c.teachers.pool)),
     Step(
         "evaluate", step_evaluate, lambda c: [c.pool_dir / "pool_eval.csv"], lambda c: bool(c.teachers.pool)
@@ -203,7 +199,7 @@ STEPS: list[Step] = [
     Step(
         "baseline",
         step_baseline,
-        lambda c: [_baseline_cfg(c).run_path / "student" / "best.safetensors"],
+        lambda c: [_student(_baseline_cfg(c))],
         lambda c: c.pipeline.baseline and c.distill.method != "ce",
     ),
     Step("export", step_export, lambda c: [_onnx(c), _onnx(c).with_name("student.onnx.json")]),

@@ -78,7 +78,7 @@ def _onnx_row(cfg: RunConfig, images: int) -> dict[str, Any] | None:
     from submit.predict import predict
 
     onnx = cfg.run_path / "export" / "student.onnx"
-    manifest = cfg.run_path / "data" / "manifest.parquet"
+    manifest = cfg.manifest_path
     if not onnx.is_file() or not manifest.is_file():
         return None
     info = json.loads(onnx.with_name("student.onnx.json").read_text())

@@ -26,8 +26,6 @@ from teachers.pool import TeacherEntry, update_pool_entry
 
 log = logging.getLogger(__name__)
 
-MANIFEST = Path("data") / "manifest.parquet"
-
 
 @dataclass
 class TeacherResult:
@@ -53,7 +51,7 @@ def prepare_manifest(cfg: RunConfig, rebuild: bool = False) -> tuple[pd.DataFram
     """The run's manifest: ``RUN_DIR/data/manifest.parquet`` when it exists (every step of a run sees
     the same rows and class map), else built from ``cfg.data`` and saved there (by rank 0 only; the
     build is deterministic, so other ranks use their own identical copy)."""
-    path = cfg.run_path / MANIFEST
+    path = cfg.manifest_path
     if path.is_file() and not rebuild:
         df, classes = load_manifest(path)
         log.info("using the run's manifest %s", path)

@@ -27,5 +27,10 @@ class RunConfig(Section):
         return Path(self.run_dir)
 
     @property
+    def manifest_path(self) -> Path:
+        """Where ``imat data`` / the pipeline's data step writes the run's manifest (``classes.json`` beside it)."""
+        return self.run_path / "data" / "manifest.parquet"
+
+    @property
     def pool_dir(self) -> Path:
         return Path(self.teachers.dir) if self.teachers.dir else self.run_path / "teachers"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -29,6 +29,9 @@ from imat.formats.imagenet import read_imagenet
 from imat.formats.imaterialist import read_imat2018, read_product2019
 from imat.formats.tables import read_imagefolder, read_table
 from imat.manifest import SPLITS, ClassMap, normalise, save_manifest
+
+if TYPE_CHECKING:
+    from imat.config import RunConfig
 
 FOLDER_FORMATS = ("imagefolder",)
 JSON_FORMATS = ("furniture2018", "fashion2018", "product2019", "coco")
@@ -154,10 +157,10 @@ def build_manifest(data_cfg: Any) -> tuple[pd.DataFrame, ClassMap]:
     return normalise(pd.concat(frames, ignore_index=True)), classes
 
 
-def write_manifest(cfg: Any) -> Path:
+def write_manifest(cfg: RunConfig) -> Path:
     """Build the manifest of ``cfg.data`` and write ``RUN_DIR/data/manifest.parquet`` + ``classes.json``."""
     df, classes = build_manifest(cfg.data)
-    return save_manifest(df, classes, Path(cfg.run_dir) / "data")
+    return save_manifest(df, classes, cfg.manifest_path.parent)
 
 
 def resolve_path(df: pd.DataFrame, images_root: str | os.PathLike[str] | None) -> pd.Series:

@@ -73,7 +73,7 @@ def _sources(args: argparse.Namespace, cfg: object) -> tuple[pd.DataFrame, pd.Da
             verify = read_images(src, root, "val")
             calib = None
     elif cfg is not None and data is not None:
-        manifest = Path(cfg.run_dir) / "data" / "manifest.parquet"  # type: ignore[attr-defined]
+        manifest = cfg.manifest_path  # type: ignore[attr-defined]
         if manifest.is_file():
             verify, calib = _manifest_split(manifest, root, "val"), _manifest_split(manifest, root, "train")
         elif data.val or data.train:

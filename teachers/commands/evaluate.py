@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config)
         if manifest is None:
-            manifest = str(cfg.run_path / "data" / "manifest.parquet")
+            manifest = str(cfg.manifest_path)
         if images is None:
             images = cfg.data.images
         decoder = cfg.data.decoder
