@@ -84,7 +84,7 @@ def base_config(run_dir: Path, images: Path, args: argparse.Namespace, noise: fl
         "precision": args.precision,
         "channels_last": args.channels_last,
         "device": args.device,
-        "aug": {"preset": "light"},
+        "aug": {"preset": args.aug, "label_smoothing": args.label_smoothing},
     }
     return {
         "run_dir": str(run_dir),
@@ -223,6 +223,8 @@ def main() -> None:
     p.add_argument("--student-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--aug", default="crop", help="augmentation preset of teachers and students")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--device", default="auto")
@@ -236,7 +238,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     images = unpack(ROOT / args.data_dir)
     manifest, classes = subset_manifest(images, args.train_per_class, args.val_per_class, args.seed)
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]
     start = time.perf_counter()
     rows = run_experiment("clean", 0.0, methods, args, images, manifest, classes)
     if args.noise > 0:

@@ -354,3 +354,16 @@ def test_label_noise_rejects_bad_input():
         apply_label_noise(np.zeros(5, int), 3, 1.5)
     with pytest.raises(ImatError):
         apply_label_noise(np.array([0, 5]), 3, 0.5)
+
+
+def test_crop_preset_shifts_the_full_scale_image_by_at_most_an_eighth():
+    # A 32 px ramp: the crop preset must keep the scale (pixel steps of 1) and only translate by <= 4 px.
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))
+    t = build_train_transform(AugConfig(preset="crop", flips=False), 32, mean=(0, 0, 0), std=(1, 1, 1))
+    shifts = set()
+    for _ in range(40):
+        row = (t(image=ramp)["image"][0, 16] * 255).round().numpy()
+        centre = row[8:24]
+        assert np.allclose(np.diff(centre), 8, atol=1)  # full scale: no resize of the object
+        shifts.add(int(centre[0] // 8) - 8)
+    assert shifts <= set(range(-4, 5)) and len(shifts) > 3

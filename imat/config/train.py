@@ -10,7 +10,7 @@ from imat.config.base import Section
 
 
 class AugConfig(Section):
-    preset: Literal["none", "light", "medium", "heavy"] = "medium"
+    preset: Literal["none", "crop", "light", "medium", "heavy"] = "medium"
     flips: bool = True  # false for classes a mirror image changes (digits, text)
     mixup: float = Field(0.0, ge=0.0)  # timm Mixup alpha; 0 disables
     cutmix: float = Field(0.0, ge=0.0)  # timm CutMix alpha; 0 disables

@@ -1,8 +1,9 @@
-"""Albumentations presets (train: none/light/medium/heavy; eval: resize + centre crop) and the
+"""Albumentations presets (train: none/crop/light/medium/heavy; eval: resize + centre crop) and the
 replayable random crop used by the distillation's teacher-output cache.
 
 Every pipeline takes an RGB uint8 HxWx3 array and ends with Normalize + ToTensorV2, so its output is a
-normalised float32 CHW tensor of ``input_size`` x ``input_size``. Presets grow in strength: ``light`` is
+normalised float32 CHW tensor of ``input_size`` x ``input_size``. Presets grow in strength: ``crop`` is the
+small-image recipe (reflect-pad by 1/8 of the side, random crop back, flip: the CIFAR standard); ``light`` is
 what MEAL V2 trains with (random resized crop + flip); ``heavy`` is the teacher recipe for noisy,
 fine-grained web data (geometry, colour, blur/noise and cut-out)."""
 
@@ -22,7 +23,7 @@ from imat.errors import ImatError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-PRESETS: tuple[str, ...] = ("none", "light", "medium", "heavy")
+PRESETS: tuple[str, ...] = ("none", "crop", "light", "medium", "heavy")
 DEFAULT_CROP_PCT = 0.875
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # Random-resized-crop area ranges per preset: the ImageNet (0.08, 1) only for `heavy`, since small or
@@ -84,6 +85,18 @@ def build_eval_transform(
 def _preset_ops(preset: str, size: int, crop_pct: float, flips: bool = True) -> list[Any]:
     if preset == "none":
         return _eval_geometry(size, crop_pct)
+    if preset == "crop":
+        # Keeps the whole object at full scale (random-resized crops lose most of a 32 px image): the
+        # translation-only recipe every CIFAR reference uses, pad 4 at 32 px.
+        pad = max(1, size // 8)
+        return [
+            *_eval_geometry(size, 1.0),  # shorter side to the input size, centred square
+            A.PadIfNeeded(
+                min_height=size + 2 * pad, min_width=size + 2 * pad, border_mode=cv2.BORDER_REFLECT_101
+            ),
+            A.RandomCrop(height=size, width=size),
+            A.HorizontalFlip(p=0.5 if flips else 0.0),
+        ]
     crop = A.RandomResizedCrop(size=(size, size), scale=CROP_SCALE[preset], ratio=RATIO)
     # Flips are off for classes a mirror image changes (digits, text, left/right parts).
     ops: list[Any] = [crop, A.HorizontalFlip(p=0.5 if flips else 0.0)]
