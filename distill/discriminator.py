@@ -1,35 +1,88 @@
 """One discriminator per matched block: a small MLP that tells teacher vectors from student vectors.
 
-d -> d/2 -> d/4 -> 1 logit by default (the paper's widths), ReLU between layers but NOT after the last
-one: the official code's final ReLU made the logit >= 0, so its discriminator could never say "student"
-with p < 0.5. Trained with BCE-with-logits, teacher = 1, student = 0.
+Trained with BCE-with-logits, teacher = 1, student = 0. No activation after the last layer: the official
+MEAL code's final ReLU made the logit >= 0, so its discriminator could never say "student" with p < 0.5.
+
+Defaults chosen so the adversarial term is never inert (measured in docs/BENCHMARKS.md, "Discriminators"):
+
+- widths ``max(64, d/2), max(32, d/4)``: the paper's ``d/2, d/4`` makes a 10-class logits discriminator a
+  10 -> 5 -> 2 -> 1 MLP, and with ReLU some fresh initialisations pass no gradient at all. ``"paper"``
+  keeps the paper's widths (and its ReLU) reachable from config;
+- LeakyReLU(0.2) between layers, so no unit is ever dead;
+- input normalisation ``log_softmax``: both sides become log-distributions, which is what the similarity
+  loss compares; raw logits differ by an arbitrary per-sample shift a discriminator would learn instead,
+  and cached teacher outputs (already log-probabilities) stay unchanged by it, so both paths compare like
+  with like;
+- optional spectral normalisation of every layer (a Lipschitz bound that keeps D from overpowering the
+  student; Miyato et al., 2018).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+InputNorm = Literal["none", "log_softmax", "standardize"]
+CHANCE_BAND = 0.05  # balanced accuracy within 0.5 +- this counts as "at chance"
+
+
+def default_widths(dim: int) -> list[int]:
+    """Hidden widths for a ``dim``-wide input: at least 64 and 32 units, d/2 and d/4 when larger."""
+    return [max(64, dim // 2), max(32, dim // 4)]
+
+
+def paper_widths(dim: int) -> list[int]:
+    """MEAL's d -> d/2 -> d/4 -> 1."""
+    return [max(1, dim // 2), max(1, dim // 4)]
+
+
+def normalize_input(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """What a discriminator sees of a (B, d) vector."""
+    x = x.float()
+    if kind == "log_softmax":
+        return F.log_softmax(x, dim=-1)
+    if kind == "standardize":
+        return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+    if kind == "none":
+        return x
+    raise ValueError(f"unknown discriminator input normalisation {kind!r}")
+
 
 class Discriminator(nn.Module):
-    def __init__(self, dim: int, widths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        widths: Sequence[int] | str | None = None,
+        input_norm: str = "log_softmax",
+        spectral_norm: bool = False,
+        activation: str | None = None,
+    ) -> None:
         super().__init__()
-        hidden = list(widths) if widths is not None else [max(1, dim // 2), max(1, dim // 4)]
+        if widths == "paper":
+            hidden, act = paper_widths(dim), activation or "relu"
+        else:
+            hidden = list(widths) if widths is not None else default_widths(dim)
+            act = activation or "leaky_relu"
+        normalize_input(torch.zeros(1, 2), input_norm)  # unknown kinds fail here, not mid-training
         layers: list[nn.Module] = []
         prev = dim
-        for w in hidden:
-            layers += [nn.Linear(prev, w), nn.ReLU(inplace=True)]
+        for w in [*hidden, 1]:
+            lin = nn.Linear(prev, w)
+            layers.append(nn.utils.parametrizations.spectral_norm(lin) if spectral_norm else lin)
+            layers.append(nn.LeakyReLU(0.2, inplace=True) if act == "leaky_relu" else nn.ReLU(inplace=True))
             prev = w
-        layers.append(nn.Linear(prev, 1))
+        layers.pop()  # no activation after the output logit
         self.net = nn.Sequential(*layers)
         self.dim = dim
+        self.input_norm = input_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B,) logits of "this vector came from a teacher"."""
-        return self.net(x.float()).squeeze(-1)
+        return self.net(normalize_input(x, self.input_norm)).squeeze(-1)
 
 
 def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -45,3 +98,9 @@ def discriminator_loss(d: Discriminator, teacher: torch.Tensor, student: torch.T
 def accuracy(d: Discriminator, teacher: torch.Tensor, student: torch.Tensor) -> tuple[float, float]:
     """Fraction of teacher vectors called teacher, and of student vectors called student."""
     return float((d(teacher) > 0).float().mean()), float((d(student) <= 0).float().mean())
+
+
+def is_inert(balanced_accuracy: Sequence[float]) -> bool:
+    """True when every value (per epoch and block) is within CHANCE_BAND of 0.5: D never told them apart."""
+    values = [float(v) for v in balanced_accuracy]
+    return bool(values) and all(abs(v - 0.5) <= CHANCE_BAND for v in values)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from distill.align import align
 from distill.blocks import extract_blocks, num_blocks, resolve_index
-from distill.discriminator import Discriminator, discriminator_loss
+from distill.discriminator import Discriminator, bce, discriminator_loss, is_inert
 from distill.grl import grad_reverse
 from distill.losses import kl_divergence, similarity, soft_cross_entropy, teacher_probs
 from distill.tasks import CETask, KDTask, MealTask, SoftTargets
@@ -146,21 +146,76 @@ def test_grl_reverses_and_scales_gradient():
     assert torch.equal(grad_reverse(x, 2.0), x)
 
 
+def _linear_widths(d):
+    return [m.out_features for m in d.net if isinstance(m, torch.nn.Linear)]
+
+
 def test_discriminator_widths_and_output():
+    # default: at least 64 and 32 hidden units (d/2, d/4 when wider); "paper" keeps MEAL's d/2, d/4 + ReLU
+    assert _linear_widths(Discriminator(40)) == [64, 32, 1]
+    assert _linear_widths(Discriminator(400)) == [200, 100, 1]
+    paper = Discriminator(40, "paper")
+    assert _linear_widths(paper) == [20, 10, 1]
+    assert any(isinstance(m, torch.nn.ReLU) for m in paper.net)
     d = Discriminator(40)
-    widths = [m.out_features for m in d.net if isinstance(m, torch.nn.Linear)]
-    assert widths == [20, 10, 1]
+    assert not any(isinstance(m, torch.nn.ReLU) for m in d.net)  # LeakyReLU: no dead units
     assert d(torch.randn(3, 40)).shape == (3,)
     assert d(torch.randn(1, 40)).shape == (1,)
-    assert [m.out_features for m in Discriminator(8, [16]).net if isinstance(m, torch.nn.Linear)] == [16, 1]
-    # the last layer is not followed by a ReLU: D can say "student" (negative logits)
-    assert not isinstance(d.net[-1], torch.nn.ReLU)
+    assert _linear_widths(Discriminator(8, [16])) == [16, 1]
+    # the last layer is a plain Linear: D can say "student" (negative logits)
+    assert isinstance(d.net[-1], torch.nn.Linear) and isinstance(paper.net[-1], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("dim", [5, 10])
+def test_default_discriminators_are_never_dead_at_initialisation(dim):
+    # The paper's 5 -> 2 -> 1 ReLU MLP passes exactly zero gradient for some seeds (69 in 500 at 5
+    # classes): the adversarial term is then inert. The defaults must always pass gradient to the student.
+    x = torch.randn(64, dim)
+    dead = {"default": 0, "paper": 0}
+    for seed in range(200):
+        for kind, widths in (("default", None), ("paper", "paper")):
+            torch.manual_seed(seed)
+            d = Discriminator(dim, widths)
+            xi = x.clone().requires_grad_(True)
+            bce(d(xi), 1.0).backward()
+            dead[kind] += int(float(xi.grad.abs().sum()) == 0.0)
+    assert dead["default"] == 0
+    assert dead["paper"] > 0  # the failure the defaults avoid is real
+
+
+def test_discriminator_input_normalisation_compares_distributions():
+    # log_softmax input: a per-sample shift of the logits (meaningless for a classifier) is invisible,
+    # and cached log-probabilities pass through unchanged.
+    torch.manual_seed(0)
+    d = Discriminator(10)
+    z = torch.randn(4, 10)
+    assert torch.allclose(d(z), d(z + 7.0), atol=1e-5)
+    assert torch.allclose(d(z), d(torch.log_softmax(z, -1)), atol=1e-5)
+    raw = Discriminator(10, input_norm="none")
+    assert not torch.allclose(raw(z), raw(z + 7.0), atol=1e-3)
+
+
+def test_spectral_norm_bounds_every_layer():
+    torch.manual_seed(0)
+    d = Discriminator(10, spectral_norm=True)
+    for _ in range(20):  # power iterations converge in train mode
+        d(torch.randn(8, 10))
+    d.eval()
+    for m in d.net:
+        if isinstance(m, torch.nn.Linear):
+            assert torch.linalg.matrix_norm(m.weight, ord=2) <= 1.0 + 1e-3
+
+
+def test_inert_is_chance_everywhere():
+    assert is_inert([0.5, 0.52, 0.47])
+    assert not is_inert([0.5, 0.62, 0.5])
+    assert not is_inert([])
 
 
 def test_discriminator_step_lowers_its_loss():
     torch.manual_seed(0)
     d = Discriminator(10)
-    t, s = torch.randn(16, 10) + 1, torch.randn(16, 10) - 1
+    t, s = torch.randn(16, 10) * 4, torch.randn(16, 10)  # a confident teacher, an unsure student
     opt = torch.optim.SGD(d.parameters(), lr=0.1)
     before = float(discriminator_loss(d, t, s).detach())
     for _ in range(5):

@@ -49,4 +49,6 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"student ({cfg.distill.method}): {out}")
+    if summary.get("adversarial") is not None and summary["adversarial"].iloc[-1] == "inert":
+        print("adversarial term inert: every discriminator stayed at chance for the whole run")
     return 0

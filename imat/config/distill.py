@@ -21,13 +21,19 @@ class BlockSpec(Section):
 
 
 class AdversarialConfig(Section):
+    """The discriminators. Defaults are the ones under which they learn (distill/discriminator.py)."""
+
     enabled: bool = True
     mode: Literal["alternating", "grl", "joint"] = "alternating"
-    widths: list[int] | None = None  # hidden widths; default d/2, d/4 (the paper's MLP)
+    # hidden widths; default max(64, d/2), max(32, d/4) with LeakyReLU; "paper": d/2, d/4 with ReLU
+    widths: list[int] | Literal["paper"] | None = None
+    input_norm: Literal["log_softmax", "standardize", "none"] = "log_softmax"
+    spectral_norm: bool = False
     lr: float = Field(1e-3, gt=0)  # the discriminators' own base lr, scheduled like the student's
     weight_decay: float = Field(0.0, ge=0)
-    # alternating mode only (D has its own optimiser there): "same" = the student's recipe optimiser
-    optimizer: Literal["same", "sgd", "adam", "adamw"] = "same"
+    # alternating mode only (D has its own optimiser there). auto: adam in alternating mode, the student's
+    # optimiser otherwise; "same" = the student's recipe optimiser (SGD at lr 1e-3 never leaves chance)
+    optimizer: Literal["auto", "same", "sgd", "adam", "adamw"] = "auto"
     betas: tuple[float, float] = (0.5, 0.999)  # for adam/adamw
     grl_lambda: float = Field(1.0, gt=0)
     weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
@@ -46,8 +52,12 @@ class DistillConfig(Section):
     method: Literal["meal", "meal-v2", "kd", "ce"] = "meal"
     student: ModelSpec = ModelSpec(arch="resnet18")
     pool: str | None = None  # teacher pool dir; default the run's teachers dir
-    teachers: list[str] | None = None  # subset of the pool by name; default all
-    selection: Literal["random", "mean"] | None = None  # default: random for meal, mean otherwise
+    # subset of the pool by name; "selected": the pool's greedy selection (`imat teachers eval`); default all
+    teachers: list[str] | Literal["selected"] | None = None
+    # default: random for meal, mean otherwise; weighted: one teacher per step, drawn with probability
+    # softmax(val_top1 / selection_temperature) from pool.json (MEAL v1 only)
+    selection: Literal["random", "weighted", "mean"] | None = None
+    selection_temperature: float = Field(0.03, gt=0)
     blocks: list[BlockSpec] = [BlockSpec()]
     spatial_pool: Literal["avg", "max"] = "avg"
     channel_reduce: Literal["avg", "max"] = "avg"
