@@ -37,10 +37,19 @@ from imat.engine.task import Task
 
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on the given labels; soft (mixed) label matrices are accepted as well."""
+    """Cross-entropy on the labelled rows: class indices with -1 for "no label" (extra images), or a label
+    mass matrix from :func:`imat.data.mixing.mix_with_unlabelled` whose rows sum to each image's labelled
+    share (a half-unlabelled mixed image counts half). Zero when nothing in the batch has a label."""
+    logp = F.log_softmax(logits.float(), dim=-1)
     if labels.dim() == 2:
-        return -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-    return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+        mass = labels.float().sum(-1, keepdim=True)
+        if float(mass.sum()) <= 0:
+            return logp.new_zeros(())
+        target = (1 - smoothing) * labels.float() + smoothing / labels.shape[-1] * mass
+        return -(target * logp).sum() / mass.sum()
+    if not bool((labels >= 0).any()):
+        return logp.new_zeros(())
+    return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, ignore_index=-1)
 
 
 @contextlib.contextmanager
@@ -58,13 +67,26 @@ def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 class DistillTaskBase(Task):
-    """What every distillation task shares: the student, the frozen teachers' placement, defaults."""
+    """What every distillation task shares: the student, the frozen teachers' placement, defaults, and
+    consistent teaching: ``mixup`` (see :func:`imat.data.mixing.build_label_mass_mixup`) mixes the batch
+    once in :meth:`mixed`, before any network sees it, so every teacher scores exactly the image the
+    student trains on (Beyer et al., CVPR 2022)."""
 
     manual_optimization = False
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, mixup: Any = None) -> None:
         super().__init__(model)
         self.label_smoothing = label_smoothing
+        self.mixup = mixup
+
+    def mixed(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with mixed images and a label-mass matrix, or unchanged without mixup."""
+        if self.mixup is None:
+            return batch
+        from imat.data.mixing import mix_with_unlabelled
+
+        images, labels = mix_with_unlabelled(self.mixup, batch["image"], batch["label"])
+        return {**batch, "image": images, "label": labels}
 
     def frozen_teachers(self) -> list[FrozenTeacher]:
         """Teachers to move with the task (never checkpointed, never put in train mode by the engine)."""
@@ -88,6 +110,7 @@ class CETask(DistillTaskBase):
     """The student alone on the (possibly noisy) labels: the baseline every method must beat."""
 
     def step(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        batch = self.mixed(batch)
         with self._autocast(ctx):
             logits = self.model(batch["image"])
         loss = hard_loss(logits, batch["label"], self.label_smoothing)
@@ -143,13 +166,15 @@ class KDTask(DistillTaskBase):
         alpha: float = 0.9,
         temperature: float = 4.0,
         label_smoothing: float = 0.0,
+        mixup: Any = None,
     ) -> None:
-        super().__init__(model, label_smoothing)
+        super().__init__(model, label_smoothing, mixup)
         self.targets = targets
         self.alpha = alpha
         self.temperature = temperature
 
     def step(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        batch = self.mixed(batch)
         with self._autocast(ctx):
             _, probs = self.targets.logits_probs(batch, self.temperature)
             logits = self.model(batch["image"])
@@ -199,7 +224,9 @@ class MealTask(DistillTaskBase):
         channel_reduce: str = "avg",
         adversarial: bool = True,
         mode: str = "alternating",
-        disc_widths: Sequence[int] | None = None,
+        disc_widths: Sequence[int] | str | None = None,
+        disc_input_norm: str = "log_softmax",
+        disc_spectral_norm: bool = False,
         disc_lr: float = 1e-3,
         disc_weight_decay: float = 0.0,
         adv_weight: float = 1.0,
@@ -207,8 +234,9 @@ class MealTask(DistillTaskBase):
         label_smoothing: float = 0.0,
         disc_optimizer: dict[str, Any] | None = None,
         cache: Any = None,
+        mixup: Any = None,
     ) -> None:
-        super().__init__(model, label_smoothing)
+        super().__init__(model, label_smoothing, mixup)
         n = len(student_indices)
         if not (len(lengths) == len(gammas) == len(etas) == len(dims) == n):
             raise ValueError("blocks, lengths, gammas, etas and dims must have one entry per block")
@@ -240,7 +268,9 @@ class MealTask(DistillTaskBase):
         if cache is not None and any(i != "logits" for i in self.student_indices):
             raise ValueError("cached teacher outputs cover the logits block only")
         self.discriminators = nn.ModuleList(
-            [Discriminator(d, disc_widths) for d in dims] if adversarial else []
+            [Discriminator(d, disc_widths, disc_input_norm, disc_spectral_norm) for d in dims]
+            if adversarial
+            else []
         )
         self.manual_optimization = adversarial and mode == "alternating"
         self._acc = torch.zeros(max(n, 1), 2)
@@ -283,6 +313,7 @@ class MealTask(DistillTaskBase):
             for k in range(len(self.discriminators)):
                 out[f"d_acc_teacher_b{k}"] = float(acc[k, 0])
                 out[f"d_acc_student_b{k}"] = float(acc[k, 1])
+                out[f"d_acc_b{k}"] = float(acc[k].mean())  # balanced accuracy: 0.5 is chance
         self._acc.zero_()
         self._acc_n = 0
         return out
@@ -351,6 +382,7 @@ class MealTask(DistillTaskBase):
     def step(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
         if self.adversarial:
             self.discriminators.to(batch["image"].device)
+        batch = self.mixed(batch)
         s_vecs, t_raw, t_probs, s_logits = self.vectors(batch, ctx)
         sim, parts = self._similarity(s_vecs, t_raw, t_probs)
         total = sim

@@ -8,7 +8,9 @@ updated) unless the legacy ``teacher_train_mode`` flag asks for MEAL v1's behavi
 statistics; running stats still never change because a copy of them is restored after each forward).
 
 Selection: ``random`` draws one teacher per iteration, uniformly, for the whole batch (MEAL v1);
-``mean`` runs all teachers (MEAL v2, KD). Picks are counted per teacher for the epoch log.
+``weighted`` draws it with the probabilities of :func:`accuracy_weights` (a teacher's share grows with its
+validation accuracy, so a weak teacher is rarely the one taught from); ``mean`` runs all teachers (MEAL v2,
+KD). Picks are counted per teacher for the epoch log.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class FrozenTeacher:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     train_mode: bool = False
+    val_top1: float | None = None  # from pool.json: what weighted selection draws by
     _device: torch.device | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,16 +92,32 @@ class FrozenTeacher:
                 sd[k].copy_(v)
 
 
+def accuracy_weights(accuracies: Sequence[float], temperature: float) -> list[float]:
+    """Drawing probabilities ``softmax(accuracy / temperature)``: at 0.03, a teacher 3 points below the
+    best is drawn e times less often, one 15 points below about 150 times less."""
+    acc = torch.tensor([float(a) for a in accuracies], dtype=torch.float64)
+    return [float(p) for p in torch.softmax(acc / float(temperature), dim=0)]
+
+
 class TeacherEnsemble:
     """The frozen teachers plus the per-iteration selection and its pick counts."""
 
-    def __init__(self, teachers: Sequence[FrozenTeacher], selection: str, seed: int = 0) -> None:
+    def __init__(
+        self,
+        teachers: Sequence[FrozenTeacher],
+        selection: str,
+        seed: int = 0,
+        probabilities: Sequence[float] | None = None,
+    ) -> None:
         if not teachers:
             raise ValueError("at least one teacher is needed")
-        if selection not in ("random", "mean"):
+        if selection not in ("random", "mean", "weighted"):
             raise ValueError(f"unknown teacher selection {selection!r}")
+        if selection == "weighted" and (probabilities is None or len(probabilities) != len(teachers)):
+            raise ValueError("weighted selection needs one probability per teacher")
         self.teachers = list(teachers)
         self.selection = selection
+        self.probabilities = torch.tensor(list(probabilities), dtype=torch.float64) if probabilities else None
         self.generator = torch.Generator().manual_seed(int(seed))
         self.picks = [0] * len(self.teachers)
 
@@ -107,9 +126,12 @@ class TeacherEnsemble:
         return [t.name for t in self.teachers]
 
     def pick(self) -> list[int]:
-        """Indices of this iteration's teachers: one uniformly at random, or all of them."""
+        """Indices of this iteration's teachers: one at random (uniformly or weighted), or all of them."""
         if self.selection == "random":
             chosen = [int(torch.randint(len(self.teachers), (1,), generator=self.generator))]
+        elif self.selection == "weighted":
+            assert self.probabilities is not None
+            chosen = [int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
         else:
             chosen = list(range(len(self.teachers)))
         for i in chosen:

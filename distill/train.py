@@ -66,6 +66,37 @@ def pool_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.distill.pool) if cfg.distill.pool else cfg.pool_dir
 
 
+def teacher_names(cfg: RunConfig, pool_dir: Path) -> list[str] | None:
+    """``distill.teachers`` as names: a list as given, "selected" from pool.json's greedy selection."""
+    names = cfg.distill.teachers
+    if names != "selected":
+        return names
+    from teachers.pool import pool_file, read_pool_json
+
+    selected = read_pool_json(pool_dir).get("selected", {}).get("teachers")
+    if not selected:
+        raise ImatError(
+            f"distill.teachers: 'selected' needs the pool's greedy selection in {pool_file(pool_dir)} "
+            f"(run `imat teachers eval {pool_dir}` first)"
+        )
+    return [str(n) for n in selected]
+
+
+def selection_probabilities(dcfg: DistillConfig, teachers: list[FrozenTeacher]) -> list[float] | None:
+    """Weighted selection's drawing probabilities from each teacher's validation top-1 in pool.json."""
+    from distill.teachers_runtime import accuracy_weights
+
+    if default_selection(dcfg) != "weighted":
+        return None
+    missing = [t.name for t in teachers if t.val_top1 is None]
+    if missing:
+        raise ImatError(
+            f"distill.selection: weighted needs each teacher's validation top-1 in pool.json; "
+            f"{', '.join(missing)} has none (run `imat teachers eval`)"
+        )
+    return accuracy_weights([float(t.val_top1) for t in teachers], dcfg.selection_temperature)  # type: ignore[arg-type]
+
+
 def load_frozen_teachers(
     cfg: RunConfig, pool_dir: Path, classes: ClassMap, device: str = "cpu"
 ) -> list[FrozenTeacher]:
@@ -73,7 +104,7 @@ def load_frozen_teachers(
     from imat.weights import read_meta
     from teachers.pool import load_pool, load_teacher
 
-    entries = load_pool(pool_dir, cfg.distill.teachers)
+    entries = load_pool(pool_dir, teacher_names(cfg, pool_dir))
     out = []
     for e in entries:
         if e.num_classes != classes.num_classes:
@@ -91,7 +122,13 @@ def load_frozen_teachers(
         model = load_teacher(e, device)
         out.append(
             FrozenTeacher(
-                e.name, model, int(e.input_size), tuple(e.mean), tuple(e.std), cfg.distill.teacher_train_mode
+                e.name,
+                model,
+                int(e.input_size),
+                tuple(e.mean),
+                tuple(e.std),
+                cfg.distill.teacher_train_mode,
+                e.val_top1,
             )
         )
     return out
@@ -117,19 +154,29 @@ def check_method(dcfg: DistillConfig) -> None:
                 f"distill.blocks.{stage[0]}: meal-v2 works on the final outputs only; use method=meal "
                 f"for intermediate blocks"
             )
-        if dcfg.selection == "random":
+        if dcfg.selection in ("random", "weighted"):
             raise ImatError(
-                "distill.selection: meal-v2 averages all teachers (mean); use method=meal for random"
+                f"distill.selection: meal-v2 averages all teachers (mean); use method=meal for {dcfg.selection}"
             )
+    if dcfg.method == "kd" and dcfg.selection == "weighted":
+        raise ImatError("distill.selection: kd averages all teachers (mean); weighted is for method=meal")
     for i, b in enumerate(dcfg.blocks):
         if b.index != "logits" and b.length is None:
             raise ImatError(f"distill.blocks.{i}.length: stage block {b.index} needs a pooled length L_k")
-    if dcfg.adversarial.widths is not None and any(w < 1 for w in dcfg.adversarial.widths):
+    widths = dcfg.adversarial.widths
+    if isinstance(widths, list) and any(w < 1 for w in widths):
         raise ImatError(
             f"distill.adversarial.widths: every width must be >= 1 (got {dcfg.adversarial.widths})"
         )
+    aug = dcfg.train.aug
+    if dcfg.cache.enabled and dcfg.method != "ce" and (aug.mixup > 0 or aug.cutmix > 0):
+        # consistent teaching: a teacher must score the very (mixed) image the student sees
+        raise ImatError(
+            "distill.train.aug: mixup/cutmix need the teachers online (they score the mixed image); "
+            "set distill.cache.enabled=false or mixup=0 and cutmix=0"
+        )
     adv = dcfg.adversarial
-    if adv.enabled and adv.mode != "alternating" and adv.optimizer != "same":
+    if adv.enabled and adv.mode != "alternating" and adv.optimizer not in ("same", "auto"):
         # grl and joint update student and discriminators in one step with the student's optimiser
         raise ImatError(
             f"distill.adversarial.optimizer: {adv.optimizer!r} needs mode alternating (the discriminators "
@@ -177,24 +224,37 @@ def build_task(
     cache: Any = None,
 ) -> DistillTaskBase:
     """The engine task for ``cfg.distill.method``."""
+    from imat.data.mixing import build_label_mass_mixup
+
     dcfg = cfg.distill
     smoothing = dcfg.train.aug.label_smoothing
     mean, std = student_data["mean"], student_data["std"]
+    mixup = build_label_mass_mixup(dcfg.train.aug, num_classes)
     if dcfg.method == "ce":
-        return CETask(student, smoothing)
+        return CETask(student, smoothing, mixup)
     seed = dcfg.seed if dcfg.seed is not None else dcfg.train.seed
-    ensemble = TeacherEnsemble(teachers, default_selection(dcfg), seed) if teachers else None
+    ensemble = (
+        TeacherEnsemble(teachers, default_selection(dcfg), seed, selection_probabilities(dcfg, teachers))
+        if teachers
+        else None
+    )
     if dcfg.method == "kd":
         return KDTask(
-            student, SoftTargets(ensemble, mean, std, cache), dcfg.kd_alpha, dcfg.temperature, smoothing
+            student,
+            SoftTargets(ensemble, mean, std, cache),
+            dcfg.kd_alpha,
+            dcfg.temperature,
+            smoothing,
+            mixup,
         )
     assert ensemble is not None
     s_idx, t_idx, lengths, dims = resolve_blocks(dcfg, student, teachers, num_classes)
     adv = dcfg.adversarial
     disc_opt = None
-    if adv.optimizer != "same":
-        disc_opt = {"optimizer": adv.optimizer, "weight_decay": adv.weight_decay}
-        if adv.optimizer in ("adam", "adamw"):
+    optimizer = "adam" if adv.optimizer == "auto" and adv.mode == "alternating" else adv.optimizer
+    if optimizer not in ("same", "auto"):
+        disc_opt = {"optimizer": optimizer, "weight_decay": adv.weight_decay}
+        if optimizer in ("adam", "adamw"):
             disc_opt["betas"] = tuple(adv.betas)
     return MealTask(
         student,
@@ -215,6 +275,8 @@ def build_task(
         adversarial=adv.enabled,
         mode=adv.mode,
         disc_widths=adv.widths,
+        disc_input_norm=adv.input_norm,
+        disc_spectral_norm=adv.spectral_norm,
         disc_lr=adv.lr,
         disc_weight_decay=adv.weight_decay,
         adv_weight=adv.weight,
@@ -222,6 +284,7 @@ def build_task(
         label_smoothing=smoothing,
         disc_optimizer=disc_opt,
         cache=cache,
+        mixup=mixup,
     )
 
 
@@ -296,8 +359,9 @@ def build_loaders(
 
 
 def student_meta(
-    dcfg: DistillConfig, data_cfg: dict[str, Any], classes: ClassMap, teachers: list[str]
+    dcfg: DistillConfig, data_cfg: dict[str, Any], classes: ClassMap, teachers: list[FrozenTeacher]
 ) -> dict[str, Any]:
+    probs = selection_probabilities(dcfg, teachers) if teachers else None
     return {
         "kind": "student",
         "method": dcfg.method,
@@ -309,7 +373,9 @@ def student_meta(
         "crop_pct": data_cfg["crop_pct"],
         "model_kwargs": dict(dcfg.student.model_kwargs),
         "classes": classes.to_dict(),
-        "teachers": teachers,
+        "teachers": [t.name for t in teachers],
+        "teacher_selection": default_selection(dcfg) if teachers else None,
+        "teacher_probabilities": dict(zip([t.name for t in teachers], probs, strict=True)) if probs else None,
     }
 
 
@@ -358,8 +424,39 @@ def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> p
         out_dir,
         train_loader,
         val_loader,
-        meta=student_meta(dcfg, data_cfg, classes, [t.name for t in teachers]),
+        meta=student_meta(dcfg, data_cfg, classes, teachers),
         log_name=f"distill-{dcfg.method}",
         progress=progress,
     )
-    return engine.fit(resume=resume and (out_dir / "last.ckpt").is_file())
+    summary = engine.fit(resume=resume and (out_dir / "last.ckpt").is_file())
+    return mark_adversarial(summary, out_dir / "summary.csv")
+
+
+def adversarial_status(summary: pd.DataFrame) -> str | None:
+    """ "inert" when every discriminator stayed at chance in every epoch, "learning" otherwise; None
+    without discriminators. Read from the per-epoch balanced accuracies ``d_acc_b{k}``."""
+    from distill.discriminator import is_inert
+
+    cols = [c for c in summary.columns if c.startswith("d_acc_b")]
+    if not cols or summary.empty:
+        return None
+    return "inert" if is_inert(summary[cols].to_numpy().ravel()) else "learning"
+
+
+def mark_adversarial(summary: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Add the ``adversarial`` column to the summary (and its CSV) and say it when the term was inert."""
+    from imat.engine.runtime import is_main_process
+
+    status = adversarial_status(summary)
+    if status is None:
+        return summary
+    summary = summary.assign(adversarial=status)
+    if is_main_process():
+        write_csv(path, summary)
+    if status == "inert":
+        log.warning(
+            "distill: adversarial term inert: every discriminator stayed at chance (balanced accuracy "
+            "within 0.5 +- 0.05) for the whole run; see the d_acc_b* columns of %s",
+            path,
+        )
+    return summary

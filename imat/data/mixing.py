@@ -36,3 +36,32 @@ def build_mixup(aug: AugConfig, num_classes: int) -> Mixup | None:
         label_smoothing=aug.label_smoothing,
         num_classes=int(num_classes),
     )
+
+
+def build_label_mass_mixup(aug: AugConfig, num_classes: int) -> OddSafeMixup | None:
+    """Mixup/CutMix for batches that may hold unlabelled rows (label -1, e.g. distillation's extra images).
+
+    It mixes over ``num_classes + 1`` classes, the last one standing for "no label", without smoothing:
+    column ``num_classes`` of its targets is the share of each mixed image that came from an unlabelled
+    image, the other columns the label mass. :func:`mix_with_unlabelled` applies it; the loss applies the
+    smoothing (linear in the mix, so the result equals timm's for fully labelled batches)."""
+    if aug.mixup <= 0 and aug.cutmix <= 0:
+        return None
+    return OddSafeMixup(
+        mixup_alpha=aug.mixup,
+        cutmix_alpha=aug.cutmix,
+        prob=aug.mix_prob,
+        label_smoothing=0.0,
+        num_classes=int(num_classes) + 1,
+    )
+
+
+def mix_with_unlabelled(
+    mixup: OddSafeMixup, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mixed images, label mass B x K): rows sum to the labelled share of each mixed image (1 when both
+    images had labels, 0 when neither had)."""
+    k = mixup.num_classes - 1
+    code = torch.where(labels >= 0, labels, torch.full_like(labels, k))
+    mixed, targets = mixup(images, code)
+    return mixed, targets[:, :k]
