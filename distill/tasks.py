@@ -139,7 +139,7 @@ class SoftTargets:
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(mean teacher logits or None when cached, mean teacher probabilities at T)."""
         if self.cache is not None and "soft_index" in batch:
-            probs = self.cache.dense(batch["soft_index"], batch["soft_prob"], temperature)
+            probs = self.cache.dense(batch, temperature)
             return None, probs.to(batch["image"].device)
         assert self.ensemble is not None
         chosen = self.ensemble.pick()
@@ -263,7 +263,7 @@ class MealTask(DistillTaskBase):
         self.disc_weight_decay = disc_weight_decay
         self.disc_optimizer = disc_optimizer  # engine optimizer_options for "disc" (alternating only)
         # Offline teacher outputs (logits block only): the teachers are not run; the discriminator then
-        # compares log-probabilities (the cached top-k rebuilt, vs the student's log-softmax).
+        # compares log-probabilities, both sides truncated alike (TeacherCache.meal_vectors).
         self.cache = cache
         if cache is not None and any(i != "logits" for i in self.student_indices):
             raise ValueError("cached teacher outputs cover the logits block only")
@@ -334,15 +334,9 @@ class MealTask(DistillTaskBase):
         if self.cache is not None and "soft_index" in batch:
             with self._autocast(ctx):
                 s_logits = self.model(x)
-            s_vec = F.log_softmax(s_logits.float(), dim=-1)
-            chosen = self.cache.choose()
-            idx, prob = batch["soft_index"], batch["soft_prob"]
-            probs_t = self.cache.dense(idx, prob, self.temperature, chosen).to(x.device)
-            probs_1 = (
-                probs_t if self.temperature == 1.0 else self.cache.dense(idx, prob, 1.0, chosen).to(x.device)
-            )
+            s_vec, t_vec, probs_t = self.cache.meal_vectors(batch, s_logits, self.temperature)
             n = len(self.aligners)
-            return [s_vec] * n, [probs_1.clamp_min(1e-8).log()] * n, [probs_t] * n, s_logits
+            return [s_vec] * n, [t_vec] * n, [probs_t] * n, s_logits
         chosen = self.ensemble.pick()
         want = list(self.student_indices)
         need_logits = "logits" not in want
@@ -384,7 +378,9 @@ class MealTask(DistillTaskBase):
             self.discriminators.to(batch["image"].device)
         batch = self.mixed(batch)
         s_vecs, t_raw, t_probs, s_logits = self.vectors(batch, ctx)
-        sim, parts = self._similarity(s_vecs, t_raw, t_probs)
+        # cached targets: s_vecs is the student's top-k view for D; the similarity sees its full logits
+        cached = self.cache is not None and "soft_index" in batch
+        sim, parts = self._similarity([s_logits] * len(s_vecs) if cached else s_vecs, t_raw, t_probs)
         total = sim
         if self.hard_label_weight > 0:
             hard = hard_loss(s_logits, batch["label"], self.label_smoothing)
