@@ -341,6 +341,57 @@ def split_with_noise(
     return train_df, val_df
 
 
+def extra_rows(
+    cfg: RunConfig, df: pd.DataFrame, train_df: pd.DataFrame, val_df: pd.DataFrame, root: str | None
+) -> pd.DataFrame:
+    """``distill.extra_images`` as unlabelled train rows (label -1): the soft targets need no labels.
+
+    Images that are already training or validation rows are dropped (same resolved file), so the extra
+    set can never leak the validation split into training."""
+    from imat.data.dataset import resolve_paths
+    from imat.data.sources import read_images
+
+    source = cfg.distill.extra_images
+    assert source is not None
+    if source == "test":
+        extra = df[df["split"] == "test"]
+        if extra.empty:
+            raise ImatError("distill.extra_images: 'test' but the manifest has no test split (set data.test)")
+        extra = extra.assign(path=resolve_paths(extra, root))
+    else:
+        extra = read_images(source, cfg.data.images, split="test")
+    known = set(resolve_paths(train_df, root)) | set(resolve_paths(val_df, root))
+    extra = extra[~extra["path"].astype(str).isin(known)]
+    if extra.empty:
+        raise ImatError(f"distill.extra_images: {source}: no images beyond the train and val splits")
+    rows = pd.DataFrame(
+        {
+            "image_id": "extra/" + extra["image_id"].astype(str),
+            "split": "train",
+            "path": extra["path"].astype(str).to_numpy(),
+            "label": -1,
+            "source_label": "",
+        }
+    )
+    return rows.reindex(columns=train_df.columns, fill_value="")
+
+
+def with_extra_images(
+    cfg: RunConfig, df: pd.DataFrame, train_df: pd.DataFrame, val_df: pd.DataFrame, root: str | None
+) -> pd.DataFrame:
+    """The student's training rows: the labelled ones plus ``distill.extra_images`` (when set)."""
+    dcfg = cfg.distill
+    if dcfg.extra_images is None:
+        return train_df
+    if dcfg.method == "ce":
+        raise ImatError("distill.extra_images: method ce learns from labels only; use kd, meal or meal-v2")
+    if dcfg.train.aug.balanced_sampler:
+        raise ImatError("distill.extra_images: the balanced sampler needs a label on every image")
+    extra = extra_rows(cfg, df, train_df, val_df, root)
+    log.info("distill: %d labelled + %d extra unlabelled training images", len(train_df), len(extra))
+    return pd.concat([train_df, extra], ignore_index=True)
+
+
 def build_loaders(
     cfg: RunConfig, data_cfg: dict[str, Any], train_df: pd.DataFrame, val_df: pd.DataFrame, root: str | None
 ) -> tuple[Any, Any]:
@@ -399,6 +450,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> p
     out_dir.mkdir(parents=True, exist_ok=True)
     train_df, val_df = split_with_noise(cfg, df, classes, manifest, out_dir)
     root = images_root(cfg, pool_dir)
+    train_df = with_extra_images(cfg, df, train_df, val_df, root)
     cache = None
     if dcfg.cache.enabled and needs_teachers:
         from distill.cache import prepare_cache

@@ -71,6 +71,10 @@ class DistillConfig(Section):
     # model that has forward_intermediates (at your own risk).
     allow_any_student: bool = False
     seed: int | None = None  # teacher-selection RNG; default train.seed
+    # Unlabelled images that join the student's training data with teacher targets only: "test" (the
+    # manifest's test split), or a folder, a manifest (.parquet) or a competition file (images under
+    # data.images). Whether a competition's rules allow training on its test images is the team's call.
+    extra_images: str | None = None
     adversarial: AdversarialConfig = AdversarialConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
