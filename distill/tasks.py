@@ -235,6 +235,7 @@ class MealTask(DistillTaskBase):
         disc_optimizer: dict[str, Any] | None = None,
         cache: Any = None,
         mixup: Any = None,
+        d_steps: int = 1,
     ) -> None:
         super().__init__(model, label_smoothing, mixup)
         n = len(student_indices)
@@ -273,6 +274,7 @@ class MealTask(DistillTaskBase):
             else []
         )
         self.manual_optimization = adversarial and mode == "alternating"
+        self.d_steps = int(d_steps)
         self._acc = torch.zeros(max(n, 1), 2)
         self._acc_n = 0
 
@@ -391,15 +393,18 @@ class MealTask(DistillTaskBase):
             return parts
         n = len(self.discriminators)
         if self.mode == "alternating":
-            # 1) discriminator step on detached vectors
-            for p in self.discriminators.parameters():
-                p.grad = None
-            d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
-            for k, d in enumerate(self.discriminators):
-                dt, ds = d(t_raw[k].detach()), d(s_vecs[k].detach())
-                self._record_acc(k, dt, ds)
-                d_total = d_total + self.etas[k] * (bce(dt, 1.0) + bce(ds, 0.0))
-            ctx.optimize("disc", d_total)
+            # 1) discriminator step(s) on detached vectors; accuracy is recorded before the first update,
+            #    on vectors D has not been trained on (a held-out figure, not a training one)
+            for d_step in range(self.d_steps):
+                for p in self.discriminators.parameters():
+                    p.grad = None
+                d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
+                for k, d in enumerate(self.discriminators):
+                    dt, ds = d(t_raw[k].detach()), d(s_vecs[k].detach())
+                    if d_step == 0:
+                        self._record_acc(k, dt, ds)
+                    d_total = d_total + self.etas[k] * (bce(dt, 1.0) + bce(ds, 0.0))
+                ctx.optimize("disc", d_total)
             # 2) student step: similarity + being classified as teacher (D frozen for this step)
             adv = s_vecs[0].new_zeros((), dtype=torch.float32)
             with frozen([self.discriminators]):

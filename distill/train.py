@@ -285,6 +285,7 @@ def build_task(
         disc_optimizer=disc_opt,
         cache=cache,
         mixup=mixup,
+        d_steps=adv.d_steps,
     )
 
 

@@ -453,3 +453,13 @@ def test_kd_and_ce_tasks_step():
     ce = CETask(tiny(3))
     out = Ctx(ce).run(ce, batch())
     assert set(out) == {"loss", "ce"} and float(out["loss"]) > 0
+
+
+def test_d_steps_updates_the_discriminators_n_times_per_student_step():
+    task = make_meal("alternating")
+    task.d_steps = 3
+    ctx = Ctx(task)
+    ctx.run(task, batch())
+    assert ctx.calls == ["disc", "disc", "disc", "main"]
+    extras = task.epoch_extras()  # accuracy recorded once per step, before D's first update
+    assert 0.0 <= extras["d_acc_b0"] <= 1.0

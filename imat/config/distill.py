@@ -37,6 +37,7 @@ class AdversarialConfig(Section):
     betas: tuple[float, float] = (0.5, 0.999)  # for adam/adamw
     grl_lambda: float = Field(1.0, gt=0)
     weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
+    d_steps: int = Field(1, ge=1)  # alternating: discriminator updates per student step (GANs' n_critic)
 
 
 class CacheConfig(Section):
