@@ -1,28 +1,43 @@
-"""Distillation benchmark on CIFAR-10 (JPEG q75): the same ResNet student trained alone (CE), with KD,
-MEAL v1, MEAL v2, MEAL v1 without discriminators, and from cached teacher outputs (KD), beside each
-teacher and the ensemble; then the same with symmetric label noise (teachers AND students see the
-same noisy labels): CE alone vs MEAL. Top-1/top-3 error on the test split (used as validation) and
-train seconds per epoch, all with equal epochs and augmentation.
+"""Distillation benchmark on CIFAR-10 (JPEG q75): can a small ResNet student reach its pool's ensemble?
 
-Size knobs make it CPU-sized or full-sized::
+Stages (``--stages``, each resumable with ``--resume``; the run directories live under ``--out``):
 
-    .venv/bin/python benchmarks/bench_distill.py --train-per-class 200 --val-per-class 50 \
-        --teacher-epochs 3 --student-epochs 3 --out benchmarks/out/distill_small
-    .venv/bin/python benchmarks/bench_distill.py --train-per-class 5000 --val-per-class 1000 \
-        --teacher-epochs 30 --student-epochs 30 --teachers resnet34:64,regnetx_016:64 --device cuda ...
+- ``teachers``: the pool (``--teachers arch:size,...``) on ``--train-per-class`` labelled images per class,
+  the CIFAR reference recipe (``crop`` preset: reflect-pad + random crop + flip, label smoothing 0.1, SGD
+  cosine), then ``imat teachers eval`` on the validation split (each teacher, the ensembles and the
+  greedy selection recorded in pool.json).
+- ``tune``: an ``imat tune`` ASHA sweep of MEAL v1 (discriminator lr and spectral norm, the stage block's
+  gamma, the temperature, the hard-label weight) on a ``--tune-per-class`` subset; its winner is what the
+  ``meal-tuned`` student uses. Table: ``benchmarks/results/distill_tune_cifar10.csv``.
+- ``students``: the same student architecture with equal epochs and augmentation for every method:
+  CE, KD, MEAL v1 (defaults), MEAL v1 tuned, MEAL v1 without discriminators, MEAL v2, and the
+  ``--best`` method again with consistent teaching (mixup + cutmix, teachers score the mixed image) and
+  with the other CIFAR-10 training images as extra unlabelled data; ``--seeds`` for CE, KD and ``--best``.
 
-Outputs under --out: one run dir per experiment, ``results.csv`` and ``results.md`` (the table for
-docs/BENCHMARKS.md). The data set is unpacked to ``data/cifar10-jpeg`` (git-ignored) when missing.
+Validation is the whole 10,000-image test split (``--val-per-class 1000``). The table
+``benchmarks/results/distill_cifar10.csv`` has one row per model (teachers and the ensemble too):
+``model, method, seed, top1_err, top3_err, ratio_to_ce, gap_closed`` plus wall time, seconds per epoch and
+the discriminators' first/last balanced accuracy. ``gap_closed = (CE - student) / (CE - ensemble)`` on
+top-1 error, CE being the mean over CE seeds. Student figures are the LAST epoch's (nothing picked on the
+validation split).
+
+    .venv/bin/python benchmarks/bench_distill.py --resume --out benchmarks/out/distill_c10   # full size
+    .venv/bin/python benchmarks/bench_distill.py --out /tmp/dsmall --train-per-class 20 --val-per-class 10 \\
+        --extra-per-class 10 --teacher-epochs 1 --student-epochs 1 --tune-samples 2 --tune-epochs 1 \\
+        --tune-per-class 10 --teachers resnet18:32,regnety_008:32            # a smoke run, minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import math
 import platform
 import tarfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +46,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
+RESULTS = ROOT / "benchmarks" / "results"
+POOL_TAG = "clean"  # the pool's run directory under --out
 
 
 def unpack(data_dir: Path) -> Path:
@@ -42,32 +59,38 @@ def unpack(data_dir: Path) -> Path:
     return root
 
 
+def _row(folder: str, name: str, f: Path, split: str, label: int) -> dict:
+    return {
+        "image_id": f"{folder}/{name}/{f.stem}",
+        "split": split,
+        "path": f"{folder}/{name}/{f.name}",
+        "label": label,
+        "source_label": name,
+        "url": "",
+    }
+
+
 def subset_manifest(
-    root: Path, train_per_class: int, val_per_class: int, seed: int
-) -> tuple[pd.DataFrame, list[str]]:
+    root: Path, train_per_class: int, val_per_class: int, seed: int, extra_per_class: int = 0
+) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(manifest of train + val rows, class names, extra rows): train is a seeded per-class sample of
+    CIFAR-10 train, val of its test split, extra further train images (never in the train sample)."""
     rng = np.random.default_rng(seed)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    rows = []
+    rows, extra = [], []
     for split, folder, n in (("train", "train", train_per_class), ("val", "test", val_per_class)):
         for label, name in enumerate(classes):
             files = sorted((root / folder / name).glob("*.jpg"))
             pick = rng.choice(len(files), size=min(n, len(files)), replace=False)
-            for i in sorted(pick):
-                f = files[i]
-                rows.append(
-                    {
-                        "image_id": f"{folder}/{name}/{f.stem}",
-                        "split": split,
-                        "path": f"{folder}/{name}/{f.name}",
-                        "label": label,
-                        "source_label": name,
-                        "url": "",
-                    }
-                )
-    return pd.DataFrame(rows), classes
+            rows += [_row(folder, name, files[i], split, label) for i in sorted(pick)]
+            if split == "train" and extra_per_class:
+                rest = sorted(set(range(len(files))) - set(int(i) for i in pick))[:extra_per_class]
+                extra += [_row(folder, name, files[i], "extra", -1) for i in rest]
+    return pd.DataFrame(rows), classes, pd.DataFrame(extra)
 
 
-def base_config(run_dir: Path, images: Path, args: argparse.Namespace, noise: float) -> dict:
+def base_config(run_dir: Path, images: Path, args: argparse.Namespace, noise: float = 0.0) -> dict:
+    """The run config every stage shares; its teacher part must not change between sittings (resume)."""
     teachers = []
     for spec in args.teachers.split(","):
         arch, _, size = spec.partition(":")
@@ -102,170 +125,294 @@ def base_config(run_dir: Path, images: Path, args: argparse.Namespace, noise: fl
                 "model_kwargs": json.loads(args.student_kwargs),
             },
             "blocks": [{"index": -2, "length": 16, "gamma": 0.05}, {"index": "logits", "gamma": 1.0}],
-            "adversarial": {"lr": 1e-3},
             "temperature": 1.0,
             "train": {**recipe, "epochs": args.student_epochs},
         },
     }
 
 
-STUDENTS = {
-    "ce": ["distill.method=ce"],
-    "kd": ["distill.method=kd", "distill.temperature=4", "distill.kd_alpha=0.9"],
-    "kd-cached": [
-        "distill.method=kd",
-        "distill.temperature=4",
-        "distill.kd_alpha=0.9",
-        "distill.cache.enabled=true",
-        "distill.cache.views_per_image=4",
-    ],
-    "meal": ["distill.method=meal"],
-    "meal-noD": ["distill.method=meal", "distill.adversarial.enabled=false"],
-    "meal-v2": ["distill.method=meal-v2", "distill.blocks=[{index: logits}]"],
-}
+# --- the students --------------------------------------------------------------------------------------
 
 
-def run_experiment(
-    tag: str,
-    noise: float,
-    methods: list[str],
-    args: argparse.Namespace,
-    images: Path,
-    manifest: pd.DataFrame,
-    classes: list[str],
-) -> list[dict]:
-    from distill.train import distill
-    from imat.config import apply_override, validate
+@dataclass
+class Student:
+    name: str
+    method: str
+    overrides: list[str] = field(default_factory=list)
+    seeds: tuple[int, ...] = (0,)
+
+
+KD = ["distill.method=kd", "distill.temperature=4", "distill.kd_alpha=0.9"]
+MEAL = ["distill.method=meal"]
+CONSISTENT = ["distill.train.aug.mixup=0.2", "distill.train.aug.cutmix=1.0", "distill.train.aug.mix_prob=0.5"]
+
+
+def students(args: argparse.Namespace, tuned: list[str]) -> list[Student]:
+    seeds = tuple(range(args.seeds))
+    table = {
+        "ce": Student("ce", "ce", ["distill.method=ce"], seeds),
+        "kd": Student("kd", "kd", KD, seeds),
+        "meal": Student("meal", "meal v1", MEAL),
+        "meal-tuned": Student("meal-tuned", "meal v1 (tuned)", MEAL + tuned),
+        "meal-noD": Student(
+            "meal-noD", "meal v1, no discriminators", MEAL + ["distill.adversarial.enabled=false"]
+        ),
+        "meal-v2": Student(
+            "meal-v2", "meal v2", ["distill.method=meal-v2", "distill.blocks=[{index: logits}]"]
+        ),
+    }
+    best = table[args.best]
+    best.seeds = seeds
+    table[f"{best.name}+consistent"] = Student(
+        f"{best.name}+consistent", f"{best.method}, consistent teaching", best.overrides + CONSISTENT
+    )
+    table[f"{best.name}+extra"] = Student(
+        f"{best.name}+extra",
+        f"{best.method}, + unlabelled images",
+        best.overrides + [f"distill.extra_images={args.out_path / 'extra.parquet'}"],
+    )
+    wanted = [m for m in args.methods.split(",") if m] if args.methods else list(table)
+    unknown = [m for m in wanted if m not in table]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(table)}")
+    return [table[m] for m in wanted]
+
+
+def tuned_overrides(out: Path) -> list[str]:
+    path = out / "tune" / "winner.json"
+    if not path.is_file():
+        return []
+    return [f"{k}={json.dumps(v)}" for k, v in json.loads(path.read_text()).items()]
+
+
+# --- stages --------------------------------------------------------------------------------------------
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[Path, pd.DataFrame, list[str]]:
     from imat.manifest import ClassMap, save_manifest
-    from teachers.ensemble import evaluate_probs, pool_probs
-    from teachers.pool import load_pool
+
+    images = unpack(Path(args.data_dir) if Path(args.data_dir).is_absolute() else ROOT / args.data_dir)
+    manifest, classes, extra = subset_manifest(
+        images, args.train_per_class, args.val_per_class, args.seed, args.extra_per_class
+    )
+    save_manifest(manifest, ClassMap(classes, [], "str"), args.out_path / POOL_TAG / "data")
+    if not extra.empty:
+        extra = extra.assign(path=[str(images / p) for p in extra["path"]])
+        extra.to_parquet(args.out_path / "extra.parquet", index=False)
+    return images, manifest, classes
+
+
+def stage_teachers(args: argparse.Namespace, images: Path) -> list[dict]:
+    from imat.config import validate
+    from teachers.evaluate import evaluate_pool
     from teachers.train import train_pool
 
-    out = Path(args.out) / tag
-    cmap = ClassMap(classes, [], "str")
-    save_manifest(manifest, cmap, out / "data")
-    raw = base_config(out, images, args, noise)
-    cfg = validate(raw, tag)
+    run = args.out_path / POOL_TAG
+    cfg = validate(base_config(run, images, args), "bench")
     t0 = time.perf_counter()
     train_pool(cfg, resume=True)
-    teacher_time = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    ev = evaluate_pool(cfg.pool_dir, split="val", batch_size=256, device=args.device, metric="top1")
     rows = []
-    entries = load_pool(cfg.pool_dir)
-    val = manifest[manifest["split"] == "val"].reset_index(drop=True)
-    probs, labels = pool_probs(
-        entries, val, str(images), device=args.device if args.device != "auto" else "auto"
-    )
-    table = evaluate_probs(probs, labels, [e.name for e in entries])
-    for _, r in table.iterrows():
+    for _, r in ev.table.iterrows():
         if r["kind"] == "geomean":
             continue
-        summ = pd.read_csv(cfg.pool_dir / r["name"] / "summary.csv") if r["kind"] == "teacher" else None
+        model = f"teacher {r['name']}" if r["kind"] == "teacher" else str(r["name"])
+        summ = cfg.pool_dir / r["name"] / "summary.csv"
         rows.append(
             {
-                "experiment": tag,
-                "model": f"teacher {r['name']}" if r["kind"] == "teacher" else "ensemble (mean)",
+                "model": model,
+                "method": r["kind"],
+                "seed": 0,
                 "top1_err": 1 - r["top1"],
                 "top3_err": 1 - r["top3"],
-                "s_per_epoch": float(summ["train_time_s"].mean()) if summ is not None else float("nan"),
+                "s_per_epoch": float(pd.read_csv(summ)["train_time_s"].mean())
+                if summ.is_file()
+                else float("nan"),
             }
         )
-    for method in methods:
-        import copy
-
-        student_raw = copy.deepcopy(raw)
-        student_raw["run_dir"] = str(out / f"student-{method}")
-        student_raw["distill"]["pool"] = str(cfg.pool_dir)
-        for o in STUDENTS[method]:
-            apply_override(student_raw, o)
-        scfg = validate(student_raw, method)
-        t1 = time.perf_counter()
-        summary = distill(scfg, resume=True, progress=False)
-        wall = time.perf_counter() - t1
-        last = summary.iloc[-1]
-        rows.append(
-            {
-                "experiment": tag,
-                "model": f"student {args.student} {method}",
-                "top1_err": 1 - float(last["val_top1"]),
-                "top3_err": 1 - float(last["val_top3"]),
-                "s_per_epoch": float(summary["train_time_s"].mean()),
-                "wall_s": wall,
-            }
-        )
-        print(rows[-1], flush=True)
-    rows.append({"experiment": tag, "model": "(teacher pool training, total)", "wall_s": teacher_time})
+    rows.append({"model": "(teacher pool training this sitting)", "method": "", "wall_s": wall})
     return rows
 
 
-def markdown(df: pd.DataFrame) -> str:
-    """A GitHub table without the optional `tabulate` dependency."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join("" if pd.isna(r[c]) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+def stage_tune(args: argparse.Namespace, images: Path, manifest: pd.DataFrame, classes: list[str]) -> None:
+    from distill.tune import tune_distill
+    from imat.config import validate
+    from imat.io import write_csv, write_json
+    from imat.manifest import ClassMap, save_manifest
+
+    run = args.out_path / "tune"
+    sub = manifest[manifest["split"] == "val"]
+    train = manifest[manifest["split"] == "train"].groupby("label").head(args.tune_per_class)
+    val = sub.groupby("label").head(max(1, args.tune_per_class // 5))
+    save_manifest(pd.concat([train, val]), ClassMap(classes, [], "str"), run / "data")
+    raw = base_config(run, images, args)
+    raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
+    raw["distill"]["method"] = "meal"
+    raw["distill"]["train"]["epochs"] = args.tune_epochs
+    raw["tune"] = {
+        "samples": args.tune_samples,
+        "scheduler": "asha",
+        "metric": "val_top1_err",
+        "grace_period": max(1, args.tune_epochs // 4),
+        "cpus_per_trial": 2,
+        "space": {
+            "distill.adversarial.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
+            "distill.adversarial.spectral_norm": {"type": "choice", "values": [False, True]},
+            "distill.blocks.0.gamma": {"type": "loguniform", "low": 0.01, "high": 0.3},
+            "distill.temperature": {"type": "choice", "values": [1.0, 2.0, 4.0]},
+            "distill.hard_label_weight": {"type": "choice", "values": [0.0, 0.1, 0.3]},
+        },
+    }
+    cfg = validate(raw, "bench-tune")
+    t0 = time.perf_counter()
+    outcome = tune_distill(cfg, num_cpus=2, verbose=0)
+    table = outcome.trials.assign(sweep_wall_s=time.perf_counter() - t0)
+    write_csv(RESULTS / "distill_tune_cifar10.csv", table)
+    write_json(run / "winner.json", outcome.best_config)
+    print(table.to_string(index=False), flush=True)
+
+
+def last_d_acc(summary: pd.DataFrame) -> tuple[float, float]:
+    cols = [c for c in summary.columns if c.startswith("d_acc_b")]
+    if not cols:
+        return float("nan"), float("nan")
+    return float(summary[cols].iloc[0].max()), float(summary[cols].iloc[-1].max())
+
+
+def stage_students(args: argparse.Namespace, images: Path) -> list[dict]:
+    from distill.train import distill
+    from imat.config import apply_override, validate
+
+    raw = base_config(args.out_path / POOL_TAG, images, args)
+    rows = []
+    for st in students(args, tuned_overrides(args.out_path)):
+        for seed in st.seeds:
+            student_raw = copy.deepcopy(raw)
+            student_raw["run_dir"] = str(args.out_path / "students" / f"{st.name}-s{seed}")
+            student_raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
+            for o in [*st.overrides, f"distill.train.seed={seed}"]:
+                apply_override(student_raw, o)
+            scfg = validate(student_raw, st.name)
+            done = scfg.run_path / "student" / "summary.csv"
+            if done.is_file() and not args.resume:
+                raise SystemExit(f"{done} exists: pass --resume to continue or reuse it")
+            t1 = time.perf_counter()
+            summary = distill(scfg, resume=True, progress=False)
+            last = summary.iloc[-1]
+            d_first, d_last = last_d_acc(summary)
+            rows.append(
+                {
+                    "model": f"student {st.name}",
+                    "method": st.method,
+                    "seed": seed,
+                    "top1_err": 1 - float(last["val_top1"]),
+                    "top3_err": 1 - float(last["val_top3"]),
+                    "epochs": int(len(summary)),
+                    "s_per_epoch": float(summary["train_time_s"].mean()),
+                    "wall_s_this_sitting": time.perf_counter() - t1,
+                    "d_acc_first": d_first,
+                    "d_acc_last": d_last,
+                    "adversarial": str(last.get("adversarial", "")),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+# --- the table -----------------------------------------------------------------------------------------
+
+
+def finish_table(rows: list[dict], val_images: int) -> pd.DataFrame:
+    """Adds ratio_to_ce and gap_closed (top-1) and the ±95% binomial half-width of each top-1 error."""
+    df = pd.DataFrame(rows)
+    students_ = df["model"].astype(str).str.startswith("student ")
+    ce = df.loc[df["model"] == "student ce", "top1_err"].mean()
+    ens = df.loc[df["model"] == "ensemble_mean", "top1_err"]
+    ens_err = float(ens.iloc[0]) if len(ens) else float("nan")
+    df["ratio_to_ce"] = df["top1_err"] / ce if math.isfinite(ce) else float("nan")
+    df["gap_closed"] = (ce - df["top1_err"]) / (ce - ens_err) if math.isfinite(ce - ens_err) else float("nan")
+    df.loc[~students_, ["ratio_to_ce", "gap_closed"]] = float("nan")
+    p = df["top1_err"]
+    df["top1_ci95"] = 1.96 * np.sqrt(p * (1 - p) / val_images)
+    first = ["model", "method", "seed", "top1_err", "top3_err", "ratio_to_ce", "gap_closed"]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def discriminator_ablation(df: pd.DataFrame, val_images: int) -> str:
+    """MEAL with minus without discriminators, with the ±95% interval of an unpaired difference."""
+    a = df.loc[df["model"] == "student meal", "top1_err"]
+    b = df.loc[df["model"] == "student meal-noD", "top1_err"]
+    if a.empty or b.empty:
+        return ""
+    pa, pb = float(a.mean()), float(b.mean())
+    half = 1.96 * math.sqrt(pa * (1 - pa) / val_images + pb * (1 - pb) / val_images)
+    return (
+        f"discriminator ablation: top-1 error with - without = {100 * (pa - pb):+.2f} points "
+        f"(±{100 * half:.2f} at 95%)"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/out/distill")
+    p.add_argument("--out", default="benchmarks/out/distill_c10")
+    p.add_argument("--resume", action="store_true", help="continue the runs under --out")
+    p.add_argument("--stages", default="teachers,tune,students")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--train-per-class", type=int, default=200)
-    p.add_argument("--val-per-class", type=int, default=50)
-    p.add_argument("--teachers", default="resnet18:32,regnetx_002:32", help="arch:input_size,...")
+    p.add_argument("--train-per-class", type=int, default=2500)
+    p.add_argument("--val-per-class", type=int, default=1000)
+    p.add_argument("--extra-per-class", type=int, default=2500, help="unlabelled train images per class")
+    p.add_argument("--teachers", default="resnet18:32,resnet34:32,regnety_008:32", help="arch:input_size,...")
     p.add_argument("--student", default="resnet10t")
-    p.add_argument(
-        "--student-kwargs",
-        default="{}",
-        help="timm create_model kwargs of the student, JSON, e.g. '{\"channels\": [32, 64, 128, 256]}'",
-    )
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--student-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--student-kwargs", default='{"channels": [32, 64, 128, 256]}', help="timm kwargs, JSON")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--student-epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--aug", default="crop", help="augmentation preset of teachers and students")
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument(
-        "--noise", type=float, default=0.4, help="symmetric label noise of the noisy experiment; 0 skips it"
-    )
-    p.add_argument("--methods", default="ce,kd,kd-cached,meal,meal-noD,meal-v2")
+    p.add_argument("--methods", default="", help="students to train (default all), comma-separated")
+    p.add_argument("--best", default="meal-tuned", help="the method run again with consistent/extra")
+    p.add_argument("--seeds", type=int, default=2, help="seeds for CE, KD and --best")
+    p.add_argument("--tune-samples", type=int, default=8)
+    p.add_argument("--tune-epochs", type=int, default=8)
+    p.add_argument("--tune-per-class", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    args.out_path = Path(args.out).resolve()
     logging.basicConfig(level=logging.WARNING)
-    images = unpack(ROOT / args.data_dir)
-    manifest, classes = subset_manifest(images, args.train_per_class, args.val_per_class, args.seed)
-    methods = [m for m in args.methods.split(",") if m]
+    stages = [s for s in args.stages.split(",") if s]
     start = time.perf_counter()
-    rows = run_experiment("clean", 0.0, methods, args, images, manifest, classes)
-    if args.noise > 0:
-        rows += run_experiment(
-            f"noise{int(args.noise * 100)}", args.noise, ["ce", "meal"], args, images, manifest, classes
-        )
-    df = pd.DataFrame(rows)
-    out = Path(args.out)
-    from imat.io import write_csv, write_text
+    images, manifest, classes = prepare_data(args)
+    rows: list[dict] = []
+    if "teachers" in stages or "students" in stages:
+        rows += stage_teachers(args, images)
+    if "tune" in stages:
+        stage_tune(args, images, manifest, classes)
+    if "students" in stages:
+        rows += stage_students(args, images)
+    val_images = int((manifest["split"] == "val").sum())
+    df = finish_table(rows, val_images)
+    from imat.io import write_csv
 
-    write_csv(out / "results.csv", df)
-    shown = df.copy()
-    for c in ("top1_err", "top3_err"):
-        shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}")
-    for c in ("s_per_epoch", "wall_s"):
-        if c in shown:
-            shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
-    header = (
-        f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train, {args.val_per_class}/class test; teachers "
-        f"{args.teachers} x {args.teacher_epochs} ep; student {args.student} {args.student_kwargs} x "
-        f"{args.student_epochs} ep; "
-        f"{args.precision}{' channels-last' if args.channels_last else ''}, batch {args.batch_size}, lr {args.lr}; "
-        f"{platform.machine()} {torch.get_num_threads()} threads, device {args.device}; "
-        f"total {time.perf_counter() - start:.0f}s\n\n"
+    name = (
+        "distill_cifar10.csv" if args.out_path.name == "distill_c10" else f"distill_{args.out_path.name}.csv"
     )
-    write_text(out / "results.md", header + markdown(shown) + "\n")
-    print(header + markdown(shown))
+    write_csv(RESULTS / name, df)
+    header = (
+        f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train (+{args.extra_per_class}/class unlabelled), "
+        f"{val_images} val; teachers {args.teachers} x {args.teacher_epochs} ep; student {args.student} "
+        f"{args.student_kwargs} x {args.student_epochs} ep; {args.aug} aug, {args.precision}, batch "
+        f"{args.batch_size}, lr {args.lr}; {platform.machine()} {torch.get_num_threads()} threads; this sitting "
+        f"{time.perf_counter() - start:.0f}s"
+    )
+    print(header)
+    print(df.to_string(index=False))
+    print(discriminator_ablation(df, val_images))
 
 
 if __name__ == "__main__":
