@@ -103,3 +103,176 @@ def test_ray_train_two_workers_keep_the_single_process_contract(tmp_path):
     ]
     res = _val_metrics(cfg, out / "last.ckpt")
     assert res["n"] == 9 and res["top1"] == pytest.approx(summary["val_top1"].iloc[-1], abs=1e-6)
+
+
+# --- each rank on its own device (faked: no GPU here) -------------------------------------------------
+
+
+def _fake_two_gpu_rank1(monkeypatch) -> list:
+    """The process environment of rank 1 on a node with 2 GPUs; returns the set_device calls."""
+    from imat.engine import distributed as d
+
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(torch.device(dev)))
+    monkeypatch.setattr(d, "is_distributed", lambda: True)
+    monkeypatch.setattr(d, "rank", lambda: 1)
+    return calls
+
+
+def test_torchrun_rank_binds_its_local_gpu(monkeypatch):
+    from imat.engine.distributed import process_device
+
+    calls = _fake_two_gpu_rank1(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("IMAT_RAY_TRAIN_WORKER", raising=False)
+    assert process_device("auto") == torch.device("cuda", 1)
+    assert process_device("cuda") == torch.device("cuda", 1)  # a bare cuda is this rank's GPU too
+    assert calls == [torch.device("cuda", 1)] * 2
+    assert process_device("cpu") == torch.device("cpu")
+
+
+def test_ray_train_rank_takes_rays_device(monkeypatch):
+    """Ray shares CUDA_VISIBLE_DEVICES among a node's workers and sets up the group itself: the device
+    comes from ray.train.torch.get_device(), whatever LOCAL_RANK says."""
+    pytest.importorskip("ray")
+    import ray.train.torch
+
+    from imat.engine.distributed import process_device
+
+    calls = _fake_two_gpu_rank1(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("IMAT_RAY_TRAIN_WORKER", "1")
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 1))
+    assert process_device("auto") == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_one_process_keeps_the_plain_device(monkeypatch):
+    from imat.engine.distributed import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail("no binding for one process"))
+    assert process_device("auto") == torch.device("cuda")
+
+
+# --- DDP for one-backward tasks, the manual path for MEAL's alternating steps (2 gloo processes) --------
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 3
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.x[:, 0] += self.y[:, None, None].float()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": int(self.y[i]), "index": i}
+
+
+def _net(bn: bool) -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(0)
+    norm = [nn.BatchNorm2d(4)] if bn else []
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        *norm,
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
+def _engine(out: Path, batch: int, manual: bool, bn: bool):
+    from torch.utils.data import DataLoader
+
+    from imat.config.train import TrainConfig
+    from imat.engine import ClassificationTask, Engine
+    from imat.engine.task import Task
+
+    class TwoSteps(Task):
+        manual_optimization = True
+
+        def __init__(self, model):
+            super().__init__(model)
+            torch.manual_seed(1)
+            self.disc = torch.nn.Linear(3, 1)
+
+        def modules(self):
+            return {"model": self.model, "disc": self.disc}
+
+        def param_groups(self):
+            return {
+                "main": [{"params": list(self.model.parameters())}],
+                "disc": [{"params": list(self.disc.parameters())}],
+            }
+
+        def step(self, batch, ctx):
+            logits = self.model(batch["image"])
+            d_loss = self.disc(logits.detach()).pow(2).mean()
+            ctx.optimize("disc", d_loss)
+            loss = torch.nn.functional.cross_entropy(logits, batch["label"]) + 0.1 * self.disc(logits).mean()
+            ctx.optimize("main", loss)
+            return {"loss": loss.detach()}
+
+    loader = DataLoader(_Images(), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.1, device="cpu", weight_decay=1e-3)
+    task = TwoSteps(_net(bn)) if manual else ClassificationTask(_net(bn))
+    return Engine(task, cfg, out, loader, None, progress=False, tensorboard=False)
+
+
+def _rank_worker(rank: int, world: int, port: int, out: str, manual: bool) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        IMAT_DIST_BACKEND="gloo",
+    )
+    torch.set_num_threads(1)
+    from imat.engine import distributed as d
+
+    engine = _engine(Path(out), 16 // world, manual, bn=False)
+    assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel) != manual
+    engine.fit()
+    weights = {k: v.clone() for k, v in engine.task.model.state_dict().items()}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, weights)
+    assert all(torch.equal(gathered[0][k], g[k]) for g in gathered for k in weights)  # ranks agree
+    # BatchNorm running statistics: averaged over ranks at each epoch end, not rank 0's
+    bn_engine = _engine(Path(out) / "bn", 16 // world, manual, bn=True)
+    bn = bn_engine.task.model[1]
+    bn.running_mean.fill_(float(rank))
+    d.average_norm_stats(bn_engine.task.modules())
+    assert torch.allclose(bn.running_mean, torch.full_like(bn.running_mean, (world - 1) / 2))
+    if rank == 0:
+        torch.save(weights, Path(out) / "weights.pt")
+    d.cleanup()
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["ddp", "manual"])
+def test_two_gloo_ranks_match_one_process(tmp_path, manual):
+    """Two ranks at batch 8 each train the weights one process trains at batch 16 (sum of shards = the
+    whole batch): through DistributedDataParallel for a one-backward task, through the manual gradient
+    average for alternating optimisers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path / "two"), manual), nprocs=2, join=True)
+    one = _engine(tmp_path / "one", 16, manual, bn=False)
+    assert one.ddp is None
+    one.fit()
+    two = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
+    for key, value in one.task.model.state_dict().items():
+        assert torch.allclose(value, two[key], atol=1e-5), key
