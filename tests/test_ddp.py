@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -276,3 +277,28 @@ def test_two_gloo_ranks_match_one_process(tmp_path, manual):
     two = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
     for key, value in one.task.model.state_dict().items():
         assert torch.allclose(value, two[key], atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_ray_train_restarts_from_its_checkpoint_after_a_worker_is_killed(tmp_path):
+    """Rank 1 of a 2-worker Ray Train run is SIGKILLed after epoch 2 (and the run directory's last.ckpt
+    deleted): Ray restarts the group (FailureConfig) from the checkpoint the engine reported, and the run
+    finishes with its history whole: epochs 1-4, each once."""
+    kit = Path(__file__).with_name("ray_restart_kit.py")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env["IMAT_RAY_NUM_CPUS"] = "2"
+    proc = subprocess.run(
+        [sys.executable, str(kit), str(tmp_path)], env=env, capture_output=True, text=True, timeout=420
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert (tmp_path / "killed.txt").is_file()  # a worker did die
+    assert (tmp_path / "attempts.txt").read_text().split() == ["resumed=False", "resumed=True"]
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert list(summary["epoch"]) == [1, 2, 3, 4] and summary["val_loss"].notna().all()
+    assert list(summary["global_step"]) == [2, 4, 6, 8]  # 16 images, 2 ranks x 4: 2 steps per epoch
+    ckpt = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 4 and [row["epoch"] for row in ckpt["history"]] == [1, 2, 3, 4]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    assert result["checkpoint"] and result["metrics"]["epoch"] == 4

@@ -559,8 +559,10 @@ def _entry_worker(config: dict[str, Any], resumed: bool = False) -> None:
     module, _, name = config["entry"].partition(":")
     cfg = validate(config["config"], "ray train worker")
     kwargs = dict(config.get("kwargs", {}))
-    if resumed:
+    if resumed:  # Ray restarted the run: continue it (a forced re-run was forced on the first attempt)
         kwargs["resume"] = True
+        if "force" in kwargs:
+            kwargs["force"] = False
     getattr(importlib.import_module(module), name)(cfg, **kwargs)
 
 
