@@ -241,8 +241,8 @@ def _rank_worker(rank: int, world: int, port: int, out: str, manual: bool) -> No
     from imat.engine import distributed as d
 
     engine = _engine(Path(out), 16 // world, manual, bn=False)
-    assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel) != manual
     engine.fit()
+    assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel) != manual
     weights = {k: v.clone() for k, v in engine.task.model.state_dict().items()}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, weights)

@@ -137,8 +137,9 @@ class Engine:
         self.ema = ModelEma(task.model, cfg.ema_decay) if cfg.ema else None
         if cfg.compile:
             task.model.compile()  # in place: state_dict keys stay unprefixed
-        # one-backward tasks train inside DDP (gradients reduced while backward runs); None otherwise
-        self.ddp = dist_utils.wrap_ddp(task, self.device)
+        # one-backward tasks train inside DDP (gradients reduced while backward runs), built when fit
+        # starts (its constructor is a collective; an engine built only to evaluate needs none)
+        self.ddp: torch.nn.Module | None = None
 
         self.ctx = StepContext(self)
         self.history: list[dict[str, Any]] = []
@@ -423,6 +424,8 @@ class Engine:
             dist_utils.broadcast_modules(self.task.modules())
             if self.ema is not None:
                 dist_utils.broadcast_modules({"ema": self.ema.module})
+            if self.ddp is None:
+                self.ddp = dist_utils.wrap_ddp(self.task, self.device)
         if self.epoch >= self.cfg.epochs and resumed is None:
             if self.is_main and self.history and not self.summary_path.exists():
                 RunLogger(self.out_dir, tensorboard=False).write_summary(self.history)
