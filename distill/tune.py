@@ -252,11 +252,12 @@ def _search(cfg: RunConfig) -> Any:
         return None
     if t.scheduler == "pbt":
         raise ImatError("tune.search=optuna cannot drive tune.scheduler=pbt (PBT mutates trials itself)")
-    try:
+    try:  # optuna is a dependency; a trimmed environment may lack it (Ray asserts it in the constructor)
         from ray.tune.search.optuna import OptunaSearch
-    except ImportError as exc:  # optuna is a dependency; a trimmed environment may lack it
+
+        return OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.distill.train.seed)
+    except (ImportError, AssertionError) as exc:
         raise ImatError(f"tune.search=optuna needs the optuna package ({exc})") from None
-    return OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.distill.train.seed)
 
 
 def _checkpoints_to_keep(t: Any) -> int:
