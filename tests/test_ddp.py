@@ -302,3 +302,39 @@ def test_ray_train_restarts_from_its_checkpoint_after_a_worker_is_killed(tmp_pat
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])
     assert result["checkpoint"] and result["metrics"]["epoch"] == 4
+
+
+def test_sync_bn_is_for_cuda_ranks(tmp_path, monkeypatch):
+    """train.sync_bn converts BatchNorm to SyncBatchNorm on distributed GPUs; on CPU ranks (gloo) it is a
+    one-line error (their statistics are averaged at each epoch end instead); one process ignores it."""
+    from imat.engine import distributed as d
+    from imat.errors import ImatError
+
+    one = _engine(tmp_path / "one", 8, manual=False, bn=True)  # the helper's recipe, sync_bn off
+    cfg = one.cfg.model_copy(update={"sync_bn": True})
+    from imat.engine import ClassificationTask, Engine
+
+    single = Engine(ClassificationTask(_net(True)), cfg, tmp_path / "s", one.train_loader, progress=False)
+    assert isinstance(single.task.model[1], torch.nn.BatchNorm2d)
+    assert not isinstance(single.task.model[1], torch.nn.SyncBatchNorm)
+    monkeypatch.setattr(d, "init_from_env", lambda: True)
+    monkeypatch.setattr(d, "shard_loader", lambda loader, pad=True: loader)
+    with pytest.raises(ImatError, match="sync_bn needs CUDA"):
+        Engine(ClassificationTask(_net(True)), cfg, tmp_path / "d", one.train_loader, progress=False)
+
+
+def test_max_failures_reaches_ray_train(monkeypatch, tmp_path):
+    """`--max-failures N` of `imat distill --ray-workers` becomes Ray Train's FailureConfig."""
+    from imat.cli import main
+    from imat.engine import distributed as d
+
+    seen = {}
+
+    def fake_run(fn, config, num_workers, **kw):
+        seen.update(kw, num_workers=num_workers, resume=config["kwargs"]["resume"])
+
+    monkeypatch.setattr(d, "run_ray_train", fake_run)
+    cfg = make_run(tmp_path)
+    main(["distill", str(cfg), "--ray-workers", "2", "--max-failures", "5", "--quiet"])
+    assert seen["max_failures"] == 5 and seen["num_workers"] == 2 and seen["resume"] is False
+    assert seen["storage"].endswith("ray_train") and seen["name"] == "distill-train-distill"
