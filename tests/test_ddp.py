@@ -228,7 +228,7 @@ def _engine(out: Path, batch: int, manual: bool, bn: bool):
     return Engine(task, cfg, out, loader, None, progress=False, tensorboard=False)
 
 
-def _rank_worker(rank: int, world: int, port: int, out: str, manual: bool) -> None:
+def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -240,26 +240,26 @@ def _rank_worker(rank: int, world: int, port: int, out: str, manual: bool) -> No
     torch.set_num_threads(1)
     from imat.engine import distributed as d
 
-    engine = _engine(Path(out), 16 // world, manual, bn=False)
-    engine.fit()
-    assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel) != manual
-    weights = {k: v.clone() for k, v in engine.task.model.state_dict().items()}
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, weights)
-    assert all(torch.equal(gathered[0][k], g[k]) for g in gathered for k in weights)  # ranks agree
+    for manual in (False, True):
+        engine = _engine(Path(out) / str(manual), 16 // world, manual, bn=False)
+        engine.fit()
+        assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel) != manual
+        weights = {k: v.clone() for k, v in engine.task.model.state_dict().items()}
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, weights)
+        assert all(torch.equal(gathered[0][k], g[k]) for g in gathered for k in weights)  # ranks agree
+        if rank == 0:
+            torch.save(weights, Path(out) / f"weights_{manual}.pt")
     # BatchNorm running statistics: averaged over ranks at each epoch end, not rank 0's
-    bn_engine = _engine(Path(out) / "bn", 16 // world, manual, bn=True)
+    bn_engine = _engine(Path(out) / "bn", 16 // world, False, bn=True)
     bn = bn_engine.task.model[1]
     bn.running_mean.fill_(float(rank))
     d.average_norm_stats(bn_engine.task.modules())
     assert torch.allclose(bn.running_mean, torch.full_like(bn.running_mean, (world - 1) / 2))
-    if rank == 0:
-        torch.save(weights, Path(out) / "weights.pt")
     d.cleanup()
 
 
-@pytest.mark.parametrize("manual", [False, True], ids=["ddp", "manual"])
-def test_two_gloo_ranks_match_one_process(tmp_path, manual):
+def test_two_gloo_ranks_match_one_process(tmp_path):
     """Two ranks at batch 8 each train the weights one process trains at batch 16 (sum of shards = the
     whole batch): through DistributedDataParallel for a one-backward task, through the manual gradient
     average for alternating optimisers."""
@@ -270,13 +270,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, manual):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(tmp_path / "two"), manual), nprocs=2, join=True)
-    one = _engine(tmp_path / "one", 16, manual, bn=False)
-    assert one.ddp is None
-    one.fit()
-    two = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
-    for key, value in one.task.model.state_dict().items():
-        assert torch.allclose(value, two[key], atol=1e-5), key
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path / "two")), nprocs=2, join=True)
+    for manual in (False, True):
+        one = _engine(tmp_path / "one" / str(manual), 16, manual, bn=False)
+        one.fit()
+        assert one.ddp is None
+        two = torch.load(tmp_path / "two" / f"weights_{manual}.pt", weights_only=True)
+        for key, value in one.task.model.state_dict().items():
+            assert torch.allclose(value, two[key], atol=1e-5), (manual, key)
 
 
 @pytest.mark.slow
