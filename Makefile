@@ -1,22 +1,24 @@
 # Two commands for a new machine: `make demo` and `make test`. Both create .venv when missing and
-# install the project into it (torch + torchvision together: the registry's CUDA builds also run on CPUs).
+# install the project into it (torch + torchvision together: the registry's CUDA builds also run on CPUs),
+# every package at the version constraints.txt pins (the tested environment). `make lock` regenerates it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imat-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
+CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Re-install only when the project's dependencies change; pip's download cache makes re-runs quick.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e ".[dev]" $(TORCH)
+	$(PY) -m pip install -c $(CONSTRAINTS) $(TORCH)
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev]" $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,5 +33,13 @@ test: install
 lint: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
+# Resolve pyproject.toml afresh (newest versions its floors allow) in a scratch venv and pin the result.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --upgrade pip
+	.lock-venv/bin/python -m pip install $(TORCH) -e ".[dev]"
+	{ sed -n '/^#/p' $(CONSTRAINTS); .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .lock-venv

@@ -103,26 +103,45 @@ def _numeric(row: dict[str, Any]) -> dict[str, float | int | bool]:
     return out
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
-    """A Ray Tune function trainable: ``imat distill`` with the trial's values, reporting each epoch."""
+def _trial_config(config: dict[str, Any], base: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The trial's raw config (its values applied, run_dir in the trial folder, the run's manifest linked
+    in) and its student folder."""
     from ray import tune
 
-    from distill.train import STUDENT_DIR, distill
+    from distill.train import STUDENT_DIR
     from distill.tune_space import apply_values
     from imat.config.loader import validate
-    from imat.engine.loop import epoch_end_hook
 
     ctx = tune.get_context()
     run_dir = Path(ctx.get_trial_dir()) / "run"
     raw = apply_values(base, config)
     raw["run_dir"] = str(run_dir)
-    cfg = validate(raw, f"trial {ctx.get_trial_name()}")
+    validate(raw, f"trial {ctx.get_trial_name()}")
     student_dir = run_dir / STUDENT_DIR
     student_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(base["run_dir"]) / "data"  # the run's manifest, shared by every trial
     if data_dir.is_dir() and not (run_dir / "data").exists():
         (run_dir / "data").symlink_to(data_dir, target_is_directory=True)
+    return raw, student_dir
 
+
+def _check_metric(metric: str, metrics: dict[str, Any]) -> None:
+    if metric not in metrics:
+        raise ImatError(
+            f"tune.metric: {metric!r} is not in the epoch summary (has {', '.join(sorted(metrics))})"
+        )
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
+    """A Ray Tune function trainable: ``imat distill`` with the trial's values, reporting each epoch."""
+    from ray import tune
+
+    from distill.train import distill
+    from imat.config.loader import validate
+    from imat.engine.loop import epoch_end_hook
+
+    raw, student_dir = _trial_config(config, base)
+    cfg = validate(raw, f"trial {tune.get_context().get_trial_name()}")
     resume = False
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -138,10 +157,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
         if not engine.is_main:
             return
         metrics = _numeric(row)
-        if metric not in metrics:
-            raise ImatError(
-                f"tune.metric: {metric!r} is not in the epoch summary (has {', '.join(sorted(metrics))})"
-            )
+        _check_metric(metric, metrics)
         with tempfile.TemporaryDirectory(prefix="imat-ckpt-") as tmp:
             for name in CKPT_FILES:
                 if (engine.out_dir / name).is_file():
@@ -150,6 +166,54 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
 
     with epoch_end_hook(report):
         distill(cfg, resume=resume, progress=False)
+
+
+def _trial_worker(config: dict[str, Any], resumed: bool) -> None:
+    """One Ray Train worker of a multi-worker trial: ``imat distill`` as one rank; the engine's epochs
+    go to Ray Train (imat.engine.distributed), and from there to Tune (TuneReportCallback)."""
+    from distill.train import distill
+    from imat.config.loader import validate
+    from imat.engine.loop import epoch_end_hook
+
+    cfg = validate(config["config"], "tune trial worker")
+    with epoch_end_hook(lambda engine, row: _check_metric(config["metric"], _numeric(row))):
+        distill(cfg, resume=resumed, progress=False)
+
+
+def _trial_driver(
+    config: dict[str, Any],
+    base: dict[str, Any],
+    metric: str,
+    workers: int,
+    per_worker: dict[str, float],
+    train_storage: str,
+    max_failures: int,
+) -> None:
+    """A Ray Tune trial that is a Ray Train run of ``workers`` data-parallel workers (the "Tuner over a
+    driver" pattern Ray documents from 2.51 on): this function only launches and watches the
+    TorchTrainer; ``TuneReportCallback`` hands each epoch's metrics (with the path of Ray Train's
+    checkpoint) to Tune. The Train run is named after the trial, so a restarted trial (Tune's
+    ``max_failures``, a restored sweep) continues the same run from its last checkpoint, and a lost
+    worker is restarted by Ray Train itself (``FailureConfig``) without losing the trial."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from imat.engine.distributed import run_ray_train
+
+    raw, _ = _trial_config(config, base)
+    gpus = per_worker.get("gpu", 0.0)
+    run_ray_train(
+        _trial_worker,
+        {"config": raw, "metric": metric},
+        workers,
+        use_gpu=gpus > 0,
+        cpus_per_worker=per_worker["cpu"],
+        gpus_per_worker=gpus or None,
+        storage=train_storage,
+        name=f"trial_{tune.get_context().get_trial_id()}",
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+    )
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -180,14 +244,35 @@ def _scheduler(cfg: RunConfig, space: dict[str, Any]) -> Any:
     return FIFOScheduler()
 
 
+def _search(cfg: RunConfig) -> Any:
+    """The search algorithm: None (Tune's random sampling of the space) or Optuna's TPE sampler through
+    Ray Tune's ``OptunaSearch``, which proposes each new trial from the results so far."""
+    t = cfg.tune
+    if t.search == "random":
+        return None
+    if t.scheduler == "pbt":
+        raise ImatError("tune.search=optuna cannot drive tune.scheduler=pbt (PBT mutates trials itself)")
+    try:  # optuna is a dependency; a trimmed environment may lack it (Ray asserts it in the constructor)
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.distill.train.seed)
+    except (ImportError, AssertionError) as exc:
+        raise ImatError(f"tune.search=optuna needs the optuna package ({exc})") from None
+
+
 def _checkpoints_to_keep(t: Any) -> int:
     """Per trial; PBT keeps at least 3, since another trial may still be copying an older one."""
     return max(t.keep_checkpoints, 3) if t.scheduler == "pbt" else t.keep_checkpoints
 
 
+# What the driver of a multi-worker trial reserves: it only launches and watches its Train run.
+DRIVER_RESOURCES = {"cpu": 0.1}
+
+
 def _resources(cfg: RunConfig) -> dict[str, float]:
-    """Per-trial resources: the config's, else one CPU per loader worker (at least one) and a whole GPU
-    when the cluster has GPUs."""
+    """Per-trial resources (per worker when ``workers_per_trial > 1``): the config's, else one CPU per
+    loader worker (at least one) and a whole GPU when the cluster has GPUs; a fraction of a GPU lets
+    several small trials share one."""
     import ray
 
     t = cfg.tune
@@ -260,11 +345,17 @@ def tune_distill(
     from ray import tune
 
     from distill.train import check_method, pool_dir_of
-    from distill.tune_space import apply_values, check_keys, parse_space, to_ray
+    from distill.tune_space import apply_values, check_keys, default_space, parse_space, to_ray
     from imat.io import write_csv, write_yaml
 
     t = cfg.tune
-    specs = parse_space(t.space)
+    if t.space:
+        specs = parse_space(t.space)
+    else:
+        specs = parse_space(default_space(cfg))
+        log.info("tune: no tune.space in the config; sweeping the default %s", ", ".join(specs))
+    if t.workers_per_trial > 1 and t.scheduler == "pbt":
+        raise ImatError("tune.scheduler=pbt needs tune.workers_per_trial=1 (PBT exploits Tune checkpoints)")
     check_method(cfg.distill)
     if cfg.distill.method != "ce" and not (pool_dir_of(cfg) / "pool.json").is_file():
         raise ImatError(
@@ -278,9 +369,21 @@ def tune_distill(
     started = _init_ray(address or t.address, num_cpus)
     try:
         space = to_ray(specs)
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=base, metric=t.metric), _resources(cfg)
-        )
+        if t.workers_per_trial > 1:
+            driver = tune.with_parameters(
+                _trial_driver,
+                base=base,
+                metric=t.metric,
+                workers=t.workers_per_trial,
+                per_worker=_resources(cfg),
+                train_storage=str(storage / "train"),
+                max_failures=t.max_failures,
+            )
+            trainable = tune.with_resources(driver, DRIVER_RESOURCES)
+        else:
+            trainable = tune.with_resources(
+                tune.with_parameters(_trial, base=base, metric=t.metric), _resources(cfg)
+            )
         restored = False
         if exp_dir.exists() and restart:
             shutil.rmtree(exp_dir)
@@ -300,6 +403,7 @@ def tune_distill(
                     metric=t.metric,
                     mode=t.mode,
                     scheduler=_scheduler(cfg, space),
+                    search_alg=_search(cfg),
                     num_samples=samples or t.samples,
                     max_concurrent_trials=t.max_concurrent,
                     trial_dirname_creator=_trial_dirname,
@@ -308,7 +412,7 @@ def tune_distill(
                     name=EXPERIMENT,
                     storage_path=str(storage),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_to_keep(t)),
-                    failure_config=tune.FailureConfig(max_failures=0),
+                    failure_config=tune.FailureConfig(max_failures=t.max_failures),
                     verbose=verbose,
                 ),
             )
@@ -337,5 +441,12 @@ def tune_distill(
             for name in CKPT_FILES:
                 if (Path(d) / name).is_file():
                     _copy_atomic(Path(d) / name, best_dir / name)
-        best_ckpt = best_dir / "last.ckpt" if (best_dir / "last.ckpt").is_file() else None
+    elif best.path:  # a multi-worker trial: its Train run wrote the student folder in the trial folder
+        from distill.train import STUDENT_DIR
+
+        student = Path(best.path) / "run" / STUDENT_DIR
+        for name in CKPT_FILES:
+            if (student / name).is_file():
+                _copy_atomic(student / name, best_dir / name)
+    best_ckpt = best_dir / "last.ckpt" if (best_dir / "last.ckpt").is_file() else None
     return TuneOutcome(storage, table, values, best_yaml, best_ckpt, restored)

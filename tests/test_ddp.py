@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,238 @@ def test_ray_train_two_workers_keep_the_single_process_contract(tmp_path):
     ]
     res = _val_metrics(cfg, out / "last.ckpt")
     assert res["n"] == 9 and res["top1"] == pytest.approx(summary["val_top1"].iloc[-1], abs=1e-6)
+
+
+# --- each rank on its own device (faked: no GPU here) -------------------------------------------------
+
+
+def _fake_two_gpu_rank1(monkeypatch) -> list:
+    """The process environment of rank 1 on a node with 2 GPUs; returns the set_device calls."""
+    from imat.engine import distributed as d
+
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(torch.device(dev)))
+    monkeypatch.setattr(d, "is_distributed", lambda: True)
+    monkeypatch.setattr(d, "rank", lambda: 1)
+    return calls
+
+
+def test_torchrun_rank_binds_its_local_gpu(monkeypatch):
+    from imat.engine.distributed import process_device
+
+    calls = _fake_two_gpu_rank1(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("IMAT_RAY_TRAIN_WORKER", raising=False)
+    assert process_device("auto") == torch.device("cuda", 1)
+    assert process_device("cuda") == torch.device("cuda", 1)  # a bare cuda is this rank's GPU too
+    assert calls == [torch.device("cuda", 1)] * 2
+    assert process_device("cpu") == torch.device("cpu")
+
+
+def test_ray_train_rank_takes_rays_device(monkeypatch):
+    """Ray shares CUDA_VISIBLE_DEVICES among a node's workers and sets up the group itself: the device
+    comes from ray.train.torch.get_device(), whatever LOCAL_RANK says."""
+    pytest.importorskip("ray")
+    import ray.train.torch
+
+    from imat.engine.distributed import process_device
+
+    calls = _fake_two_gpu_rank1(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("IMAT_RAY_TRAIN_WORKER", "1")
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 1))
+    assert process_device("auto") == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_one_process_keeps_the_plain_device(monkeypatch):
+    from imat.engine.distributed import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail("no binding for one process"))
+    assert process_device("auto") == torch.device("cuda")
+
+
+# --- DDP for one-backward tasks, the manual path for MEAL's alternating steps (2 gloo processes) --------
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 3
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.x[:, 0] += self.y[:, None, None].float()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": int(self.y[i]), "index": i}
+
+
+def _net(bn: bool) -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(0)
+    norm = [nn.BatchNorm2d(4)] if bn else []
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        *norm,
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
+def _engine(out: Path, batch: int, manual: bool, bn: bool):
+    from torch.utils.data import DataLoader
+
+    from imat.config.train import TrainConfig
+    from imat.engine import ClassificationTask, Engine
+    from imat.engine.task import Task
+
+    class TwoSteps(Task):
+        manual_optimization = True
+
+        def __init__(self, model):
+            super().__init__(model)
+            torch.manual_seed(1)
+            self.disc = torch.nn.Linear(3, 1)
+
+        def modules(self):
+            return {"model": self.model, "disc": self.disc}
+
+        def param_groups(self):
+            return {
+                "main": [{"params": list(self.model.parameters())}],
+                "disc": [{"params": list(self.disc.parameters())}],
+            }
+
+        def step(self, batch, ctx):
+            logits = self.model(batch["image"])
+            d_loss = self.disc(logits.detach()).pow(2).mean()
+            ctx.optimize("disc", d_loss)
+            loss = torch.nn.functional.cross_entropy(logits, batch["label"]) + 0.1 * self.disc(logits).mean()
+            ctx.optimize("main", loss)
+            return {"loss": loss.detach()}
+
+    loader = DataLoader(_Images(), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.1, device="cpu", weight_decay=1e-3)
+    task = TwoSteps(_net(bn)) if manual else ClassificationTask(_net(bn))
+    return Engine(task, cfg, out, loader, None, progress=False, tensorboard=False)
+
+
+def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        IMAT_DIST_BACKEND="gloo",
+    )
+    torch.set_num_threads(1)
+    from imat.engine import distributed as d
+
+    for manual in (False, True):
+        engine = _engine(Path(out) / str(manual), 16 // world, manual, bn=False)
+        engine.fit()
+        assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel) != manual
+        weights = {k: v.clone() for k, v in engine.task.model.state_dict().items()}
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, weights)
+        assert all(torch.equal(gathered[0][k], g[k]) for g in gathered for k in weights)  # ranks agree
+        if rank == 0:
+            torch.save(weights, Path(out) / f"weights_{manual}.pt")
+    # BatchNorm running statistics: averaged over ranks at each epoch end, not rank 0's
+    bn_engine = _engine(Path(out) / "bn", 16 // world, False, bn=True)
+    bn = bn_engine.task.model[1]
+    bn.running_mean.fill_(float(rank))
+    d.average_norm_stats(bn_engine.task.modules())
+    assert torch.allclose(bn.running_mean, torch.full_like(bn.running_mean, (world - 1) / 2))
+    d.cleanup()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    """Two ranks at batch 8 each train the weights one process trains at batch 16 (sum of shards = the
+    whole batch): through DistributedDataParallel for a one-backward task, through the manual gradient
+    average for alternating optimisers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path / "two")), nprocs=2, join=True)
+    for manual in (False, True):
+        one = _engine(tmp_path / "one" / str(manual), 16, manual, bn=False)
+        one.fit()
+        assert one.ddp is None
+        two = torch.load(tmp_path / "two" / f"weights_{manual}.pt", weights_only=True)
+        for key, value in one.task.model.state_dict().items():
+            assert torch.allclose(value, two[key], atol=1e-5), (manual, key)
+
+
+@pytest.mark.slow
+def test_ray_train_restarts_from_its_checkpoint_after_a_worker_is_killed(tmp_path):
+    """Rank 1 of a 2-worker Ray Train run is SIGKILLed after epoch 2 (and the run directory's last.ckpt
+    deleted): Ray restarts the group (FailureConfig) from the checkpoint the engine reported, and the run
+    finishes with its history whole: epochs 1-4, each once."""
+    kit = Path(__file__).with_name("ray_restart_kit.py")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env["IMAT_RAY_NUM_CPUS"] = "2"
+    proc = subprocess.run(
+        [sys.executable, str(kit), str(tmp_path)], env=env, capture_output=True, text=True, timeout=420
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert (tmp_path / "killed.txt").is_file()  # a worker did die
+    assert (tmp_path / "attempts.txt").read_text().split() == ["resumed=False", "resumed=True"]
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert list(summary["epoch"]) == [1, 2, 3, 4] and summary["val_loss"].notna().all()
+    assert list(summary["global_step"]) == [2, 4, 6, 8]  # 16 images, 2 ranks x 4: 2 steps per epoch
+    ckpt = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 4 and [row["epoch"] for row in ckpt["history"]] == [1, 2, 3, 4]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    assert result["checkpoint"] and result["metrics"]["epoch"] == 4
+
+
+def test_sync_bn_is_for_cuda_ranks(tmp_path, monkeypatch):
+    """train.sync_bn converts BatchNorm to SyncBatchNorm on distributed GPUs; on CPU ranks (gloo) it is a
+    one-line error (their statistics are averaged at each epoch end instead); one process ignores it."""
+    from imat.engine import distributed as d
+    from imat.errors import ImatError
+
+    one = _engine(tmp_path / "one", 8, manual=False, bn=True)  # the helper's recipe, sync_bn off
+    cfg = one.cfg.model_copy(update={"sync_bn": True})
+    from imat.engine import ClassificationTask, Engine
+
+    single = Engine(ClassificationTask(_net(True)), cfg, tmp_path / "s", one.train_loader, progress=False)
+    assert isinstance(single.task.model[1], torch.nn.BatchNorm2d)
+    assert not isinstance(single.task.model[1], torch.nn.SyncBatchNorm)
+    monkeypatch.setattr(d, "init_from_env", lambda: True)
+    monkeypatch.setattr(d, "shard_loader", lambda loader, pad=True: loader)
+    with pytest.raises(ImatError, match="sync_bn needs CUDA"):
+        Engine(ClassificationTask(_net(True)), cfg, tmp_path / "d", one.train_loader, progress=False)
+
+
+def test_max_failures_reaches_ray_train(monkeypatch, tmp_path):
+    """`--max-failures N` of `imat distill --ray-workers` becomes Ray Train's FailureConfig."""
+    from imat.cli import main
+    from imat.engine import distributed as d
+
+    seen = {}
+
+    def fake_run(fn, config, num_workers, **kw):
+        seen.update(kw, num_workers=num_workers, resume=config["kwargs"]["resume"])
+
+    monkeypatch.setattr(d, "run_ray_train", fake_run)
+    cfg = make_run(tmp_path)
+    main(["distill", str(cfg), "--ray-workers", "2", "--max-failures", "5", "--quiet"])
+    assert seen["max_failures"] == 5 and seen["num_workers"] == 2 and seen["resume"] is False
+    assert seen["storage"].endswith("ray_train") and seen["name"] == "distill-train-distill"

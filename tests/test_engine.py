@@ -496,3 +496,111 @@ def test_resume_takes_the_configs_learning_rate(tmp_path: Path) -> None:
     df = mutated.fit(resume=True)
     assert list(df["epoch"]) == [1, 2, 3]
     assert df["lr_main"].tolist() == pytest.approx([0.05, 0.05, 0.01])
+
+
+class LayerScaleNet(nn.Module):
+    """Conv + BN + layer-scale gain + a 2-D position table named in no_weight_decay() + head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.ones(4))
+        self.pos = nn.Parameter(torch.zeros(4, 1))
+        self.head = nn.Linear(4, 3)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos"}
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)) * self.gamma[None, :, None, None] + self.pos[None, :, :, None]
+        return self.head(x.mean((2, 3)))
+
+
+def test_weight_decay_spares_norms_biases_layer_scale_and_named_tables(tmp_path: Path) -> None:
+    train, val = loaders()
+    model = LayerScaleNet()
+    names = {id(p): n for n, p in model.named_parameters()}
+    engine = Engine(
+        ClassificationTask(model), _cfg(optimizer="adamw", weight_decay=0.05), tmp_path, train, val
+    )
+    groups = engine.optimizers["main"].param_groups
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {"conv.weight", "head.weight"}
+    spared = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert spared == {"conv.bias", "bn.weight", "bn.bias", "gamma", "pos", "head.bias"}
+    assert all(g["lr"] == groups[0]["lr"] for g in groups)
+    df = engine.fit()
+    assert "lr_main_1" not in df.columns  # the weight-decay-free twin shares its lr: no extra column
+    everything = Engine(
+        ClassificationTask(LayerScaleNet()),
+        _cfg(optimizer="adamw", weight_decay=0.05, decay_norm_and_bias=True),
+        tmp_path / "all",
+        train,
+        val,
+    )
+    assert [g["weight_decay"] for g in everything.optimizers["main"].param_groups] == [0.05]
+
+
+def test_ema_is_timms_model_ema_v3_with_warmup(tmp_path: Path) -> None:
+    from timm.utils import ModelEmaV3
+
+    train, val = loaders()
+    engine = Engine(ClassificationTask(tiny_cnn()), _cfg(epochs=1, ema=True), tmp_path, train, val)
+    assert isinstance(engine.ema, ModelEmaV3)
+    assert engine.ema.current_decay() == 0.0  # the first update copies the model
+    engine.fit()
+    assert engine.ema.updates == engine.global_step == 6
+    assert 0.0 < engine.ema.current_decay() < engine.cfg.ema_decay  # still warming up
+
+
+def test_cuda_backends_are_tuned_only_on_cuda() -> None:
+    from imat.engine.runtime import configure_cuda
+
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert configure_cuda(torch.device("cpu")) is False and torch.backends.cudnn.benchmark is False
+        assert configure_cuda(torch.device("cuda", 0)) is True
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_cpu_pipeline(tmp_path: Path) -> None:
+    """Loaders built for a GPU yield uint8 images and carry (mean, std); the engine's normalisation after
+    the copy gives the float batches albumentations' Normalize gives on the CPU, and the same metrics."""
+    from scale_kit import write_squares
+
+    from imat.data import recipe_loaders
+    from imat.engine.runtime import batch_to_device
+
+    images, rows, _ = write_squares(tmp_path / "sq", 12, 6)
+    df = pd.DataFrame(rows)
+    train_df, val_df = df[df.split == "train"], df[df.split == "val"]
+    data_cfg = {"input_size": 24, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "crop_pct": 1.0}
+    recipe = _cfg(batch_size=4, aug={"preset": "none"})
+    kw = {"images": str(images), "decoder": "cv2", "num_workers": 0}
+    f_train, f_val = recipe_loaders(recipe, data_cfg, train_df, val_df, device_normalize=False, **kw)
+    u_train, u_val = recipe_loaders(recipe, data_cfg, train_df, val_df, device_normalize=True, **kw)
+    assert f_train.device_normalize is None
+    assert u_train.device_normalize == ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3)) == u_val.device_normalize
+    fb, ub = next(iter(f_val)), next(iter(u_val))
+    assert fb["image"].dtype == torch.float32 and ub["image"].dtype == torch.uint8
+    on_device = batch_to_device(ub, torch.device("cpu"), channels_last=True, normalize=u_val.device_normalize)
+    assert on_device["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(on_device["image"], fb["image"], atol=1e-5)
+    with pytest.raises(ImatError, match="uint8"):
+        batch_to_device(ub, torch.device("cpu"))
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    engine = Engine(ClassificationTask(model), recipe, tmp_path / "run", u_train, u_val, progress=False)
+    assert engine.evaluate(u_val) == engine.evaluate(f_val)
+    assert engine.fit()["train_loss"].notna().all()

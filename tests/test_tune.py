@@ -136,3 +136,70 @@ def test_sweep_restores_after_driver_is_killed(tmp_path):
     # the killed trial continued from its checkpoint: its iterations carry on, never start again at 1
     assert after[-1] == epochs and after.count(1) == 1, after
     assert load_config(st / "best.yaml").distill.train.epochs == epochs
+
+
+def test_default_space_when_the_config_declares_none():
+    """The demo config has a tune: section without a space: the student's lr, the discriminators' lr and
+    the logits block's similarity weight are swept around its values, and every key validates."""
+    from distill.tune_space import check_keys, default_space, parse_space
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "demo.yaml")
+    assert cfg.tune.space == {} and cfg.tune.samples == 4
+    space = default_space(cfg)
+    assert space == {
+        "distill.train.lr": {"type": "loguniform", "low": pytest.approx(0.01), "high": pytest.approx(0.3)},
+        "distill.adversarial.lr": {
+            "type": "loguniform",
+            "low": pytest.approx(1e-4),
+            "high": pytest.approx(1e-2),
+        },
+        "distill.blocks.1.gamma": {"type": "loguniform", "low": 0.25, "high": 4.0},
+    }
+    check_keys(cfg.model_dump(mode="json"), parse_space(space), "demo")
+    kd = load_config(repo / "configs" / "demo.yaml", ["distill.method=kd"])
+    assert list(default_space(kd)) == ["distill.train.lr"]
+
+
+def test_search_algorithm_and_trial_retries_come_from_the_config(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from distill.tune import _search
+    from imat.errors import ImatError
+
+    cfg = load_config(make_run(tmp_path, extra={"tune.search": "optuna", "tune.metric": "val_loss"}))
+    assert cfg.tune.max_failures == 1  # a failed trial is retried once from its checkpoint by default
+    search = _search(cfg)
+    assert isinstance(search, OptunaSearch) and search.metric == "val_loss" and search.mode == "min"
+    assert _search(load_config(make_run(tmp_path / "r"))) is None
+    with pytest.raises(ImatError, match="pbt"):
+        _search(
+            load_config(make_run(tmp_path / "p", extra={"tune.search": "optuna", "tune.scheduler": "pbt"}))
+        )
+
+
+def test_trials_of_two_ray_train_workers_with_optuna_and_the_default_space(tmp_path, capsys):
+    """Each trial is a TorchTrainer of 2 workers (Tuner over a driver): both ranks train every epoch
+    (24 images in 3 steps of 2 x 4), epochs reach Tune through TuneReportCallback, Optuna proposes the
+    trials, and with no tune.space the student's lr is swept."""
+    extra = {
+        "tune.space": {},
+        "tune.search": "optuna",
+        "tune.scheduler": "fifo",
+        "tune.metric": "val_loss",
+        "tune.workers_per_trial": 2,
+        "tune.max_concurrent": 1,
+        "distill.train.batch_size": 4,
+    }
+    cfg = make_run(tmp_path, extra=extra)
+    assert main(["tune", str(cfg), "--samples", "2", "--num-cpus", "3", "--quiet"]) == 0
+    assert "sweep finished; 2 trial(s)" in capsys.readouterr().out
+    st = storage(cfg)
+    trials = pd.read_csv(st / "trials.csv")
+    assert len(trials) == 2 and (trials["epochs"] == 2).all() and (trials["status"] == "done").all()
+    assert trials["distill.train.lr"].between(0.005, 0.15).all() and trials["distill.train.lr"].nunique() == 2
+    for summary in (st / "distill").glob("trial_*/run/student/summary.csv"):
+        df = pd.read_csv(summary)
+        assert list(df["epoch"]) == [1, 2] and (df["train_images"] == 24).all()
+        assert list(df["global_step"]) == [3, 6]  # 2 ranks x batch 4: 3 steps per epoch
+    assert (st / "best" / "last.ckpt").is_file() and (st / "best.yaml").is_file()

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             args.ray_workers,
             {"resume": args.resume, "progress": False},
             args.address,
+            max_failures=args.max_failures,
         )
         summary_path = cfg.run_path / STUDENT_DIR / "summary.csv"
         summary = pd.read_csv(summary_path) if summary_path.is_file() else pd.DataFrame()

@@ -6,13 +6,21 @@ import argparse
 
 
 def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ray-workers N`` and ``--address``, shared by every training command."""
+    """``--ray-workers N``, ``--max-failures N`` and ``--address``, shared by every training command."""
     parser.add_argument(
         "--ray-workers",
         type=int,
         default=0,
         metavar="N",
         help="data-parallel over N Ray Train workers (for torchrun just launch this command with torchrun)",
+    )
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --ray-workers: restarts from the last epoch's checkpoint when a worker or node fails "
+        "(Ray Train's FailureConfig; -1 unlimited, 0 none; default 2)",
     )
     parser.add_argument(
         "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"

@@ -10,18 +10,23 @@ from imat.config.base import Section
 
 
 class TuneConfig(Section):
-    # dotted config key -> {type: loguniform|uniform|quniform|randint|choice, low/high/q or values}
+    # dotted config key -> {type: loguniform|uniform|quniform|randint|choice, low/high/q or values};
+    # empty: the default space (distill.tune_space.default_space: the student's lr, MEAL's D lr and gamma)
     space: dict[str, Any] = {}
     samples: int = Field(4, ge=1)
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"  # optuna: TPE through Ray Tune's OptunaSearch
+    max_failures: int = Field(1, ge=-1)  # retries of a failed trial (-1: unlimited), from its checkpoint
+    # > 1: each trial is a TorchTrainer of this many data-parallel workers (Ray Train inside Tune)
+    workers_per_trial: int = Field(1, ge=1)
     metric: str = "val_top3_err"  # any numeric column of the student's summary.csv
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1)  # asha: epochs every trial gets before it can be stopped
     reduction_factor: float = Field(2.0, gt=1)  # asha
     perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
     keep_checkpoints: int = Field(2, ge=1)  # per trial, the most recent ones (pbt: at least 3)
-    cpus_per_trial: float | None = Field(None, gt=0)
-    gpus_per_trial: float | None = Field(None, ge=0)
+    cpus_per_trial: float | None = Field(None, gt=0)  # per worker when workers_per_trial > 1
+    gpus_per_trial: float | None = Field(None, ge=0)  # fractions share a GPU; per worker likewise
     max_concurrent: int | None = Field(None, ge=1)
     storage: str | None = None  # default RUN_DIR/tune
     address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray

@@ -26,6 +26,8 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
+    # true: weight decay on every parameter; false: none on norms, biases, layer-scale (timm's rule)
+    decay_norm_and_bias: bool = False
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
@@ -45,6 +47,9 @@ class TrainConfig(Section):
     ckpt_every_steps: int = Field(0, ge=0)  # 0: only at the end of each epoch
     best_metric: Literal["top1", "top3", "loss"] = "top1"
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # distributed: auto/cuda = each rank's own GPU
+    # distributed on GPUs: SyncBatchNorm (batch statistics over all ranks every step) instead of
+    # averaging every rank's running statistics at each epoch end
+    sync_bn: bool = False
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs and CPU-sized benchmarks
     aug: AugConfig = AugConfig()

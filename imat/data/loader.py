@@ -60,6 +60,8 @@ class SkipLoader(DataLoader):
     trailing all-unreadable batches that had no later batch to carry their count."""
 
     epoch_skipped: int = 0
+    # (mean, std) when the dataset yields uint8 images that the engine normalises on the device
+    device_normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         carry = 0

@@ -21,14 +21,24 @@ def recipe_loaders(
     images: str | None,
     decoder: str,
     num_workers: int,
+    device_normalize: bool | None = None,
 ) -> tuple[Any, Any]:
     """``(train_loader, val_loader)``: the recipe's augmentation, batch size and sampler on the train rows,
     the eval transform (resize + centre crop) on the val rows; ``val_loader`` is None without val rows.
 
-    ``data_cfg`` holds the model's ``input_size``, ``mean``, ``std`` and ``crop_pct``."""
+    ``data_cfg`` holds the model's ``input_size``, ``mean``, ``std`` and ``crop_pct``. With
+    ``device_normalize`` (default: when the recipe trains on CUDA) the loaders yield uint8 images from
+    pinned memory and carry ``device_normalize = (mean, std)``, which the engine applies on the GPU after
+    a non-blocking copy: a quarter of the bytes of float32 batches cross the bus."""
     size, mean, std, crop = (data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct"))
+    if device_normalize is None:
+        from imat.engine.runtime import resolve_device
+
+        device_normalize = resolve_device(recipe.device).type == "cuda"
+    norm = not device_normalize
+    stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
     train_ds = ImageDataset(
-        train_df, images, build_train_transform(recipe.aug, size, mean, std, crop), decoder
+        train_df, images, build_train_transform(recipe.aug, size, mean, std, crop, normalize=norm), decoder
     )
     sampler = None
     if recipe.aug.balanced_sampler:
@@ -45,7 +55,7 @@ def recipe_loaders(
     )
     val_loader = None
     if not val_df.empty:
-        val_ds = ImageDataset(val_df, images, build_eval_transform(size, mean, std, crop), decoder)
+        val_ds = ImageDataset(val_df, images, build_eval_transform(size, mean, std, crop, norm), decoder)
         val_loader = build_loader(
             val_ds,
             recipe.eval_batch_size or recipe.batch_size,
@@ -53,4 +63,8 @@ def recipe_loaders(
             num_workers=num_workers,
             seed=recipe.seed,
         )
+    if device_normalize:
+        train_loader.device_normalize = stats
+        if val_loader is not None:
+            val_loader.device_normalize = stats
     return train_loader, val_loader

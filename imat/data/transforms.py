@@ -75,11 +75,14 @@ def build_eval_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float = DEFAULT_CROP_PCT,
+    normalize: bool = True,
 ) -> A.Compose:
-    """Deterministic evaluation pipeline: shorter side to input_size/crop_pct, centre crop, normalise."""
+    """Deterministic evaluation pipeline: shorter side to input_size/crop_pct, centre crop, normalise
+    (``normalize=False``: uint8 CHW tensors, normalised on the GPU)."""
     size = _check_size(input_size)
     m, s = _norm_stats(mean, std)
-    return A.Compose([*_eval_geometry(size, crop_pct), A.Normalize(mean=m, std=s), ToTensorV2()])
+    norm = [A.Normalize(mean=m, std=s)] if normalize else []
+    return A.Compose([*_eval_geometry(size, crop_pct), *norm, ToTensorV2()])
 
 
 def _preset_ops(preset: str, size: int, crop_pct: float, flips: bool = True) -> list[Any]:
@@ -145,16 +148,19 @@ def build_train_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float = DEFAULT_CROP_PCT,
+    normalize: bool = True,
 ) -> A.Compose:
     """Training pipeline for a preset name or an AugConfig (only its ``preset`` matters here; mixup and
-    cutmix work on batches, see :func:`imat.data.build_mixup`). ``crop_pct`` is used by ``none``."""
+    cutmix work on batches, see :func:`imat.data.build_mixup`). ``crop_pct`` is used by ``none``.
+    ``normalize=False`` ends with uint8 CHW tensors, for normalisation on the GPU (imat.engine.runtime)."""
     preset = aug.preset if isinstance(aug, AugConfig) else aug
     flips = aug.flips if isinstance(aug, AugConfig) else True
     if preset not in PRESETS:
         raise ImatError(f"unknown augmentation preset {preset!r} (choose from {', '.join(PRESETS)})")
     size = _check_size(input_size)
     m, s = _norm_stats(mean, std)
-    return A.Compose([*_preset_ops(preset, size, crop_pct, flips), A.Normalize(mean=m, std=s), ToTensorV2()])
+    norm = [A.Normalize(mean=m, std=s)] if normalize else []
+    return A.Compose([*_preset_ops(preset, size, crop_pct, flips), *norm, ToTensorV2()])
 
 
 # --- replayable views -------------------------------------------------------------------------------

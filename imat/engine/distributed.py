@@ -1,22 +1,32 @@
 """Data-parallel training for the engine: ``torchrun`` on one machine, Ray Train across machines.
 
-The engine does not wrap the model in ``torch.nn.parallel.DistributedDataParallel``: a task may call
-``forward_intermediates`` (MEAL), train several modules with several optimisers and backward passes
-per step (the discriminators), none of which fits DDP's one-forward/one-backward hook. Instead every
-optimiser step averages the gradients of exactly the parameters it is about to update over all ranks
-(one coalesced ``all_reduce`` per dtype), which is what DDP computes, without the overlap of
-communication and backward that DDP adds on GPUs. What the engine does when ``world_size() > 1``:
+What the engine does when ``world_size() > 1``:
 
+* every rank trains on its own device: :func:`process_device` binds ``device: auto|cuda`` to
+  ``cuda:LOCAL_RANK`` under torchrun and to ``ray.train.torch.get_device()`` in a Ray Train worker (Ray
+  shares ``CUDA_VISIBLE_DEVICES`` among a node's workers, so a bare ``cuda`` would put them all on GPU 0);
+* a task with one backward per step (teachers, CE, KD, MEAL in ``grl``/``joint`` mode, MEAL without
+  discriminators) runs its ``step`` inside ``torch.nn.parallel.DistributedDataParallel`` over all of its
+  trained modules (:class:`TaskStep`), so gradients are averaged in buckets while backward still runs
+  (communication overlaps computation). A task with ``manual_optimization`` (MEAL's alternating
+  discriminator and student steps: two backward passes and two optimisers per step, which DDP's
+  one-forward/one-backward hook cannot express) keeps the manual path: each optimiser step first averages
+  exactly the gradients it is about to apply (:func:`average_gradients`, one coalesced ``all_reduce``
+  per dtype). Both compute DDP's mean gradient; the 2-process gloo test checks the one-process contract;
 * parameters and buffers of every task module are broadcast from rank 0 when ``fit`` starts (and after
-  a resume), so all ranks start identical; BatchNorm buffers are broadcast again at every epoch end
-  (DDP's ``broadcast_buffers`` does it every forward), so evaluation and checkpoints see rank 0's stats;
+  a resume), so all ranks start identical; BatchNorm running statistics are averaged across ranks at
+  every epoch end (timm's ``distribute_bn``), or synchronised every step with ``train.sync_bn``
+  (``torch.nn.SyncBatchNorm``, CUDA only);
 * the training loader is re-built over a :class:`ShardedSampler` (rank r takes every world-th index of
   the sampler's order, padded to equal length so every rank runs the same number of steps); the
   validation loader is sharded without padding; ``batch_size`` is per process;
 * epoch sums (losses, images, skipped) and validation counts (hits, loss, n) are summed across ranks,
   so ``summary.csv`` has the same columns and meaning as one process;
 * only rank 0 writes (``summary.csv``, ``last.ckpt``, ``best.safetensors``, TensorBoard), followed by a
-  barrier so no rank races ahead of a checkpoint.
+  barrier so no rank races ahead of a checkpoint;
+* under Ray Train every epoch is reported to Ray (``ray.train.report`` with a ``Checkpoint`` holding
+  ``last.ckpt``), so a run that loses a worker is restarted by Ray (``FailureConfig``) from that
+  checkpoint (:func:`run_ray_train`).
 
 Frozen teachers take no part: they have no optimiser, so nothing of theirs is reduced.
 """
@@ -65,6 +75,47 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# Set in the worker processes that :func:`run_ray_train` starts: Ray Train owns the process group there.
+RAY_WORKER_ENV = "IMAT_RAY_TRAIN_WORKER"
+
+
+def in_ray_train_worker() -> bool:
+    return os.environ.get(RAY_WORKER_ENV) == "1"
+
+
+def local_device() -> torch.device:
+    """This rank's own GPU: Ray Train's choice in a Ray Train worker (it knows which of the node's shared
+    ``CUDA_VISIBLE_DEVICES`` it was given), else ``cuda:LOCAL_RANK`` (torchrun)."""
+    if in_ray_train_worker():
+        import ray.train.torch
+
+        return torch.device(ray.train.torch.get_device())
+    return torch.device("cuda", local_rank())
+
+
+def process_device(name: str | torch.device = "auto") -> torch.device:
+    """The device this process trains on, bound as the current CUDA device.
+
+    One process: :func:`imat.engine.runtime.resolve_device`. Distributed on CUDA, ``auto``/``cuda``
+    (no index) become this rank's own GPU (:func:`local_device`), made current with
+    ``torch.cuda.set_device`` so NCCL collectives and bare ``.cuda()`` calls use it too."""
+    from imat.engine.runtime import resolve_device
+
+    device = resolve_device(name)
+    if device.type != "cuda" or not is_distributed():
+        return device
+    if device.index is None:
+        device = local_device()
+        if device.type != "cuda" or device.index is None:
+            raise ImatError(f"distributed rank {rank()}: expected its own GPU, got device {device}")
+    if device.index >= torch.cuda.device_count():
+        raise ImatError(
+            f"rank {rank()}: device {device} does not exist ({torch.cuda.device_count()} visible GPU(s))"
+        )
+    torch.cuda.set_device(device)
+    return device
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
@@ -168,7 +219,7 @@ def shard_loader(loader: Any, pad: bool = True) -> Any:
     if isinstance(loader.sampler, ShardedSampler):
         return loader
     sampler = ShardedSampler(loader.sampler, rank(), world_size(), pad=pad)
-    return type(loader)(
+    sharded = type(loader)(
         loader.dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
@@ -181,6 +232,9 @@ def shard_loader(loader: Any, pad: bool = True) -> Any:
         generator=loader.generator,
         persistent_workers=loader.persistent_workers,
     )
+    if getattr(loader, "device_normalize", None) is not None:  # uint8 batches normalised on the GPU
+        sharded.device_normalize = loader.device_normalize
+    return sharded
 
 
 # --- reductions ----------------------------------------------------------------------------------------
@@ -257,6 +311,18 @@ def reduce_topk_meter(meter: Any) -> None:
     meter._n = int(round(total["n"]))
 
 
+def average_norm_stats(modules: Mapping[str, nn.Module]) -> None:
+    """Average BatchNorm running means and variances over all ranks (timm's ``distribute_bn`` with
+    ``reduce=True``): every rank normalised its own shard, so the mean of their statistics describes the
+    whole epoch's data, where copying rank 0's would describe one shard."""
+    if not is_distributed():
+        return
+    from timm.utils import distribute_bn
+
+    for module in modules.values():
+        distribute_bn(module, world_size(), reduce=True)
+
+
 def broadcast_modules(modules: Mapping[str, nn.Module], src: int = 0, buffers_only: bool = False) -> None:
     """Copy rank ``src``'s parameters (unless ``buffers_only``) and buffers of every module to all ranks."""
     if not is_distributed():
@@ -268,29 +334,164 @@ def broadcast_modules(modules: Mapping[str, nn.Module], src: int = 0, buffers_on
             _dist().broadcast(t, src)
 
 
+# --- DistributedDataParallel ------------------------------------------------------------------------------
+
+
+class TaskStep(nn.Module):
+    """A task's ``step`` as a module over its trained modules, so DDP can wrap the whole step: DDP hooks
+    the gradients of every parameter of ``task.modules()`` (the student and, in MEAL's grl/joint modes,
+    the discriminators) and the step may call ``forward_intermediates`` or several heads inside."""
+
+    def __init__(self, task: Any) -> None:
+        super().__init__()
+        self.trained = nn.ModuleDict(dict(task.modules()))
+        self.task = task  # not a Module: a plain attribute, not registered
+
+    def forward(self, batch: dict[str, Any], ctx: Any) -> Any:
+        return self.task.step(batch, ctx)
+
+
+def wrap_ddp(task: Any, device: torch.device) -> nn.Module | None:
+    """``DistributedDataParallel(TaskStep(task))`` for a task with one backward per step when
+    distributed, else None (one process, or a task that optimises by hand).
+
+    ``broadcast_buffers=False``: every rank keeps its own BatchNorm statistics during the epoch and the
+    engine averages them at its end (:func:`average_norm_stats`). ``static_graph`` (the task's
+    ``ddp_static_graph``, default True) lets a step leave some parameters without a gradient as long as
+    it is always the same ones (e.g. MEAL on intermediate blocks only: the classifier head is unused);
+    a task whose used parameters change from step to step sets it False and DDP then searches the graph
+    for unused parameters every step (``find_unused_parameters``)."""
+    if not is_distributed() or getattr(task, "manual_optimization", False):
+        return None
+    step = TaskStep(task)
+    if not any(p.requires_grad for p in step.parameters()):
+        return None
+    static = bool(getattr(task, "ddp_static_graph", True))
+    return nn.parallel.DistributedDataParallel(
+        step,
+        device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
+        broadcast_buffers=False,
+        static_graph=static,
+        find_unused_parameters=not static,
+    )
+
+
 # --- Ray Train -----------------------------------------------------------------------------------------
 
 
+RAY_CKPT_META = "imat_checkpoint.json"  # beside last.ckpt in a Ray checkpoint: whose it is and how far
+
+
+def _numeric_metrics(row: Mapping[str, Any]) -> dict[str, float | int | bool]:
+    """The numeric, finite-or-inf entries of a summary row (what Ray accepts as metrics)."""
+    out: dict[str, float | int | bool] = {}
+    for key, value in row.items():
+        if isinstance(value, bool | int | float) and not (isinstance(value, float) and math.isnan(value)):
+            out[key] = value
+    return out
+
+
+def report_epoch_to_ray_train(engine: Any, row: dict[str, Any]) -> None:
+    """Epoch-end hook inside a Ray Train worker: ``ray.train.report`` the epoch's metrics on every rank
+    (Ray needs the same number of reports from each) with a ``Checkpoint`` of rank 0's ``last.ckpt``
+    (rank 0 alone writes it; Ray keeps the latest), so Ray can restart a failed run from it."""
+    import tempfile
+
+    import ray.train
+
+    metrics = _numeric_metrics(row)
+    if rank() != 0 or not engine.ckpt_path.is_file():
+        ray.train.report(metrics, checkpoint=None)
+        return
+    import json
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="imat-ray-ckpt-") as tmp:
+        shutil.copyfile(engine.ckpt_path, Path(tmp) / "last.ckpt")
+        meta = {"out_dir": str(engine.out_dir), "epoch": int(row["epoch"]), "global_step": engine.global_step}
+        (Path(tmp) / RAY_CKPT_META).write_text(json.dumps(meta))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_ray_checkpoint(checkpoint: Any) -> Path | None:
+    """Put a Ray checkpoint's ``last.ckpt`` back where its engine writes (``out_dir`` in its meta) unless
+    the file there is as far or further (a run directory on shared storage still holds it); returns the
+    out_dir, or None for a checkpoint that is not the engine's."""
+    import json
+
+    from imat.engine.checkpoint import load_checkpoint
+    from imat.io import atomic_path
+
+    with checkpoint.as_directory() as d:
+        meta_path, ckpt = Path(d) / RAY_CKPT_META, Path(d) / "last.ckpt"
+        if not (meta_path.is_file() and ckpt.is_file()):
+            return None
+        meta = json.loads(meta_path.read_text())
+        out_dir = Path(meta["out_dir"])
+        local = out_dir / "last.ckpt"
+        behind = True
+        if local.is_file():
+            try:
+                behind = int(load_checkpoint(local)["global_step"]) < int(meta["global_step"])
+            except ImatError:  # unreadable local copy: Ray's wins
+                behind = True
+        if behind:
+            import shutil
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(local) as tmp:
+                shutil.copyfile(ckpt, tmp)
+            log.info("restored %s from Ray's checkpoint (epoch %s)", local, meta.get("epoch"))
+        return out_dir
+
+
+def _ray_worker(config: dict[str, Any], fn: Callable[..., Any]) -> Any:
+    """What every Ray Train worker runs: mark the process as a Ray Train rank (device binding), put Ray's
+    latest checkpoint back in place when Ray restarted the run, and report every engine epoch to Ray.
+    ``fn(config, resumed)`` then continues from ``last.ckpt`` when ``resumed``."""
+    import ray.train
+
+    from imat.engine.loop import epoch_end_hook
+
+    os.environ[RAY_WORKER_ENV] = "1"
+    checkpoint = ray.train.get_checkpoint()
+    resumed = checkpoint is not None and restore_ray_checkpoint(checkpoint) is not None
+    with epoch_end_hook(report_epoch_to_ray_train):
+        return fn(config, resumed)
+
+
 def run_ray_train(
-    fn: Callable[[dict[str, Any]], Any],
+    fn: Callable[[dict[str, Any], bool], Any],
     config: dict[str, Any],
     num_workers: int,
     *,
     use_gpu: bool | None = None,
     cpus_per_worker: float = 1.0,
+    gpus_per_worker: float | None = None,
     address: str | None = None,
     storage: str | None = None,
     name: str = "imat-train",
+    max_failures: int = 0,
+    callbacks: list[Any] | None = None,
 ) -> Any:
-    """Run ``fn(config)`` on ``num_workers`` Ray Train workers (a TorchTrainer), each one rank of a
-    process group that Ray sets up (gloo on CPUs, NCCL on GPUs); the engine inside ``fn`` then behaves
-    exactly as under torchrun. ``use_gpu`` defaults to whether the cluster has GPUs. Returns Ray's
-    ``Result``; a failed run raises ImatError with the first line of the worker's error.
+    """Run ``fn(config, resumed)`` on ``num_workers`` Ray Train workers (a TorchTrainer), each one rank
+    of a process group that Ray sets up (gloo on CPUs, NCCL on GPUs); the engine inside ``fn`` then
+    behaves exactly as under torchrun, each rank on its own GPU. ``use_gpu`` defaults to whether the
+    cluster has GPUs. Returns Ray's ``Result``; a failed run raises ImatError with the first line of
+    the worker's error.
+
+    Every engine epoch is reported to Ray with a checkpoint (:func:`report_epoch_to_ray_train`); when a
+    worker dies Ray restarts the whole group up to ``max_failures`` times (``FailureConfig``) and ``fn``
+    gets ``resumed=True`` with the latest ``last.ckpt`` back in place. A new run of the same ``name``
+    in the same ``storage`` continues the old one (Ray's run state), so a caller starting over removes
+    ``storage/name`` first (:func:`run_entry_on_ray` does unless resuming).
 
     ``fn`` must write to storage every worker sees (rank 0 writes the run directory).
     """
+    import functools
+
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
@@ -306,15 +507,21 @@ def run_ray_train(
     try:
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        resources: dict[str, float] = {"CPU": cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
         trainer = TorchTrainer(
-            fn,
+            functools.partial(_ray_worker, fn=fn),
             train_loop_config=config,
             scaling_config=ScalingConfig(
-                num_workers=num_workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"CPU": cpus_per_worker},
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
             ),
-            run_config=RunConfig(name=name, storage_path=storage),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=max_failures),
+                callbacks=callbacks,
+            ),
         )
         try:
             return trainer.fit()
@@ -342,15 +549,21 @@ def absolute_config(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _entry_worker(config: dict[str, Any]) -> None:
-    """A Ray Train worker: validate the config and call the command's entry (``module:function``)."""
+def _entry_worker(config: dict[str, Any], resumed: bool = False) -> None:
+    """A Ray Train worker: validate the config and call the command's entry (``module:function``),
+    with ``resume=True`` when Ray restarted the run from a checkpoint."""
     import importlib
 
     from imat.config.loader import validate
 
     module, _, name = config["entry"].partition(":")
     cfg = validate(config["config"], "ray train worker")
-    getattr(importlib.import_module(module), name)(cfg, **config.get("kwargs", {}))
+    kwargs = dict(config.get("kwargs", {}))
+    if resumed:  # Ray restarted the run: continue it (a forced re-run was forced on the first attempt)
+        kwargs["resume"] = True
+        if "force" in kwargs:
+            kwargs["force"] = False
+    getattr(importlib.import_module(module), name)(cfg, **kwargs)
 
 
 def run_entry_on_ray(
@@ -360,18 +573,27 @@ def run_entry_on_ray(
     kwargs: dict[str, Any] | None = None,
     address: str | None = None,
     use_gpu: bool | None = None,
+    max_failures: int = 0,
 ) -> Any:
     """Run a command's entry function (e.g. ``"distill.train:distill"``) as one data-parallel job of
     ``num_workers`` Ray Train workers: ``imat distill --ray-workers N`` and ``imat teachers train
-    --ray-workers N``. The run directory must be on storage every worker's node sees."""
+    --ray-workers N``. Ray restarts it from its last epoch up to ``max_failures`` times when a worker
+    or node fails. The run directory must be on storage every worker's node sees."""
+    import shutil
+
+    kwargs = dict(kwargs or {})
     raw = absolute_config(cfg.model_dump(mode="json"))
-    storage = str(Path(raw["run_dir"]) / "ray_train")
+    storage = Path(raw["run_dir"]) / "ray_train"
+    name = entry.replace(":", "-").replace(".", "-")
+    if not kwargs.get("resume") and (storage / name).exists():
+        shutil.rmtree(storage / name)  # a fresh run: Ray would otherwise continue the old one's state
     return run_ray_train(
         _entry_worker,
-        {"entry": entry, "config": raw, "kwargs": dict(kwargs or {})},
+        {"entry": entry, "config": raw, "kwargs": kwargs},
         num_workers,
         use_gpu=use_gpu,
         address=address,
-        storage=storage,
-        name=entry.replace(":", "-").replace(".", "-"),
+        storage=str(storage),
+        name=name,
+        max_failures=max_failures,
     )

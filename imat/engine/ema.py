@@ -1,54 +1,33 @@
-"""Exponential moving average of a model's weights (parameters and float buffers).
-
-A small own class instead of timm's ModelEmaV3 so that its whole state (weights and update count) is a
-plain state dict that goes into ``last.ckpt`` and resumes bit-for-bit. The decay warms up as
-``min(decay, (1 + n) / (10 + n))`` (n = updates so far): with a fixed 0.999 a short run's EMA would
-still be mostly the random initialisation.
+"""Exponential moving average of a model's weights: timm's ``ModelEmaV3`` (parameters and float
+buffers, foreach lerp, bf16 stochastic rounding), with its decay warm-up on and an update count kept
+here so that the whole EMA state (weights and count) is a plain state dict in ``last.ckpt`` and resumes
+exactly. Warm-up: ``decay_n = min(decay, 1 - (1 + n) ** -2/3)`` for the n-th update after the first
+(which copies the model), so a short run's EMA is not mostly the random initialisation.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 
-class ModelEma(nn.Module):
+class ModelEma(ModelEmaV3):
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
-        super().__init__()
-        self.module = copy.deepcopy(model).eval()
+        super().__init__(model, decay=float(decay), use_warmup=warmup)
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.decay = float(decay)
-        self.warmup = warmup
         self.updates = 0
 
     def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        """The decay the next :meth:`update` applies."""
+        return self.get_decay(self.updates + 1)
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Blend ``model``'s current weights in; integer buffers (BN counters) are copied."""
-        d = self.current_decay()
-        ema_floats, model_floats = [], []
-        for ema_v, model_v in zip(
-            self.module.state_dict().values(), model.state_dict().values(), strict=True
-        ):
-            if ema_v.dtype.is_floating_point:
-                ema_floats.append(ema_v)
-                model_floats.append(model_v.detach())
-            else:
-                ema_v.copy_(model_v)
-        if ema_floats:
-            torch._foreach_lerp_(ema_floats, model_floats, 1.0 - d)
+    def update(self, model: nn.Module, step: int | None = None) -> None:  # type: ignore[override]
+        """Blend ``model``'s current weights in (integer buffers such as BN counters are copied)."""
         self.updates += 1
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        super().update(model, step=self.updates if step is None else step)
 
     def ema_state(self) -> dict[str, Any]:
         """Weights + update count, for the checkpoint."""

@@ -38,13 +38,13 @@ from imat.engine.checkpoint import (
 )
 from imat.engine.ema import ModelEma
 from imat.engine.logs import RunLogger, console_table, history_frame
-from imat.engine.optim import LrSchedule, build_optimizer
+from imat.engine.optim import LrSchedule, build_optimizer, no_decay_params
 from imat.engine.runtime import (
     as_dict_batch,
     batch_size_of,
+    batch_to_device,
+    configure_cuda,
     is_main_process,
-    move_to_device,
-    resolve_device,
     resolve_precision,
     skipped_in,
 )
@@ -109,10 +109,16 @@ class Engine:
             if val_loader is not None:
                 self.val_loader = dist_utils.shard_loader(val_loader, pad=False)
 
-        self.device = resolve_device(cfg.device)
+        self.device = dist_utils.process_device(cfg.device)  # a rank's own GPU when distributed
+        configure_cuda(self.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if cfg.sync_bn and self.distributed:
+            if self.device.type != "cuda":
+                raise ImatError("train.sync_bn needs CUDA ranks; on CPUs the running statistics are averaged")
+            for module in task.modules().values():  # in place: BN children are replaced, params shared
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         self.task.to(self.device, torch.channels_last if self.channels_last else None)
 
         self.steps_per_epoch = self._count_steps()
@@ -123,13 +129,17 @@ class Engine:
             raise ImatError(
                 f"optimizer_options names unknown optimizer(s) {sorted(unknown)}; known: {sorted(groups)}"
             )
+        exempt = None if cfg.decay_norm_and_bias else no_decay_params(task.modules())
         self.optimizers = {
-            name: build_optimizer(name, list(g), cfg, options.get(name)) for name, g in groups.items()
+            name: build_optimizer(name, list(g), cfg, options.get(name), exempt) for name, g in groups.items()
         }
         self.schedule = LrSchedule(cfg, self.steps_per_epoch)
         self.ema = ModelEma(task.model, cfg.ema_decay) if cfg.ema else None
         if cfg.compile:
             task.model.compile()  # in place: state_dict keys stay unprefixed
+        # one-backward tasks train inside DDP (gradients reduced while backward runs), built when fit
+        # starts (its constructor is a collective; an engine built only to evaluate needs none)
+        self.ddp: torch.nn.Module | None = None
 
         self.ctx = StepContext(self)
         self.history: list[dict[str, Any]] = []
@@ -204,7 +214,7 @@ class Engine:
 
     def _step_optimizer(self, name: str) -> None:
         opt = self.optimizers[name]
-        if self.distributed:
+        if self.distributed and self.ddp is None:  # DDP has averaged them already
             dist_utils.average_gradients(p for g in opt.param_groups for p in g["params"])
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norm: torch.Tensor | None = None
@@ -279,8 +289,9 @@ class Engine:
         meter = TopKMeter((1, 3))
         skipped = 0
         outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "index": []}
+        normalize = getattr(loader, "device_normalize", None)
         for raw in loader:
-            batch = move_to_device(as_dict_batch(raw), self.device, self.channels_last)
+            batch = batch_to_device(as_dict_batch(raw), self.device, self.channels_last, normalize)
             skipped += skipped_in(batch)
             labels = batch["label"]
             with self.autocast():
@@ -413,6 +424,8 @@ class Engine:
             dist_utils.broadcast_modules(self.task.modules())
             if self.ema is not None:
                 dist_utils.broadcast_modules({"ema": self.ema.module})
+            if self.ddp is None:
+                self.ddp = dist_utils.wrap_ddp(self.task, self.device)
         if self.epoch >= self.cfg.epochs and resumed is None:
             if self.is_main and self.history and not self.summary_path.exists():
                 RunLogger(self.out_dir, tensorboard=False).write_summary(self.history)
@@ -496,6 +509,8 @@ class Engine:
             file=sys.stderr,
             dynamic_ncols=True,
         )
+        normalize = getattr(self.train_loader, "device_normalize", None)
+        step_fn = self.ddp if self.ddp is not None else task.step
         t0 = time.perf_counter()
         last_loss: torch.Tensor | None = None
         try:
@@ -504,7 +519,7 @@ class Engine:
                     raw = next(iterator)
                 except StopIteration:
                     break
-                batch = move_to_device(as_dict_batch(raw), self.device, self.channels_last)
+                batch = batch_to_device(as_dict_batch(raw), self.device, self.channels_last, normalize)
                 ctx.step, ctx.step_in_epoch = self.global_step, step
                 self.schedule.apply(self.optimizers, self.global_step)
                 if task.manual_optimization:
@@ -514,7 +529,7 @@ class Engine:
                     for opt in self.optimizers.values():
                         opt.zero_grad(set_to_none=True)
                     with self.autocast():
-                        out = task.step(batch, ctx)
+                        out = step_fn(batch, ctx)
                     self._check_loss(out["loss"])
                     self._backward(out["loss"])
                     for name in self.optimizers:
@@ -561,7 +576,7 @@ class Engine:
         self, epoch: int, sums: dict[str, Any], n_images: int, skipped: int, train_time: float
     ) -> None:
         t_eval = time.perf_counter()
-        if self.distributed:  # whole-epoch sums over ranks; rank 0's BatchNorm statistics everywhere
+        if self.distributed:  # whole-epoch sums over ranks; BatchNorm statistics averaged over ranks
             totals = dist_utils.sum_across_ranks(
                 {**{f"sum_{k}": v for k, v in sums.items()}, "_images": n_images, "_skipped": skipped},
                 self.device,
@@ -569,7 +584,9 @@ class Engine:
             sums = {k: totals[f"sum_{k}"] for k in sums}
             n_images, skipped = int(totals["_images"]), int(totals["_skipped"])
             train_time = dist_utils.max_across_ranks(train_time, self.device)
-            dist_utils.broadcast_modules(self.task.modules(), buffers_only=True)
+            if not self.cfg.sync_bn:
+                dist_utils.average_norm_stats(self.task.modules())
+            dist_utils.broadcast_modules(self.task.modules(), buffers_only=True)  # other buffers: rank 0's
         if n_images == 0 and skipped > 0:
             raise ImatError(
                 f"epoch {epoch + 1}: none of the {skipped} training images could be read "
@@ -579,10 +596,11 @@ class Engine:
         for key, total in sums.items():
             row[f"train_{key}"] = float(total) / n_images if n_images else float("nan")
         for name, opt in self.optimizers.items():
-            base0 = opt.param_groups[0]["base_lr"]
+            seen = {opt.param_groups[0]["base_lr"]}
             row[f"lr_{name}"] = float(opt.param_groups[0]["lr"])
             for i, group in enumerate(opt.param_groups[1:], start=1):
-                if group["base_lr"] != base0:
+                if group["base_lr"] not in seen:  # one column per distinct lr (no-decay twins share theirs)
+                    seen.add(group["base_lr"])
                     row[f"lr_{name}_{i}"] = float(group["lr"])
         for name, norms in self._grad_norms.items():
             row[f"grad_norm_{name}"] = float(torch.stack(norms).mean()) if norms else float("nan")

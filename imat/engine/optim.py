@@ -5,6 +5,12 @@ Every param group remembers its own base learning rate under ``"base_lr"`` and t
 student at ``lr=0.1`` keeps its 1:100 ratio through warm-up, cosine or step decay; nothing ever
 overwrites one group's lr with another's (the MEAL v2 bug, issue #9 there). The schedule is a pure
 function of the global step, so resuming needs only the step count.
+
+Weight decay skips norm weights, biases, layer-scale gains and a model's own ``no_weight_decay()``
+names (ViT position embeddings, tokens): timm's ``param_groups_weight_decay`` decides which
+(:func:`no_decay_params`), and :func:`build_optimizer` splits every decayed group into its decayed part
+and a weight-decay-0 part with the same lr (decaying a norm's scale towards 0 only fights the
+normalisation; ConvNeXt-S with AdamW at 0.05 would shrink every LayerNorm and layer-scale).
 """
 
 from __future__ import annotations
@@ -17,14 +23,39 @@ import torch
 from imat.config.train import TrainConfig
 from imat.errors import ImatError
 
+
+def no_decay_params(modules: dict[str, torch.nn.Module] | list[torch.nn.Module]) -> set[int]:
+    """``id()`` of every trainable parameter of ``modules`` that timm exempts from weight decay: 1-D
+    tensors (norm weights, biases, layer-scale), names ending in ``.bias`` and the module's own
+    ``no_weight_decay()`` list."""
+    from timm.optim import param_groups_weight_decay
+
+    out: set[int] = set()
+    for module in modules.values() if isinstance(modules, dict) else modules:
+        fn = getattr(module, "no_weight_decay", None)
+        skip = set(fn()) if callable(fn) else set()
+        for group in param_groups_weight_decay(module, weight_decay=1.0, no_weight_decay_list=skip):
+            if group["weight_decay"] == 0.0:
+                out.update(id(p) for p in group["params"])
+    return out
+
+
 OPTIMIZER_KEYS = {"optimizer", "lr", "weight_decay", "momentum", "nesterov", "betas", "eps"}
 
 
 def build_optimizer(
-    name: str, groups: list[dict[str, Any]], cfg: TrainConfig, options: dict[str, Any] | None = None
+    name: str,
+    groups: list[dict[str, Any]],
+    cfg: TrainConfig,
+    options: dict[str, Any] | None = None,
+    no_decay: set[int] | None = None,
 ) -> torch.optim.Optimizer:
     """One optimiser for ``groups``: TrainConfig's recipe, overridden by ``options`` (see
-    ``Task.optimizer_options``), groups' own ``lr``/``weight_decay`` winning over both."""
+    ``Task.optimizer_options``), groups' own ``lr``/``weight_decay`` winning over both.
+
+    Parameters in ``no_decay`` (ids, see :func:`no_decay_params`) of a group with weight decay go to an
+    extra group with ``weight_decay=0`` and the same other settings, appended after all given groups so
+    a task's group indices keep their meaning."""
     options = dict(options or {})
     unknown = set(options) - OPTIMIZER_KEYS
     if unknown:
@@ -45,6 +76,13 @@ def build_optimizer(
         g["lr"] = float(g["lr"])
         g["base_lr"] = g["lr"]
         prepared.append(g)
+    exempt = []
+    for g in prepared if no_decay else []:
+        if float(g["weight_decay"]) > 0 and any(id(p) in no_decay for p in g["params"]):
+            free = [p for p in g["params"] if id(p) in no_decay]
+            g["params"] = [p for p in g["params"] if id(p) not in no_decay]
+            exempt.append({**g, "params": free, "weight_decay": 0.0})
+    prepared += exempt  # a group left empty stays, so the task's group indices keep their meaning
     if not prepared:
         raise ImatError(f"optimizer {name!r}: no trainable parameters")
     if kind == "sgd":

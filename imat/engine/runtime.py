@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,49 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         warnings.warn("this GPU has no bf16 support; using fp16 with a GradScaler instead", stacklevel=3)
         return torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def configure_cuda(device: torch.device) -> bool:
+    """On a GPU: cuDNN autotuning (``benchmark``: fixed input sizes are the norm here, so the fastest
+    convolution algorithm is searched once per shape) and TF32 for float32 matmuls and convolutions
+    (Ampere and later; the 10-bit mantissa is well inside SGD's noise). Returns whether it set them."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def normalize_on_device(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 N x C x H x W images (already on their device) -> float32 ``(x - 255 mean) / (255 std)``,
+    what albumentations' ``Normalize`` computes on the CPU. A uint8 batch is a quarter of a float one
+    to copy to the GPU; the normalisation there is one fused elementwise op."""
+    if images.dtype != torch.uint8:
+        raise ImatError(f"device normalisation expects uint8 images, got {images.dtype}")
+    m = torch.tensor([255.0 * float(v) for v in mean], device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor([255.0 * float(v) for v in std], device=images.device).view(1, -1, 1, 1)
+    out = (images.float() - m) / s
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def batch_to_device(
+    batch: dict[str, Any],
+    device: torch.device,
+    channels_last: bool = False,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> dict[str, Any]:
+    """:func:`move_to_device` for a batch dict; a uint8 ``image`` is normalised on the device with
+    ``normalize = (mean, std)`` (loaders built with ``device_normalize``, see imat.data.recipe)."""
+    out = move_to_device(batch, device, channels_last)
+    image = out.get("image")
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        if normalize is None:
+            raise ImatError("a batch of uint8 images came from a loader without device_normalize (mean, std)")
+        out["image"] = normalize_on_device(image, normalize[0], normalize[1], channels_last)
+    return out
 
 
 def is_main_process() -> bool:

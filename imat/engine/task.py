@@ -67,6 +67,10 @@ class Task:
     """
 
     manual_optimization: bool = False
+    # Distributed, a task without manual optimisation runs its step inside DistributedDataParallel; True
+    # (DDP's static_graph) when every step gives gradients to the same parameters, False when that set
+    # changes between steps (DDP then searches the graph each step).
+    ddp_static_graph: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

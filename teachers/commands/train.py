@@ -45,7 +45,14 @@ def run(args: argparse.Namespace) -> int:
         from imat.engine.distributed import run_entry_on_ray
 
         kwargs = {"only": args.only, "resume": args.resume, "force": args.force, "source": source}
-        run_entry_on_ray("teachers.train:train_pool", cfg, args.ray_workers, kwargs, args.address)
+        run_entry_on_ray(
+            "teachers.train:train_pool",
+            cfg,
+            args.ray_workers,
+            kwargs,
+            args.address,
+            max_failures=args.max_failures,
+        )
         print(f"teacher pool: {cfg.pool_dir / 'pool.json'}")
         return 0
     results = train_pool(cfg, only=args.only, resume=args.resume, force=args.force, source=source)

@@ -1,0 +1,80 @@
+"""benchmarks/gpu_check_train.py: its CPU-safe parts (the GPU rows are produced on a GPU machine)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check_train.py"
+
+
+def _run(out: Path, *only: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--epochs",
+        "1",
+        "--only",
+        *only,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_training_checks_append_rows_to_the_shared_table(tmp_path):
+    out = tmp_path / "gpu_check.csv"
+    with open(out, "w", newline="") as f:  # gpu_check.sh's own rows come first; ours are appended
+        csv.writer(f).writerow(
+            [
+                "check",
+                "arch",
+                "engine",
+                "precision",
+                "batch",
+                "images_per_s",
+                "top1_agreement",
+                "top3_agreement",
+                "ok",
+                "note",
+            ]
+        )
+        csv.writer(f).writerow(
+            ["onnx_cuda", "resnet18", "onnxruntime", "fp16", 64, 900.0, 0.999, 1.0, True, ""]
+        )
+    proc = _run(out, "teacher_epoch", "meal_alternating")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["check"] for r in rows] == ["onnx_cuda", "teacher_epoch", "teacher_epoch", "meal_alternating"]
+    ours = rows[1:]
+    assert [r["precision"] for r in ours] == ["fp16", "bf16", "fp16"]
+    assert all(r["ok"] == "True" and float(r["images_per_s"]) > 0 for r in ours), ours
+    assert all(r["top1_agreement"] == "" == r["top3_agreement"] for r in ours)  # not an agreement check
+    assert "fp16 ran as torch.bfloat16 (no CUDA)" in ours[0]["note"]
+    assert ours[2]["arch"] == "resnet10t<-resnet10t"
+
+
+def test_a_missing_gpu_is_a_failed_row_not_a_crash(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check_train as gc
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "t.csv"
+    assert gc.main(["--out", str(out), "--tiny", "--only", "teacher_epoch"]) == 1
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["check"], r["ok"], r["note"]) for r in rows] == [
+        ("teacher_epoch", "False", "no CUDA device"),
+        ("teacher_epoch", "False", "no CUDA device"),
+    ]
