@@ -277,7 +277,7 @@ def export_model(
             raise ImatError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
         onnx.save(proto, str(final))
 
-        session, active = create_session(final, provider, description=description)
+        session, active = create_session(final, provider, description=description, warn_target=False)
         runner = Runner(session, active)
         batches_run = _check_dynamic_batch(runner, verify_batches[0], classes.num_classes)
         reference = _torch_scores(wrapper, verify_batches)

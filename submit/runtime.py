@@ -200,6 +200,7 @@ def create_session(
     cache_dir: str | os.PathLike[str] | None = None,
     description: dict[str, Any] | None = None,
     max_batch: int = MAX_BATCH,
+    warn_target: bool = True,
 ) -> tuple[Any, str]:
     """(onnxruntime.InferenceSession, active provider short name) for ``model``.
 
@@ -208,7 +209,8 @@ def create_session(
     inactive raises ImatError (one line) rather than silently running on the CPU. ``description``
     (imat's model JSON) sets TensorRT's precision and profile; ``max_batch`` is the largest batch the
     TensorRT profile covers; ``cache_dir`` defaults to :func:`engine_cache_dir`. A model prepared for
-    another device (int8 for the CPU on TensorRT, ...) gets a one-line warning."""
+    another device (int8 for the CPU on TensorRT, ...) gets a one-line warning unless ``warn_target``
+    is False (export verifying a GPU model on the CPU)."""
     path = str(model)
     if not Path(path).is_file():
         raise ImatError(f"model not found: {path}")
@@ -229,7 +231,8 @@ def create_session(
                 f"libraries?); use --provider cpu or auto"
             )
         log.info("onnxruntime provider: %s", active)
-        _warn_mismatch(description, active)
+        if warn_target:
+            _warn_mismatch(description, active)
         return session, active
     tried = []
     for name in AUTO_ORDER:
@@ -240,7 +243,8 @@ def create_session(
             if tried:
                 log.warning("provider %s did not initialise; using %s", " and ".join(tried), active)
             log.info("onnxruntime provider: %s", active)
-            _warn_mismatch(description, active)
+            if warn_target:
+                _warn_mismatch(description, active)
             return session, active
         tried.append(name)
     raise ImatError(f"{path}: no onnxruntime provider could run this model")  # CPU always exists

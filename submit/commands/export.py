@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the model will run: int8 U8S8 for the CPU provider, symmetric S8S8 for TensorRT/CUDA",
     )
     parser.add_argument(
-        "--config", metavar="CONFIG", help="run config (default: the config.yaml beside CKPT or one folder up)"
+        "--config",
+        metavar="CONFIG",
+        help="run config (default: the config.yaml beside CKPT or one folder up)",
     )
     parser.add_argument(
         "overrides",
@@ -170,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
     diff = f", max |logit diff| {v['max_abs_diff']:.2e}" if export_cfg.precision == "fp32" else ""
     form = f" {report['int8']['name']} for {export_cfg.target}" if report.get("int8") else ""
     acc = v.get("accuracy")
-    change = (
-        f"; top-1 accuracy {acc['reference_top1_accuracy']:.4f} -> {acc['candidate_top1_accuracy']:.4f} "
-        f"on {acc['labelled_images']} labelled images"
-        if acc
-        else ""
-    )
+    change = ""
+    if acc:
+        change = (
+            f"; top-1 accuracy {acc['reference_top1_accuracy']:.4f} -> {acc['candidate_top1_accuracy']:.4f}"
+        )
+        if "candidate_top3_accuracy" in acc:
+            change += f", top-3 {acc['reference_top3_accuracy']:.4f} -> {acc['candidate_top3_accuracy']:.4f}"
+        change += f" on {acc['labelled_images']} labelled images"
     print(
         f"wrote {args.out} ({export_cfg.precision}{form}, {report['exporter']} exporter, "
         f"{report['size_bytes'] / 1e6:.1f} MB): "
