@@ -17,7 +17,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from imat.config.stages import ExportConfig
 from imat.errors import ImatError
 from imat.io import write_bytes, write_json
 from imat.manifest import ClassMap
@@ -33,6 +32,9 @@ from submit.model import Preprocess, load_checkpoint
 from submit.quantize import int8_scheme, to_fp16, to_int8
 from submit.runtime import Runner, create_session
 from submit.verify import accuracy_change, agreement
+
+if TYPE_CHECKING:  # pydantic is not needed to export (benchmarks/gpu_check.py runs without it)
+    from imat.config.stages import ExportConfig
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +232,10 @@ def export_model(
     of ``cfg.target`` (``cpu_flags``: the CPU features to plan for; default this machine's).
     Returns the report written to ``<out>.json``. Raises ImatError (writing nothing) when any step fails
     or the top-3 agreement is below ``cfg.min_top3_agreement``."""
-    cfg = cfg or ExportConfig()
+    if cfg is None:
+        from imat.config.stages import ExportConfig
+
+        cfg = ExportConfig()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ImatError(f"--out must end in .onnx, got {out}")
