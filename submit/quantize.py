@@ -21,6 +21,8 @@ The int8 *form* depends on where the model runs (:func:`int8_scheme`):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -155,7 +157,8 @@ def to_int8(
     scheme = scheme or int8_scheme("cpu")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     pre = work_dir / "preprocessed.onnx"
-    quant_pre_process(str(src), str(pre))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Performing symbolic shape inference..."
+        quant_pre_process(str(src), str(pre))
     model = onnx.load(str(pre))
     input_name = model.graph.input[0].name
     excluded = [n.name for n in model.graph.node if n.op_type in FLOAT_ONLY_OPS]
