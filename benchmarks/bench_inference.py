@@ -1,219 +1,290 @@
-"""Inference speed: PyTorch eager fp32 / bf16 autocast vs onnxruntime fp32 / int8, plus end-to-end
-``imat predict`` from JPEG files, all in one run on this machine's CPU.
+"""CPU inference speed of a trained student, side by side in one run: PyTorch eager fp32 and bf16,
+onnxruntime fp32, int8 U8S8 (what ``imat export --precision int8`` writes for the CPU) and int8 S8S8
+(the symmetric TensorRT form, run on the CPU provider for comparison), plus end-to-end ``imat predict``
+from JPEG files, for each architecture (default ResNet-50 and ResNet-18 at 224 px).
 
-The student is a timm ResNet (default resnet18, 224 px). No weights can be downloaded here, so the
-backbone is randomly initialised and its classifier is fitted for a few steps on the generated
-images (a linear probe): logits are then separated enough for top-1/top-3 agreement to mean
-something, though 3rd-vs-4th places stay closer than in a trained network.
+The models are trained, not random: agreement between fp32 and int8 only means something on a network
+whose logits came from training. By default each arch is trained here, from scratch with imat's own
+``imat distill`` (method ``ce``) on the embedded MNIST kit (no download), its digits written as
+320x320 JPEG files (photo-sized decoding for the end-to-end row); ``--ckpt ARCH=best.safetensors``
+takes a real trained student instead, with ``--images`` (folder or manifest) as its validation images.
 
-    .venv/bin/python benchmarks/bench_inference.py [--arch resnet18] [--size 224] [--images 64]
-    python benchmarks/bench_inference.py --providers cpu,cuda,tensorrt   # on a GPU machine
+    python benchmarks/bench_inference.py                      # full size: see docs/BENCHMARKS.md
+    python benchmarks/bench_inference.py --archs resnet18 --size 64 --train-images 60 --train-epochs 1 \\
+        --val-images 32 --batch 8 --batches 1 --out /tmp/inference.csv    # a seconds-long smoke run
 
-With GPU providers the fp16 model is exported too and every (precision, provider) pair is timed in
-the same table, beside PyTorch eager on the GPU (fp32 and fp16 autocast) when CUDA is available.
-
-Prints a Markdown table (images/s and top-1/top-3 agreement with eager fp32 on the same images)."""
+Writes ``benchmarks/results/inference_cpu.csv`` (``--out``): arch, engine, batch, images_per_s,
+vs_eager_fp32, top1_agreement, top3_agreement (with eager fp32 on the same validation images), and
+prints it as a Markdown table with each model's top-1 accuracy."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 
-
-def make_images(folder: Path, count: int, classes: int, seed: int = 0) -> list[int]:
-    """Photo-sized (320x240) JPEGs: smooth colour fields per class with noise and a random shape."""
-    rng = np.random.default_rng(seed)
-    labels = []
-    base = rng.integers(0, 255, (classes, 3))
-    for i in range(count):
-        c = i % classes
-        yy, xx = np.mgrid[0:240, 0:320]
-        img = np.zeros((240, 320, 3), np.float32)
-        for ch in range(3):
-            img[..., ch] = base[c, ch] * (0.6 + 0.4 * np.sin(xx / (20 + 7 * c) + yy / (30 + 3 * ch)))
-        img += rng.normal(0, 20, img.shape)
-        cx, cy = rng.integers(40, 280), rng.integers(40, 200)
-        cv2.circle(
-            img,
-            (int(cx), int(cy)),
-            int(rng.integers(10, 40)),
-            tuple(float(v) for v in base[(c + 1) % classes]),
-            -1,
-        )
-        cv2.imwrite(
-            str(folder / f"{i:05d}.jpg"),
-            np.clip(img, 0, 255).astype(np.uint8),
-            [cv2.IMWRITE_JPEG_QUALITY, 90],
-        )
-        labels.append(c)
-    return labels
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["arch", "engine", "batch", "images_per_s", "vs_eager_fp32", "top1_agreement", "top3_agreement"]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def timed(fn, batches: list[np.ndarray], repeats: int) -> float:
-    """Images per second of ``fn`` over ``batches`` (one warm-up pass, then ``repeats`` timed passes)."""
-    fn(batches[0])
-    n = 0
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for b in batches:
-            fn(b)
-            n += len(b)
-    return n / (time.perf_counter() - start)
+def kit_images(work: Path, train: int, val: int, side: int = 320) -> tuple[Path, pd.DataFrame, list[str]]:
+    """The embedded MNIST kit's digits as ``side`` px RGB JPEGs (tinted per class so the three channels
+    differ) and a manifest frame (train/val rows, labels 0..9)."""
+    import json
+
+    from imat.kit import write_kit
+
+    kit = write_kit("mnist5k", work / "kit", seed=0, limit=int((train + val) / 0.7) + 20)
+    images = work / "jpeg"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in (("train", train), ("val", val)):
+        for e in json.loads(Path(kit[split]).read_text())["images"][:n]:
+            gray = cv2.imread(str(Path(kit["images"]) / e["id"]), cv2.IMREAD_GRAYSCALE)
+            big = cv2.resize(gray, (side, side), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+            c = int(e["class"])
+            tint = np.array([0.5 + 0.05 * c, 1.0 - 0.04 * c, 0.7 + 0.03 * (c % 3)], np.float32)
+            bgr = np.clip(big[..., None] * tint[None, None, ::-1], 0, 255).astype(np.uint8)
+            name = f"{split}_{Path(e['id']).stem}.jpg"
+            cv2.imwrite(str(images / name), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            rows.append(
+                {
+                    "image_id": name,
+                    "split": split,
+                    "path": name,
+                    "label": c,
+                    "source_label": str(c),
+                    "url": "",
+                }
+            )
+    return images, pd.DataFrame(rows), [str(c) for c in range(10)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch1-images", type=int, default=16, help="images timed one at a time")
-    parser.add_argument(
-        "--providers", default="cpu", help="comma list of onnxruntime providers: cpu, cuda, tensorrt"
-    )
-    args = parser.parse_args()
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    gpu = any(p != "cpu" for p in providers)
+def train_student(work: Path, arch: str, args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """``imat distill`` (plain CE) of ``arch`` on the kit JPEGs; returns (best.safetensors, the run's
+    manifest, the images folder)."""
+    import yaml
 
-    import timm
+    from imat.cli import main as imat
+    from imat.manifest import ClassMap, save_manifest
 
-    from imat.config.stages import ExportConfig
-    from imat.data import build_eval_transform, decode_image
-    from imat.manifest import ClassMap
-    from imat.weights import save_weights
-    from submit.export import export_model
-    from submit.inputs import read_images
-    from submit.predict import predict
-    from submit.runtime import Runner, create_session
-    from submit.verify import agreement
-
-    torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="imat-bench-"))
-    (work / "images").mkdir()
-    labels = make_images(work / "images", args.images, args.classes)
-    cfg = timm.data.resolve_data_config({}, model=timm.create_model(args.arch, pretrained=False))
-    mean, std, crop = tuple(cfg["mean"]), tuple(cfg["std"]), 0.875
-    tf = build_eval_transform(args.size, mean, std, crop)
-    x = torch.stack([tf(image=decode_image(p))["image"] for p in sorted((work / "images").glob("*.jpg"))])
-
-    model = timm.create_model(args.arch, num_classes=args.classes, pretrained=False).eval()
-    with torch.no_grad():
-        feats = model.forward_head(model.forward_features(x), pre_logits=True)
-    head = model.get_classifier()
-    opt = torch.optim.Adam(head.parameters(), lr=0.01)
-    y = torch.tensor(labels)
-    for _ in range(100):
-        loss = torch.nn.functional.cross_entropy(head(feats), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    classes = ClassMap.from_labels(range(args.classes))
-    meta = {
-        "arch": args.arch,
-        "num_classes": args.classes,
-        "input_size": args.size,
-        "mean": list(mean),
-        "std": list(std),
-        "crop_pct": crop,
-        "model_kwargs": {},
-        "classes": classes.to_dict(),
+    images, df, labels = kit_images(work, args.train_images, args.val_images)
+    run = work / f"run_{arch}"
+    save_manifest(df, ClassMap.from_labels(labels), run / "data")
+    cfg = {
+        "run_dir": str(run),
+        "data": {"images": str(images), "num_workers": 1},
+        "distill": {
+            "method": "ce",
+            "student": {"arch": arch, "input_size": args.size, "mean": MEAN, "std": STD},
+            "train": {
+                "epochs": args.train_epochs,
+                "batch_size": 32,
+                "device": "cpu",
+                "lr": 0.1,
+                "warmup_epochs": 0.5,
+                "aug": {"preset": "none"},
+            },
+        },
     }
-    ckpt = save_weights(work / "best.safetensors", model.state_dict(), meta)
-    rows = read_images(work / "images")
-    onnx_paths = {}
-    for precision in ("fp32", "int8", *(["fp16"] if gpu else [])):
-        onnx_paths[precision] = work / f"student_{precision}.onnx"
-        export_model(
-            ckpt,
-            onnx_paths[precision],
-            rows,
-            cfg=ExportConfig(precision=precision, min_top3_agreement=0.0, calibration_images=args.images),
-        )
+    (work / f"{arch}.yaml").write_text(yaml.safe_dump(cfg))
+    if imat(["distill", str(work / f"{arch}.yaml"), "--quiet"]) != 0:
+        raise SystemExit(f"training {arch} failed")
+    return run / "student" / "best.safetensors", run / "data" / "manifest.parquet", images
 
-    xs = x.numpy()
-    big = [xs[i : i + 32] for i in range(0, len(xs), 32)]
-    small = [xs[i : i + 1] for i in range(min(args.batch1_images, len(xs)))]
+
+def timed(fn: Any, batches: list[np.ndarray]) -> float:
+    """Images per second of ``fn`` over ``batches`` after one warm-up call."""
+    fn(batches[0])
+    start = time.perf_counter()
+    for b in batches:
+        fn(b)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def bench_arch(
+    arch: str, ckpt: Path, source: Path, root: str | None, work: Path, args: argparse.Namespace
+) -> list[dict]:
+    """The rows of one arch: five engines on the same batches, then ``imat predict`` end to end."""
+    from imat.cli import main as imat
+    from imat.config.stages import ExportConfig
+    from submit.export import export_model, known_labels, load_batches
+    from submit.inputs import read_images
+    from submit.model import load_checkpoint
+    from submit.predict import read_predictions
+    from submit.runtime import Runner, create_session
+    from submit.verify import accuracy_change, agreement
+
+    model, _, prep, classes = load_checkpoint(ckpt)
+    rows = read_images(source, root, "val")
+    if len(rows) > args.val_images:
+        rows = rows.sample(n=args.val_images, random_state=0).sort_index().reset_index(drop=True)
+    batches, kept = load_batches(rows, prep, batch_size=args.batch, workers=1)
+    labels = known_labels(rows.iloc[kept].reset_index(drop=True), classes)
+    timed_batches = (batches * (-(-args.batches // len(batches))))[: args.batches]
+    full = [b for b in timed_batches if len(b) == args.batch] or timed_batches
+
+    models: dict[str, Path] = {}
+    for name, precision, target in (
+        ("fp32", "fp32", "cpu"),
+        ("u8s8", "int8", "cpu"),
+        ("s8s8", "int8", "gpu"),
+    ):
+        models[name] = work / f"{arch}_{name}.onnx"
+        cfg = ExportConfig(
+            precision=precision,
+            target=target,
+            min_top3_agreement=0.0,
+            calibration_images=args.calibration_images,
+            verify_images=args.val_images,
+        )
+        export_model(ckpt, models[name], rows, rows, cfg=cfg, workers=1)
 
     def eager(b: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(b)).float().numpy()
 
+    cl_model = load_checkpoint(ckpt)[0].to(memory_format=torch.channels_last)
+
     def bf16(b: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(b).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(torch.from_numpy(b)).float().numpy()
+            return cl_model(x).float().numpy()
 
-    engines = {"PyTorch eager fp32": eager, "PyTorch eager bf16 autocast": bf16}
-    if gpu and torch.cuda.is_available():
-        cuda_model = timm.create_model(args.arch, num_classes=args.classes, pretrained=False).eval().cuda()
-        cuda_model.load_state_dict(model.state_dict())
+    engines: dict[str, Any] = {
+        "PyTorch eager fp32": eager,
+        "PyTorch eager bf16 autocast, channels-last": bf16,
+    }
+    names = {"fp32": "onnxruntime fp32", "u8s8": "onnxruntime int8 U8S8", "s8s8": "onnxruntime int8 S8S8"}
+    for key, path in models.items():
+        session, active = create_session(path, "cpu", threads=args.threads, warn_target=False)
+        engines[names[key]] = lambda b, r=Runner(session, active): r(b)[0]
 
-        def cuda_eager(b: np.ndarray, half: bool = False) -> np.ndarray:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
-                return cuda_model(torch.from_numpy(b).cuda()).float().cpu().numpy()
-
-        engines["PyTorch eager fp32 (cuda)"] = cuda_eager
-        engines["PyTorch eager fp16 autocast (cuda)"] = lambda b: cuda_eager(b, half=True)
-    for provider in providers:
-        for precision, path in onnx_paths.items():
-            if precision == "fp16" and provider == "cpu":
-                continue  # fp16 is for GPUs; onnxruntime's CPU kernels upcast it
-            try:
-                session, active = create_session(path, provider)
-            except Exception as exc:  # a provider that cannot take this model: say so in the table
-                print(f"onnxruntime {precision} on {provider}: {str(exc).splitlines()[0][:200]}")
-                continue
-            engines[f"onnxruntime {precision} ({active})"] = lambda b, r=Runner(session, active): r(b)[0]
-
-    reference = np.concatenate([eager(b) for b in big])
-    results = []
-    for name, fn in engines.items():
-        scores = np.concatenate([fn(b) for b in big])
+    reference = np.concatenate([eager(b) for b in batches])
+    out, base = [], None
+    for engine, fn in engines.items():
+        scores = np.concatenate([fn(b) for b in batches])
         agree = agreement(reference, scores, k=3)
-        results.append(
-            (
-                name,
-                timed(fn, small, args.repeats),
-                timed(fn, big, args.repeats),
-                agree["top1_agreement"],
-                agree["top3_agreement"],
-            )
+        acc = accuracy_change(reference, scores, labels, k=3)
+        speed = timed(fn, full)
+        base = base or speed
+        out.append(
+            {
+                "arch": arch,
+                "engine": engine,
+                "batch": args.batch,
+                "images_per_s": round(speed, 2),
+                "vs_eager_fp32": round(speed / base, 2),
+                "top1_agreement": round(agree["top1_agreement"], 4),
+                "top3_agreement": round(agree["top3_agreement"], 4),
+                "_top1_accuracy": None if acc is None else acc["candidate_top1_accuracy"],
+            }
         )
 
-    e2e = []
-    for provider in providers:
-        for precision, path in onnx_paths.items():
-            if precision == "fp16" and provider == "cpu":
-                continue
-            kwargs = {"batch_size": 32, "workers": 1, "provider": provider, "progress": False}
-            try:
-                predict(path, work / "images", None, **kwargs)  # warm caches (and build TensorRT engines)
-            except Exception as exc:
-                print(f"imat predict {precision} on {provider}: {str(exc).splitlines()[0][:200]}")
-                continue
-            start = time.perf_counter()
-            predict(path, work / "images", work / f"pred_{precision}_{provider}.parquet", **kwargs)
-            e2e.append((f"{precision}, {provider}", args.images / (time.perf_counter() - start)))
-
-    print(
-        f"\n{args.arch} at {args.size} px, {args.classes} classes, {args.images} images; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}\n"
+    # End to end: `imat predict` (the CLI, as a user runs it) from the JPEG files with the U8S8 model.
+    e2e_dir = work / f"e2e_{arch}"
+    e2e_dir.mkdir(exist_ok=True)
+    files = [Path(p) for p in rows["path"].iloc[kept]]
+    reps = -(-args.batches * args.batch // len(files))
+    for r in range(reps):  # the timed set: as many files as the model-only rows timed, links to the val JPEGs
+        for f in files:
+            link = e2e_dir / f"{r}_{f.name}"
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    pred = work / f"pred_{arch}.parquet"
+    cmd = ["predict", str(models["u8s8"]), str(e2e_dir), "--out", str(pred), "--provider", "cpu"]
+    cmd += ["--batch-size", str(args.batch), "--no-progress", "--workers", str(args.workers)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    imat(cmd)  # warm-up: file cache, onnxruntime's first session
+    start = time.perf_counter()
+    if imat(cmd) != 0:
+        raise SystemExit(f"imat predict failed on {arch}")
+    speed = len(files) * reps / (time.perf_counter() - start)
+    df, _ = read_predictions(pred)
+    first = df[df["image_id"].str.startswith("0_")].copy()
+    first["name"] = first["image_id"].str[2:]
+    order = {f.name: i for i, f in enumerate(files)}
+    ref_top = np.argsort(-reference, axis=1, kind="stable")[:, :3]
+    got = {row.name: [classes.to_index(str(x)) for x in row.topk_labels] for row in first.itertuples()}
+    same1 = np.mean([got[n][0] == ref_top[i, 0] for n, i in order.items()])
+    same3 = np.mean([set(got[n]) == set(ref_top[i]) for n, i in order.items()])
+    hits = [labels[i] >= 0 and got[n][0] == labels[i] for n, i in order.items()]
+    out.append(
+        {
+            "arch": arch,
+            "engine": "imat predict end-to-end (JPEG files, int8 U8S8)",
+            "batch": args.batch,
+            "images_per_s": round(speed, 2),
+            "vs_eager_fp32": round(speed / base, 2),
+            "top1_agreement": round(float(same1), 4),
+            "top3_agreement": round(float(same3), 4),
+            "_top1_accuracy": float(np.mean(hits)) if (labels >= 0).any() else None,
+        }
     )
-    print("| engine | batch 1 images/s | batch 32 images/s | top-1 agreement | top-3 agreement |")
-    print("|---|---|---|---|---|")
-    for name, b1, b32, t1, t3 in results:
-        print(f"| {name} | {b1:.1f} | {b32:.1f} | {t1:.3f} | {t3:.3f} |")
-    print("\n| end-to-end `imat predict` (JPEG decode + resize/crop in 1 worker, batch 32) | images/s |")
-    print("|---|---|")
-    for what, ips in e2e:
-        print(f"| onnxruntime {what} | {ips:.1f} |")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="resnet50,resnet18")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per engine")
+    parser.add_argument("--val-images", type=int, default=256, help="images for agreement and accuracy")
+    parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--train-images", type=int, default=1200)
+    parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument("--ckpt", action="append", default=[], metavar="ARCH=PATH", help="a trained student")
+    parser.add_argument("--images", help="with --ckpt: its validation images (folder or manifest)")
+    parser.add_argument("--images-root", help="root of the manifest's relative paths")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--workers", type=int, default=2, help="imat predict decoding workers")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_cpu.csv")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    given = dict(item.split("=", 1) for item in args.ckpt)
+    if given and not args.images:
+        parser.error("--ckpt needs --images (the student's validation images)")
+
+    from imat.io import write_csv
+
+    work = Path(tempfile.mkdtemp(prefix="imat-bench-inference-"))
+    rows: list[dict] = []
+    for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
+        if arch in given:
+            ckpt, source, root = Path(given[arch]), Path(args.images), args.images_root
+        else:
+            print(
+                f"training {arch} on the MNIST kit ({args.train_images} images, {args.train_epochs} epochs)"
+            )
+            ckpt, source, images = train_student(work, arch, args)
+            root = str(images)
+        rows.extend(bench_arch(arch, ckpt, source, root, work, args))
+    table = pd.DataFrame(rows)
+    write_csv(args.out, table[COLUMNS])
+    print(
+        f"\n{args.size} px, batch {args.batch}, {args.batches} timed batches; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}; {args.out}\n"
+    )
+    print("| arch | engine | images/s | vs eager fp32 | top-1 agreement | top-3 agreement | top-1 accuracy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = "" if r["_top1_accuracy"] is None else f"{r['_top1_accuracy']:.3f}"
+        print(
+            f"| {r['arch']} | {r['engine']} | {r['images_per_s']:.1f} | {r['vs_eager_fp32']:.2f}x | "
+            f"{r['top1_agreement']:.3f} | {r['top3_agreement']:.3f} | {acc} |"
+        )
 
 
 if __name__ == "__main__":

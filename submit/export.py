@@ -17,7 +17,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -25,14 +25,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from imat.config.stages import ExportConfig
 from imat.errors import ImatError
 from imat.io import write_bytes, write_json
 from imat.manifest import ClassMap
 from submit.model import Preprocess, load_checkpoint
-from submit.quantize import to_fp16, to_int8
+from submit.quantize import int8_scheme, to_fp16, to_int8
 from submit.runtime import Runner, create_session
-from submit.verify import agreement
+from submit.verify import accuracy_change, agreement
+
+if TYPE_CHECKING:  # pydantic is not needed to export (benchmarks/gpu_check.py runs without it)
+    from imat.config.stages import ExportConfig
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +167,35 @@ def _check_dynamic_batch(runner: Runner, sample: np.ndarray, num_classes: int) -
     return list(DYNAMIC_BATCHES)
 
 
+def known_labels(rows: pd.DataFrame, classes: ClassMap) -> np.ndarray:
+    """Class index of each row in the checkpoint's class map (-1 when unknown): by ``source_label``
+    when the rows carry one (a manifest of another run may number classes differently), else ``label``."""
+    out = np.full(len(rows), -1, dtype=np.int64)
+    sources = rows["source_label"].astype(str).to_numpy() if "source_label" in rows.columns else None
+    labels = rows["label"].to_numpy() if "label" in rows.columns else np.full(len(rows), -1)
+    for i in range(len(rows)):
+        if sources is not None and sources[i]:
+            try:
+                out[i] = classes.to_index(sources[i])
+            except ImatError:
+                out[i] = -1
+        elif 0 <= int(labels[i]) < classes.num_classes:
+            out[i] = int(labels[i])
+    return out
+
+
 def model_description(
-    prep: Preprocess, classes: ClassMap, meta: dict[str, Any], precision: str, wrapper: ExportWrapper
+    prep: Preprocess,
+    classes: ClassMap,
+    meta: dict[str, Any],
+    precision: str,
+    wrapper: ExportWrapper,
+    target: str = "cpu",
+    int8: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What inference needs to know about the model; stored in the ONNX file and the JSON beside it."""
+    """What inference needs to know about the model; stored in the ONNX file and the JSON beside it.
+
+    ``target`` is where the export meant it to run (``cpu`` | ``gpu``); ``int8`` the quantisation form."""
     return {
         "format": "imat-onnx/1",
         "arch": meta.get("arch"),
@@ -176,6 +203,8 @@ def model_description(
         **prep.to_dict(),
         "classes": classes.to_dict(),
         "precision": precision,
+        "target": target,
+        "int8": int8,
         "outputs": wrapper.output_names(),
         "softmax_in_graph": wrapper.softmax,
         "topk_in_graph": wrapper.topk,
@@ -193,14 +222,20 @@ def export_model(
     workers: int = 0,
     decoder: str = "cv2",
     provider: str = "cpu",
+    cpu_flags: set[str] | None = None,
 ) -> dict[str, Any]:
     """Export ``ckpt`` to ``out`` at ``cfg.precision``, verify it, write ``out`` + ``out.json``.
 
     ``verify_df``/``calib_df`` are image lists (``image_id``, absolute ``path``) as from
     :func:`submit.inputs.read_images`; calibration (int8 only) defaults to the verification images.
+    Rows with a known label also give the accuracy of both models and its change. int8 takes the form
+    of ``cfg.target`` (``cpu_flags``: the CPU features to plan for; default this machine's).
     Returns the report written to ``<out>.json``. Raises ImatError (writing nothing) when any step fails
     or the top-3 agreement is below ``cfg.min_top3_agreement``."""
-    cfg = cfg or ExportConfig()
+    if cfg is None:
+        from imat.config.stages import ExportConfig
+
+        cfg = ExportConfig()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ImatError(f"--out must end in .onnx, got {out}")
@@ -222,6 +257,7 @@ def export_model(
         fp32 = tmp / "fp32.onnx"
         exporter = export_fp32(wrapper, prep.input_size, fp32, cfg.opset, cfg.exporter)
         final = tmp / "model.onnx"
+        scheme = None
         if cfg.precision == "fp32":
             final = fp32
         elif cfg.precision == "fp16":
@@ -230,10 +266,12 @@ def export_model(
             source = calib_df if calib_df is not None and len(calib_df) else verify_df
             calib_rows = sample_rows(source, cfg.calibration_images, seed=1)
             calib_batches, calib_kept = load_batches(calib_rows, prep, workers=workers, decoder=decoder)
-            log.info("int8 calibration on %d images", len(calib_kept))
-            to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method, not cfg.quantize_head)
+            scheme = int8_scheme(cfg.target, cpu_flags)
+            log.info("int8 (%s, for %s) calibration on %d images", scheme.name, cfg.target, len(calib_kept))
+            to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method, not cfg.quantize_head, scheme)
 
-        description = model_description(prep, classes, meta, cfg.precision, wrapper)
+        int8 = scheme.to_dict() if scheme is not None else None
+        description = model_description(prep, classes, meta, cfg.precision, wrapper, cfg.target, int8)
         proto = onnx.load(str(final))
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
@@ -244,13 +282,15 @@ def export_model(
             raise ImatError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
         onnx.save(proto, str(final))
 
-        session, active = create_session(final, provider)
+        session, active = create_session(final, provider, description=description, warn_target=False)
         runner = Runner(session, active)
         batches_run = _check_dynamic_batch(runner, verify_batches[0], classes.num_classes)
         reference = _torch_scores(wrapper, verify_batches)
         candidate = _onnx_scores(runner, verify_batches)
         figures = agreement(reference, candidate, k=min(3, classes.num_classes))
         top3 = figures[f"top{min(3, classes.num_classes)}_agreement"]
+        labels = known_labels(verify_rows.iloc[kept].reset_index(drop=True), classes)
+        accuracy = accuracy_change(reference, candidate, labels, k=min(3, classes.num_classes))
         report = {
             **description,
             "checkpoint": str(Path(ckpt)),
@@ -263,6 +303,7 @@ def export_model(
                 "compared": "first output (" + description["outputs"][0] + ") vs PyTorch eval mode",
                 "max_abs_logit_diff": figures["max_abs_diff"] if cfg.precision == "fp32" else None,
                 "min_top3_agreement": cfg.min_top3_agreement,
+                "accuracy": accuracy,
             },
             "size_bytes": final.stat().st_size,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -80,7 +80,7 @@ def predict(
     classes = class_map_of(desc, str(model))
     k = min(topk, classes.num_classes)
     rows = read_images(source, images, split)
-    session, active = create_session(model, provider, threads=threads)
+    session, active = create_session(model, provider, threads=threads, description=desc, max_batch=batch_size)
     runner = Runner(session, active)
     probs_out = bool(desc.get("softmax_in_graph"))
     transform = build_eval_transform(

@@ -8,13 +8,26 @@ the ONNX checker rejects, so the graph is topologically re-sorted afterwards.
 int8 is onnxruntime static quantisation in QDQ format with per-channel weights, calibrated (MinMax by
 default) on real training images after ``quant_pre_process`` (shape inference + graph optimisation).
 Softmax and TopK, and by default the final classifier (Gemm/MatMul), stay in float so the logits and
-in-graph probabilities keep their precision."""
+in-graph probabilities keep their precision.
+
+The int8 *form* depends on where the model runs (:func:`int8_scheme`):
+
+- ``cpu``: uint8 activations, int8 weights (U8S8). onnxruntime's x86 int8 kernels are built for U8S8
+  (VNNI ``vpdpbusd`` multiplies unsigned by signed bytes); S8S8 QDQ falls back to slower paths and can
+  end up slower than fp32. A CPU without VNNI multiplies through 16-bit sums that can saturate with full
+  8-bit weights, so there the weights use 7 bits (``reduce_range``).
+- ``gpu`` (TensorRT, CUDA): int8 activations and weights, both symmetric (zero point 0; S8S8), the
+  only form TensorRT's explicit quantisation accepts."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,6 +37,52 @@ from imat.errors import ImatError
 log = logging.getLogger(__name__)
 
 FLOAT_ONLY_OPS = ("Softmax", "TopK")
+INT8_TARGETS = ("cpu", "gpu")
+# x86 dot-product instructions for u8 x s8 (AVX512-VNNI, AVX-VNNI) or AMX tiles: no 16-bit saturation.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU feature flags of the first processor in ``cpuinfo`` (None when there is no such file or
+    no x86 ``flags`` line, e.g. on ARM or macOS)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """How ``to_int8`` quantises for one target; recorded in the model description (``int8``)."""
+
+    target: str
+    name: str  # "U8S8" or "S8S8"
+    activations: str  # "uint8" | "int8"
+    weights: str
+    symmetric_activations: bool
+    reduce_range: bool
+    cpu_vnni: bool | None  # what the export machine's CPU has (None: unknown / not x86)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def int8_scheme(target: str = "cpu", flags: set[str] | None = None, probe: bool = True) -> Int8Scheme:
+    """The int8 form for ``target`` (``cpu`` | ``gpu``). ``flags``: CPU feature flags (default: this
+    machine's, from /proc/cpuinfo when ``probe``); reduce_range is used on an x86 CPU known to lack VNNI."""
+    if target not in INT8_TARGETS:
+        raise ImatError(f"unknown int8 target {target!r} (choose from {', '.join(INT8_TARGETS)})")
+    if flags is None and probe:
+        flags = cpu_flags()
+    vnni = None if flags is None else any(f in flags for f in VNNI_FLAGS)
+    if target == "gpu":
+        return Int8Scheme("gpu", "S8S8", "int8", "int8", True, False, vnni)
+    return Int8Scheme("cpu", "U8S8", "uint8", "int8", False, vnni is False, vnni)
 
 
 def toposort(graph: onnx.GraphProto) -> None:
@@ -81,8 +140,10 @@ def to_int8(
     work_dir: Path,
     method: str = "minmax",
     keep_head_float: bool = True,
-) -> None:
-    """Static QDQ int8 (per-channel weights, int8 activations) calibrated on ``calibration`` batches."""
+    scheme: Int8Scheme | None = None,
+) -> Int8Scheme:
+    """Static QDQ int8 (per-channel weights) in ``scheme``'s form (default: this CPU's), calibrated on
+    ``calibration`` batches; returns the scheme used."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -93,8 +154,11 @@ def to_int8(
     }
     if method not in methods:
         raise ImatError(f"unknown calibration method {method!r} (choose from {', '.join(methods)})")
+    scheme = scheme or int8_scheme("cpu")
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     pre = work_dir / "preprocessed.onnx"
-    quant_pre_process(str(src), str(pre))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Performing symbolic shape inference..."
+        quant_pre_process(str(src), str(pre))
     model = onnx.load(str(pre))
     input_name = model.graph.input[0].name
     excluded = [n.name for n in model.graph.node if n.op_type in FLOAT_ONLY_OPS]
@@ -112,9 +176,15 @@ def to_int8(
         reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        reduce_range=scheme.reduce_range,
+        activation_type=types[scheme.activations],
+        weight_type=types[scheme.weights],
         nodes_to_exclude=excluded,
         calibrate_method=methods[method],
-        extra_options={"CalibTensorRangeSymmetric": False},
+        extra_options={
+            "ActivationSymmetric": scheme.symmetric_activations,
+            "WeightSymmetric": True,
+            "CalibTensorRangeSymmetric": False,
+        },
     )
+    return scheme

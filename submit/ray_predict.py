@@ -1,14 +1,20 @@
 """`imat predict ... --ray`: the same top-k predictions as :func:`submit.predict.predict`, computed by Ray Data.
 
 The image list (a folder, a manifest or a competition file, read exactly as the single-process path
-reads it) becomes a Ray Dataset in blocks; ``map_batches`` runs :class:`OnnxPredictor`, a callable
-class of which each of ``actors`` Ray actors holds one onnxruntime session (a GPU each when the
-cluster has GPUs and the provider is not ``cpu``). Decoding and the eval transform run inside the
-actors (the same ``imat.data`` dataset code as the single-process path), so only file paths travel
-to them and only top-k indices and scores come back. The rows are put back in input order and written
-by :func:`submit.predict.write_predictions`: the same Parquet, columns and metadata as ``imat predict``.
+reads it) becomes a Ray Dataset in blocks, processed in two stages:
 
-On a cluster the model file and the images must be at the same path on every node (shared storage).
+1. :func:`decode_batch` in CPU ``map_batches`` tasks: JPEG decoding and the eval transform (the same
+   ``imat.data`` code as the single-process path), so the GPU actors never wait on decoding;
+2. :class:`OnnxPredictor` in an actor pool (``compute=ActorPoolStrategy(size=actors)``): one
+   onnxruntime session per actor, a GPU each when the cluster has GPUs and the provider is not ``cpu``.
+
+The actors' results are written by the workers (``write_parquet`` into ``OUT.parts/``) rather than
+gathered on the driver, then read back and joined to the input list on row number and image id, and
+written by :func:`submit.predict.write_predictions`: the same Parquet, columns and metadata as
+``imat predict``.
+
+On a cluster the model file, the images and the output folder must be at the same path on every node
+(shared storage).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,32 +35,49 @@ from imat.errors import ImatError, require_file
 log = logging.getLogger(__name__)
 
 
+def decode_batch(
+    batch: dict[str, np.ndarray], size: int, mean: list[float], std: list[float], crop: float, decoder: str
+) -> dict[str, np.ndarray]:
+    """A CPU task: image rows -> their pre-processed tensors (the eval transform of imat.data, as in
+    the single-process path); an unreadable image gets zeros and ``ok`` False."""
+    from imat.data import ImageDataset, build_eval_transform
+
+    rows = pd.DataFrame({"image_id": batch["image_id"], "path": batch["path"], "label": -1})
+    dataset = ImageDataset(rows, None, build_eval_transform(size, mean, std, crop), decoder)
+    images = np.zeros((len(rows), 3, size, size), np.float32)
+    ok = np.zeros(len(rows), dtype=bool)
+    for i in range(len(rows)):
+        item = dataset[i]
+        if item is not None:
+            images[i] = item["image"].numpy()
+            ok[i] = True
+    return {"_row": batch["_row"], "image_id": batch["image_id"], "image": images, "ok": ok}
+
+
 class OnnxPredictor:
-    """One onnxruntime session per Ray actor; ``__call__`` maps a pandas batch of image rows to their
-    top-k class indices and probabilities (``missing`` for unreadable images)."""
+    """One onnxruntime session per Ray actor (a GPU each on a GPU cluster); ``__call__`` maps a batch
+    of decoded images to their top-k class indices and probabilities (``missing`` where unreadable)."""
 
     def __init__(
         self,
         model: str,
         provider: str,
         threads: int | None,
-        decoder: str,
         tta_flip: bool,
         k: int,
         save_probs: bool,
+        batch_size: int,
     ) -> None:
-        from imat.data import build_eval_transform
         from submit.export import read_description
         from submit.runtime import Runner, create_session
 
         desc = read_description(model)
-        session, self.provider = create_session(model, provider, threads=threads)
+        session, self.provider = create_session(
+            model, provider, threads=threads, description=desc, max_batch=batch_size, warn_target=False
+        )  # the driver warns once about a model meant for another device, not every actor
         self.runner = Runner(session, self.provider)
         self.probs_out = bool(desc.get("softmax_in_graph"))
-        self.transform = build_eval_transform(
-            int(desc["input_size"]), desc["mean"], desc["std"], float(desc.get("crop_pct", 0.875))
-        )
-        self.decoder, self.tta_flip, self.k, self.save_probs = decoder, tta_flip, k, save_probs
+        self.tta_flip, self.k, self.save_probs = tta_flip, k, save_probs
 
     def _probs(self, x: np.ndarray) -> np.ndarray:
         from submit.predict import softmax
@@ -63,21 +89,16 @@ class OnnxPredictor:
             probs = (probs + (flipped if self.probs_out else softmax(flipped))) / 2
         return probs
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from imat.data import ImageDataset
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         from submit.verify import topk_indices
 
-        rows = batch.reset_index(drop=True)
-        dataset = ImageDataset(rows, None, self.transform, self.decoder)
-        items = [dataset[i] for i in range(len(rows))]
-        ok = np.array([it is not None for it in items], dtype=bool)
-        n = len(rows)
+        ok = np.asarray(batch["ok"], dtype=bool)
+        n = len(ok)
         top_idx: list[list[int]] = [[] for _ in range(n)]
         top_scores: list[list[float]] = [[] for _ in range(n)]
         probs_col: list[Any] = [np.zeros(0, np.float32) for _ in range(n)]
         if ok.any():
-            x = np.stack([it["image"].numpy() for it in items if it is not None])
-            probs = self._probs(x)
+            probs = self._probs(np.ascontiguousarray(batch["image"][ok], dtype=np.float32))
             idx = topk_indices(probs, self.k)
             scores = np.take_along_axis(probs, idx, axis=1)
             for j, i in enumerate(np.flatnonzero(ok)):
@@ -86,7 +107,13 @@ class OnnxPredictor:
                 if self.save_probs:
                     probs_col[i] = probs[j].astype(np.float32)
         out = pd.DataFrame(
-            {"_row": rows["_row"].to_numpy(), "top_idx": top_idx, "top_scores": top_scores, "missing": ~ok}
+            {
+                "_row": np.asarray(batch["_row"], dtype=np.int64),
+                "image_id": np.asarray(batch["image_id"]).astype(str),
+                "top_idx": top_idx,
+                "top_scores": top_scores,
+                "missing": ~ok,
+            }
         )
         out["provider"] = self.provider
         out["_actor"] = os.getpid()  # which actor process did the work (reported, then dropped)
@@ -118,10 +145,12 @@ def ray_predict(
     the same frame (and writes the same Parquet to ``out``) as the single-process path.
     """
     import ray
+    from ray.data import ActorPoolStrategy
 
     from submit.export import read_description
     from submit.inputs import read_images
     from submit.predict import class_map_of, write_predictions
+    from submit.runtime import target_mismatch
 
     model = require_file(model, "model")
     if topk < 1:
@@ -140,7 +169,6 @@ def ray_predict(
             "_row": np.arange(n, dtype=np.int64),
             "image_id": rows["image_id"].astype(str).to_numpy(dtype=object),
             "path": rows["path"].astype(str).to_numpy(dtype=object),
-            "label": np.full(n, -1, dtype=np.int64),
         }
     )
     started = False
@@ -154,41 +182,68 @@ def ray_predict(
         except ConnectionError as exc:
             raise ImatError(f"cannot reach the Ray cluster at {addr}: {exc}") from None
         started = True
+    parts = Path(f"{out}.parts") if out is not None else Path(tempfile.mkdtemp(prefix="imat-ray-predict-"))
+    if parts.exists():
+        shutil.rmtree(parts)
     try:
         gpus = 1 if provider != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        # CPU actors must leave a CPU to the decoding tasks, or a small machine deadlocks
+        actor_cpus = 1.0 if gpus else min(1.0, max(0.1, (cpus - 1) / actors))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         blocks = max(actors, min(n, (n + batch_size - 1) // batch_size)) if n else 1
-        # blocks made here (no repartition task): the actors may hold every CPU of a small machine
         chunks = [table.iloc[i : i + -(-n // blocks)] for i in range(0, max(n, 1), max(1, -(-n // blocks)))]
-        ds = ray.data.from_pandas(chunks)
-        result = ds.map_batches(
+        decoded = ray.data.from_pandas(chunks).map_batches(
+            decode_batch,
+            fn_kwargs={
+                "size": int(desc["input_size"]),
+                "mean": list(desc["mean"]),
+                "std": list(desc["std"]),
+                "crop": float(desc.get("crop_pct", 0.875)),
+                "decoder": decoder,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        predicted = decoded.map_batches(
             OnnxPredictor,
             fn_constructor_kwargs={
                 "model": str(model),
                 "provider": provider,
                 "threads": threads,
-                "decoder": decoder,
                 "tta_flip": tta_flip,
                 "k": k,
                 "save_probs": save_probs,
+                "batch_size": batch_size,
             },
             batch_size=batch_size,
-            batch_format="pandas",
-            concurrency=actors,
-            num_cpus=1,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus,
             num_gpus=gpus,
-        ).to_pandas()
+        )
+        predicted.write_parquet(str(parts))  # by the actors' tasks: nothing gathered on the driver
     except ray.exceptions.RayError as exc:
+        shutil.rmtree(parts, ignore_errors=True)
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ImatError(f"Ray Data inference failed: {first[:300]}") from None
     finally:
         if started:
             ray.shutdown()
-
-    result = result.sort_values("_row").reset_index(drop=True)
-    if len(result) != n or not (result["_row"].to_numpy() == np.arange(n)).all():
-        raise ImatError(f"Ray Data returned {len(result)} rows for {n} images")
+    try:
+        written = pd.read_parquet(parts) if any(parts.glob("*.parquet")) else pd.DataFrame()
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    if len(written) != n:
+        raise ImatError(f"Ray Data returned {len(written)} rows for {n} images")
+    written["image_id"] = written["image_id"].astype(str)
+    result = table[["_row", "image_id"]].merge(written, on=["_row", "image_id"], how="left", validate="1:1")
+    if result["missing"].isna().any():
+        raise ImatError(
+            f"Ray Data results do not match the input images ({int(result['missing'].isna().sum())} lost)"
+        )
     missing = result["missing"].astype(bool).to_numpy()
     frame = pd.DataFrame(
         {
@@ -209,6 +264,9 @@ def ray_predict(
     if missing.any():
         log.warning("%d of %d images could not be read; flagged missing", int(missing.sum()), n)
     active = str(result["provider"].iloc[0]) if n else provider
+    mismatch = target_mismatch(desc, active)
+    if mismatch:
+        log.warning("%s", mismatch)
     info = {
         "model": str(model),
         "precision": desc.get("precision"),

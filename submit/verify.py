@@ -40,3 +40,22 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 3) -> dict[
         "max_abs_diff": float(diff.max()) if n else 0.0,
         "mean_abs_diff": float(diff.mean()) if n else 0.0,
     }
+
+
+def accuracy_change(
+    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, k: int = 3
+) -> dict[str, Any] | None:
+    """Top-1/top-k accuracy of both models on the rows with a known label (>= 0), and the change
+    (candidate - reference); None when no row has a label."""
+    known = labels >= 0
+    if not known.any():
+        return None
+    y = labels[known]
+    out: dict[str, Any] = {"labelled_images": int(known.sum())}
+    for name, scores in (("reference", reference[known]), ("candidate", candidate[known])):
+        top = topk_indices(scores, k)
+        out[f"{name}_top1_accuracy"] = float((top[:, 0] == y).mean())
+        out[f"{name}_top{k}_accuracy"] = float((top == y[:, None]).any(axis=1).mean())
+    out["top1_accuracy_change"] = out["candidate_top1_accuracy"] - out["reference_top1_accuracy"]
+    out[f"top{k}_accuracy_change"] = out[f"candidate_top{k}_accuracy"] - out[f"reference_top{k}_accuracy"]
+    return out

@@ -1,4 +1,5 @@
-"""`imat predict --ray`: Ray Data with 2 CPU actors writes the same predictions Parquet as one process."""
+"""`imat predict --ray`: Ray Data (decoding tasks, then a pool of 2 CPU onnxruntime actors whose results
+the workers write as Parquet) gives the same predictions Parquet as one process."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def test_ray_data_matches_single_process(onnx_model, tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
+    # the actors wrote their results as Parquet parts beside the output; joined and cleaned up
+    assert not Path(f"{ray_out}.parts").exists()
     a, info_a = read_predictions(single)
     b, info_b = read_predictions(ray_out)
     assert list(a.columns) == list(b.columns)

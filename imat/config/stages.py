@@ -34,6 +34,8 @@ class TuneConfig(Section):
 
 class ExportConfig(Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    # where the model will run: int8 is U8S8 for the CPU provider, symmetric S8S8 for TensorRT/CUDA
+    target: Literal["cpu", "gpu"] = "cpu"
     opset: int = Field(18, ge=11)  # the dynamo exporter needs >= 18 and raises it to 18 when lower
     exporter: Literal["auto", "dynamo", "legacy"] = "auto"  # auto: dynamo, falling back to legacy
     with_softmax: bool = False

@@ -2,25 +2,40 @@
 
 Verification (and int8 calibration) needs real images: ``--images`` (a folder, or a manifest whose
 ``val`` rows verify and ``train`` rows calibrate) or ``--config`` (its run's manifest, else its
-``data.val``/``data.train`` files with ``data.images``). Settings come from the config's ``export``
-section, then from the flags."""
+``data.val``/``data.train`` files with ``data.images``). Without either, the checkpoint's own run
+supplies them: the ``config.yaml`` imat wrote beside it (``RUN_DIR/student/config.yaml``) or one folder
+up (``RUN_DIR/config.yaml``). Settings come from that config's ``export`` section, then from the flags."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from imat.errors import ImatError
 from submit.commands._common import setup_logging
 
+log = logging.getLogger(__name__)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", metavar="CKPT", help="best.safetensors written by imat (weights + metadata)")
     parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx to write (plus FILE.json)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None)
-    parser.add_argument("--config", metavar="CONFIG", help="run config: export section and image lists")
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="where the model will run: int8 U8S8 for the CPU provider, symmetric S8S8 for TensorRT/CUDA",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="run config (default: the config.yaml beside CKPT or one folder up)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -59,6 +74,26 @@ def _manifest_split(path: Path, root: str | None, split: str) -> pd.DataFrame:
     return read_images(path, root)
 
 
+def run_config_of(ckpt: str | Path) -> Path | None:
+    """The config.yaml imat wrote with the checkpoint: beside it, else one folder up (the run dir)."""
+    here = Path(ckpt).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def _rebase_run_dir(cfg: Any, config_path: Path, ckpt: str | Path) -> Any:
+    """A run's config may hold a relative ``run_dir`` written from another working directory: when its
+    manifest is not there, use the run folder the checkpoint is in (the one that has ``data/manifest``)."""
+    if cfg.manifest_path.is_file():
+        return cfg
+    for folder in (config_path.parent, Path(ckpt).resolve().parent.parent):
+        if (folder / "data" / "manifest.parquet").is_file():
+            return cfg.model_copy(update={"run_dir": str(folder)})
+    return cfg
+
+
 def _sources(args: argparse.Namespace, cfg: object) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """(verification rows, calibration rows or None)."""
     from submit.inputs import read_images
@@ -82,7 +117,10 @@ def _sources(args: argparse.Namespace, cfg: object) -> tuple[pd.DataFrame, pd.Da
         else:
             raise ImatError("the config has no data.val or data.train to verify the export on")
     else:
-        raise ImatError("export verifies on real images: pass --images DIR_OR_MANIFEST or --config CONFIG")
+        raise ImatError(
+            f"export verifies on real images: no config.yaml beside {args.ckpt} or one folder up; "
+            "pass --images DIR_OR_MANIFEST or --config CONFIG"
+        )
     if args.calibration:
         cal = Path(args.calibration)
         calib = (
@@ -101,12 +139,17 @@ def run(args: argparse.Namespace) -> int:
     from imat.config.loader import format_validation_error
     from submit.export import export_model, sidecar_path
 
-    if args.overrides and not args.config:
+    config_path = Path(args.config) if args.config else run_config_of(args.ckpt)
+    if args.overrides and config_path is None:
         raise ImatError("k=v overrides need --config")
-    cfg = load_config(args.config, args.overrides) if args.config else None
+    cfg = load_config(config_path, args.overrides) if config_path is not None else None
+    if cfg is not None and not args.config:
+        cfg = _rebase_run_dir(cfg, config_path, args.ckpt)  # type: ignore[arg-type]
+        log.info("export: settings and images from the checkpoint's run config %s", config_path)
     export_cfg = cfg.export if cfg is not None else ExportConfig()
     updates = {
         "precision": args.precision,
+        "target": args.target,
         "min_top3_agreement": args.min_agreement,
         "with_softmax": args.softmax,
         "topk_in_graph": args.topk_in_graph,
@@ -127,9 +170,20 @@ def run(args: argparse.Namespace) -> int:
     report = export_model(args.ckpt, args.out, verify, calib, export_cfg, workers=workers, decoder=decoder)
     v = report["verification"]
     diff = f", max |logit diff| {v['max_abs_diff']:.2e}" if export_cfg.precision == "fp32" else ""
+    form = f" {report['int8']['name']} for {export_cfg.target}" if report.get("int8") else ""
+    acc = v.get("accuracy")
+    change = ""
+    if acc:
+        change = (
+            f"; top-1 accuracy {acc['reference_top1_accuracy']:.4f} -> {acc['candidate_top1_accuracy']:.4f}"
+        )
+        if "candidate_top3_accuracy" in acc:
+            change += f", top-3 {acc['reference_top3_accuracy']:.4f} -> {acc['candidate_top3_accuracy']:.4f}"
+        change += f" on {acc['labelled_images']} labelled images"
     print(
-        f"wrote {args.out} ({export_cfg.precision}, {report['exporter']} exporter, {report['size_bytes'] / 1e6:.1f} MB): "
-        f"top-1 agreement {v['top1_agreement']:.4f}, top-3 agreement {v['top3_agreement']:.4f} "
-        f"on {v['images']} images{diff}; details in {sidecar_path(args.out)}"
+        f"wrote {args.out} ({export_cfg.precision}{form}, {report['exporter']} exporter, "
+        f"{report['size_bytes'] / 1e6:.1f} MB): "
+        f"top-1 agreement {v['top1_agreement']:.4f}, top-3 agreement {v.get('top3_agreement', 1.0):.4f} "
+        f"on {v['images']} images{diff}{change}; details in {sidecar_path(args.out)}"
     )
     return 0
