@@ -236,6 +236,7 @@ class MealTask(DistillTaskBase):
         cache: Any = None,
         mixup: Any = None,
         d_steps: int = 1,
+        per_teacher: bool = False,
     ) -> None:
         super().__init__(model, label_smoothing, mixup)
         n = len(student_indices)
@@ -268,8 +269,17 @@ class MealTask(DistillTaskBase):
         self.cache = cache
         if cache is not None and any(i != "logits" for i in self.student_indices):
             raise ValueError("cached teacher outputs cover the logits block only")
+        # One set of discriminators per teacher when one teacher is drawn per step: each then learns one
+        # network's outputs against the student's, instead of chasing whichever teacher the last step drew.
+        single_draw = ensemble.selection in ("random", "weighted") and cache is None
+        self._sets = len(ensemble.teachers) if per_teacher and single_draw else 1
+        self._set = 0  # the set of this step (the drawn teacher's)
         self.discriminators = nn.ModuleList(
-            [Discriminator(d, disc_widths, disc_input_norm, disc_spectral_norm) for d in dims]
+            [
+                Discriminator(d, disc_widths, disc_input_norm, disc_spectral_norm)
+                for _ in range(self._sets)
+                for d in dims
+            ]
             if adversarial
             else []
         )
@@ -312,7 +322,7 @@ class MealTask(DistillTaskBase):
         out = self.cache.pick_counts() if self.cache is not None else self.ensemble.pick_counts()
         if self.adversarial and self._acc_n:
             acc = self._acc / self._acc_n
-            for k in range(len(self.discriminators)):
+            for k in range(len(self.aligners)):
                 out[f"d_acc_teacher_b{k}"] = float(acc[k, 0])
                 out[f"d_acc_student_b{k}"] = float(acc[k, 1])
                 out[f"d_acc_b{k}"] = float(acc[k].mean())  # balanced accuracy: 0.5 is chance
@@ -340,6 +350,7 @@ class MealTask(DistillTaskBase):
             n = len(self.aligners)
             return [s_vec] * n, [t_vec] * n, [probs_t] * n, s_logits
         chosen = self.ensemble.pick()
+        self._set = chosen[0] if self._sets > 1 else 0
         want = list(self.student_indices)
         need_logits = "logits" not in want
         if need_logits:
@@ -371,6 +382,11 @@ class MealTask(DistillTaskBase):
         parts["sim"] = total.detach()
         return total, parts
 
+    def active_discriminators(self) -> list[Discriminator]:
+        """This step's discriminator per block (the drawn teacher's set with per-teacher ones)."""
+        n = len(self.aligners)
+        return [self.discriminators[self._set * n + k] for k in range(n)]  # type: ignore[misc]
+
     def _record_acc(self, k: int, d_teacher: torch.Tensor, d_student: torch.Tensor) -> None:
         self._acc[k, 0] += float((d_teacher.detach() > 0).float().mean())
         self._acc[k, 1] += float((d_student.detach() <= 0).float().mean())
@@ -399,7 +415,7 @@ class MealTask(DistillTaskBase):
                 for p in self.discriminators.parameters():
                     p.grad = None
                 d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
-                for k, d in enumerate(self.discriminators):
+                for k, d in enumerate(self.active_discriminators()):
                     dt, ds = d(t_raw[k].detach()), d(s_vecs[k].detach())
                     if d_step == 0:
                         self._record_acc(k, dt, ds)
@@ -408,14 +424,14 @@ class MealTask(DistillTaskBase):
             # 2) student step: similarity + being classified as teacher (D frozen for this step)
             adv = s_vecs[0].new_zeros((), dtype=torch.float32)
             with frozen([self.discriminators]):
-                for k, d in enumerate(self.discriminators):
+                for k, d in enumerate(self.active_discriminators()):
                     adv = adv + self.etas[k] * bce(d(s_vecs[k]), 1.0)
             total = total + self.adv_weight * adv
             ctx.optimize("main", total)
             parts.update({"loss": total.detach(), "adv": adv.detach(), "d_loss": d_total.detach()})
         else:
             d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
-            for k, d in enumerate(self.discriminators):
+            for k, d in enumerate(self.active_discriminators()):
                 dt = d(t_raw[k].detach())
                 if self.mode == "grl":
                     ds = d(grad_reverse(s_vecs[k], self.grl_lambda * self.adv_weight))

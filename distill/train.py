@@ -286,6 +286,7 @@ def build_task(
         cache=cache,
         mixup=mixup,
         d_steps=adv.d_steps,
+        per_teacher=adv.per_teacher,
     )
 
 
@@ -360,7 +361,7 @@ def extra_rows(
             raise ImatError("distill.extra_images: 'test' but the manifest has no test split (set data.test)")
         extra = extra.assign(path=resolve_paths(extra, root))
     else:
-        extra = read_images(source, cfg.data.images, split="test")
+        extra = read_images(source, cfg.data.images)
     known = set(resolve_paths(train_df, root)) | set(resolve_paths(val_df, root))
     extra = extra[~extra["path"].astype(str).isin(known)]
     if extra.empty:

@@ -463,3 +463,33 @@ def test_d_steps_updates_the_discriminators_n_times_per_student_step():
     assert ctx.calls == ["disc", "disc", "disc", "main"]
     extras = task.epoch_extras()  # accuracy recorded once per step, before D's first update
     assert 0.0 <= extras["d_acc_b0"] <= 1.0
+
+
+def test_per_teacher_discriminators_train_only_the_drawn_teachers_set():
+    task = make_meal("alternating", teachers=2)
+    assert len(task.discriminators) == 2  # one per block
+    per = make_meal("alternating", teachers=2)
+    per = MealTask(
+        per.model,
+        per.ensemble,
+        per.student_indices,
+        per.teacher_indices,
+        lengths=[20, None],
+        gammas=[1.0, 1.0],
+        etas=[1.0, 1.0],
+        dims=[20, 5],
+        student_mean=MEAN,
+        student_std=STD,
+        mode="alternating",
+        disc_lr=0.05,
+        per_teacher=True,
+    )
+    assert len(per.discriminators) == 4  # (teacher, block)
+    ctx = Ctx(per)
+    before = copy.deepcopy(per.discriminators.state_dict())
+    ctx.run(per, batch())
+    drawn = per._set
+    after = per.discriminators.state_dict()
+    changed = {int(k.split(".")[0]) for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {2 * drawn, 2 * drawn + 1}  # only the drawn teacher's two discriminators learned
+    assert set(per.epoch_extras()) >= {"d_acc_b0", "d_acc_b1"}

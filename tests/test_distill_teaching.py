@@ -215,3 +215,17 @@ def test_extra_images_with_ce_is_refused(run_cfg, tmp_path, capsys):
         main(["distill", str(run_cfg), "distill.method=ce", f"distill.extra_images={extra}", "--quiet"]) == 2
     )
     assert "method ce learns from labels only" in capsys.readouterr().err
+
+
+def test_extra_images_from_a_manifest_with_its_own_split_name(run_cfg, tmp_path):
+    extra = write_extra(tmp_path / "m", 8)
+    rows = pd.DataFrame(
+        {
+            "image_id": [f"e{i}" for i in range(8)],
+            "split": "extra",
+            "path": [str(p) for p in sorted(extra.iterdir())],
+        }
+    )
+    rows.to_parquet(tmp_path / "extra.parquet", index=False)
+    summary = distil(run_cfg, "distill.method=meal", f"distill.extra_images={tmp_path / 'extra.parquet'}")
+    assert int(summary["pick_ta"].iloc[0] + summary["pick_tb"].iloc[0]) == 4

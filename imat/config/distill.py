@@ -38,6 +38,8 @@ class AdversarialConfig(Section):
     grl_lambda: float = Field(1.0, gt=0)
     weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
     d_steps: int = Field(1, ge=1)  # alternating: discriminator updates per student step (GANs' n_critic)
+    # one discriminator per block AND teacher when one teacher is drawn per step (random/weighted)
+    per_teacher: bool = False
 
 
 class CacheConfig(Section):
