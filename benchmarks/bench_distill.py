@@ -268,7 +268,8 @@ def stage_tune(args: argparse.Namespace, images: Path, manifest: pd.DataFrame, c
     t0 = time.perf_counter()
     outcome = tune_distill(cfg, num_cpus=2, verbose=0)
     table = outcome.trials.assign(sweep_wall_s=time.perf_counter() - t0)
-    write_csv(RESULTS / "distill_tune_cifar10.csv", table)
+    full_size = args.out_path.name == "distill_c10"
+    write_csv(RESULTS / "distill_tune_cifar10.csv" if full_size else run / "trials_table.csv", table)
     write_json(run / "winner.json", outcome.best_config)
     print(table.to_string(index=False), flush=True)
 
@@ -399,10 +400,9 @@ def main() -> None:
     df = finish_table(rows, val_images)
     from imat.io import write_csv
 
-    name = (
-        "distill_cifar10.csv" if args.out_path.name == "distill_c10" else f"distill_{args.out_path.name}.csv"
-    )
-    write_csv(RESULTS / name, df)
+    # the published table comes from the full-size run only; other sizes keep theirs beside their runs
+    full_size = args.out_path.name == "distill_c10"
+    write_csv(RESULTS / "distill_cifar10.csv" if full_size else args.out_path / "results.csv", df)
     header = (
         f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train (+{args.extra_per_class}/class unlabelled), "
         f"{val_images} val; teachers {args.teachers} x {args.teacher_epochs} ep; student {args.student} "
