@@ -46,7 +46,7 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     for name in ("submission.csv", "submission.json", "score.json", "report.html"):
         path = cfg.run_path / name
         if path.is_file():
-            print(f"{name + ':':<16}{path}")
+            print(f"{name + ':':<17}{path}")
 
 
 def run(args: argparse.Namespace) -> int:
