@@ -2,8 +2,10 @@
 
 Each step reads files and writes files. When a step finishes it leaves a marker in
 ``RUN_DIR/.pipeline/``; a step whose marker and outputs exist is skipped, so a killed pipeline picks
-up where it stopped (and the step that was running resumes from its own checkpoint). ``--force STEP``
-reruns that step and every step after it. The stage packages are imported lazily, step by step:
+up where it stopped (and the step that was running resumes from its own checkpoint). A step that runs
+makes every later step run too, since their inputs may have changed (a new baseline changes the choice
+of the submitted model; training steps that finished resume as no-ops). ``--force STEP`` reruns that
+step and every step after it. The stage packages are imported lazily, step by step:
 ``imat`` itself imports none of them (DESIGN.md).
 """
 
@@ -30,6 +32,7 @@ class Step:
     run: Callable[[RunConfig], None]
     outputs: Callable[[RunConfig], list[Path]]  # what must exist for the step to count as done
     enabled: Callable[[RunConfig], bool] = lambda cfg: True
+    current: Callable[[RunConfig], bool] = lambda cfg: True  # are the outputs still valid for this config?
 
 
 def _student(cfg: RunConfig) -> Path:
@@ -38,6 +41,12 @@ def _student(cfg: RunConfig) -> Path:
 
 def _onnx(cfg: RunConfig) -> Path:
     return cfg.run_path / "export" / "student.onnx"
+
+
+def _choice_current(cfg: RunConfig) -> bool:
+    from imat.submission_choice import choice_is_current
+
+    return choice_is_current(cfg)
 
 
 def _baseline_cfg(cfg: RunConfig) -> RunConfig:
@@ -114,7 +123,15 @@ def step_baseline(cfg: RunConfig) -> None:
     distill(_baseline_cfg(cfg), resume=True)
 
 
+def step_select(cfg: RunConfig) -> None:
+    """Choose the student to export: the best on validation, or the one pipeline.submit_model forces."""
+    from imat.submission_choice import choose_submission
+
+    print(choose_submission(cfg)["reason"])
+
+
 def step_export(cfg: RunConfig) -> None:
+    from imat.submission_choice import chosen_checkpoint
     from submit.export import export_model
     from submit.inputs import read_images
 
@@ -122,8 +139,9 @@ def step_export(cfg: RunConfig) -> None:
     calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
     verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
     calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
-    report = export_model(_student(cfg), _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder)
-    print(f"export: {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
+    ckpt = chosen_checkpoint(cfg)
+    report = export_model(ckpt, _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder)
+    print(f"export: {ckpt} -> {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
 
 
 def step_predict(cfg: RunConfig) -> None:
@@ -200,8 +218,9 @@ STEPS: list[Step] = [
         "baseline",
         step_baseline,
         lambda c: [_student(_baseline_cfg(c))],
-        lambda c: c.pipeline.baseline and c.distill.method != "ce",
+        lambda c: (c.pipeline.baseline or c.pipeline.submit_model == "baseline") and c.distill.method != "ce",
     ),
+    Step("select", step_select, lambda c: [c.run_path / "submission.json"], current=_choice_current),
     Step("export", step_export, lambda c: [_onnx(c), _onnx(c).with_name("student.onnx.json")]),
     Step(
         "predict", step_predict, lambda c: [c.run_path / "predictions.parquet"], lambda c: bool(c.data.test)
@@ -224,7 +243,7 @@ def _marker(cfg: RunConfig, step: Step) -> Path:
 
 
 def is_done(cfg: RunConfig, step: Step) -> bool:
-    return _marker(cfg, step).is_file() and all(p.exists() for p in step.outputs(cfg))
+    return _marker(cfg, step).is_file() and all(p.exists() for p in step.outputs(cfg)) and step.current(cfg)
 
 
 def run_pipeline(
@@ -252,6 +271,7 @@ def run_pipeline(
                 _marker(cfg, step), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}
             )
             done.append((step.name, "ran", seconds))
+            forcing = True  # what this step wrote is an input of the steps after it
         else:
             done.append((step.name, "done earlier", 0.0))
         if step.name == until:

@@ -1,5 +1,7 @@
 """The comparison table a run ends with: each teacher, the ensemble, the student alone, the MEAL
-student and the ONNX student, with top-1/top-3 error on validation, parameters and images/s.
+student (and any other student run the select step compared) and the ONNX student, with top-1/top-3
+error on validation, parameters and images/s. ``submitted`` marks the student the pipeline exported
+(``RUN_DIR/submission.json``); the ONNX row is that student's export.
 
 Errors come from what the steps measured on the validation split (pool_eval.csv, the student's best
 epoch in summary.csv) and, for the ONNX model, from running it over the validation images. Images/s is
@@ -19,6 +21,7 @@ import torch
 
 from imat.config import RunConfig
 from imat.io import write_csv
+from imat.submission_choice import find_candidates, read_choice
 
 BATCH = 32
 
@@ -149,14 +152,28 @@ def results_table(cfg: RunConfig) -> pd.DataFrame:
                     "source": str(pool_eval),
                 }
             )
-    baseline = _student_row("student alone (CE)", cfg.run_path / "baseline" / "student", images)
-    student = _student_row(f"student ({cfg.distill.method})", cfg.run_path / "student", images)
+    for row in rows:
+        row["submitted"] = False
+    # the student alone first, then the distilled student, then other runs (the select step's order)
+    cands = sorted(find_candidates(cfg), key=lambda c: {"baseline": 0, "distilled": 1}.get(c.role, 2))
+    choice = read_choice(cfg.run_path) or {}
+    chosen = Path(choice["checkpoint"]).resolve() if choice.get("checkpoint") else None
+    students, exported = [], None
+    for cand in cands:
+        row = _student_row(cand.name, Path(cand.run_dir), images)
+        if row is not None:
+            row["submitted"] = chosen is not None and Path(cand.checkpoint).resolve() == chosen
+            students.append(row)
+            if row["submitted"] or (exported is None and cand.role == "distilled"):
+                exported = row
     onnx = _onnx_row(cfg, images)
-    if onnx is not None and student is not None:
-        onnx["params"] = student["params"]
-    rows += [r for r in (baseline, student, onnx) if r is not None]
+    if onnx is not None:
+        onnx["params"] = exported["params"] if exported is not None else None
+        onnx["submitted"] = False
+    rows += students + ([onnx] if onnx is not None else [])
     return pd.DataFrame(
-        rows, columns=["model", "arch", "top1_err", "top3_err", "params", "images_per_s", "source"]
+        rows,
+        columns=["model", "arch", "top1_err", "top3_err", "params", "images_per_s", "source", "submitted"],
     )
 
 
@@ -170,6 +187,8 @@ def format_table(table: pd.DataFrame) -> str:
             "images/s": table["images_per_s"].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}"),
         }
     )
+    if "submitted" in table.columns and table["submitted"].fillna(False).astype(bool).any():
+        shown["submitted"] = table["submitted"].fillna(False).astype(bool).map(lambda v: "yes" if v else "")
     return shown.to_string(index=False)
 
 

@@ -56,6 +56,8 @@ def test_overrides_by_dotted_path(tmp_path: Path) -> None:
         ({"distill": {"train": {"lr": "fast"}}}, [], "distill.train.lr"),
         ({"teachers": {"pool": [{"name": "a"}]}}, [], "teachers.pool.0.arch: Field required"),
         ({}, ["distill.method=magic"], "distill.method"),
+        ({}, ["pipeline.submit_model=latest"], "pipeline.submit_model"),
+        ({}, ["submit.select_by=top5"], "submit.select_by"),
         ({}, ["nosuch.key=1"], "nosuch: unknown key"),
         ({"teachers": POOL}, ["teachers.pool.3.lr=1"], "teachers.pool.3: no list entry"),
         ({}, ["novalue"], "expected dotted.key=value"),

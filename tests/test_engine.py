@@ -135,6 +135,52 @@ def test_fit_learns_and_writes_files(tmp_path: Path) -> None:
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
 
 
+class LabelledPixels(Dataset):
+    """Images that carry their label (channel 0) and their rank in the split (channel 1) in one pixel."""
+
+    def __init__(self, n=24):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = torch.zeros(3, 8, 8)
+        x[0, 0, 0], x[1, 0, 0] = i % 3, i / self.n
+        return {"image": x, "label": i % 3, "index": i}
+
+
+class ScheduledValidation(ClassificationTask):
+    """Trains for real, but validation top-1 follows ``accuracy[epoch]``: the first share of the split
+    is predicted right, the rest wrong."""
+
+    def __init__(self, model, accuracy):
+        super().__init__(model)
+        self.accuracy, self.epoch = accuracy, 0
+
+    def on_epoch_start(self, epoch):
+        self.epoch = epoch
+
+    def eval_logits(self, images):
+        label = images[:, 0, 0, 0].round().long()
+        right = images[:, 1, 0, 0] < self.accuracy[self.epoch] - 1e-6
+        return nn.functional.one_hot(torch.where(right, label, (label + 1) % 3), 3).float()
+
+
+def test_best_checkpoint_is_the_best_validation_epoch_not_the_last(tmp_path: Path) -> None:
+    train = DataLoader(
+        LabelledPixels(24), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    val = DataLoader(LabelledPixels(24), batch_size=8)
+    task = ScheduledValidation(tiny_cnn(), accuracy=[0.5, 0.75, 0.25])
+    Engine(task, _cfg(epochs=3), tmp_path, train, val, meta={"arch": "tiny"}, progress=False).fit()
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["val_top1"].tolist() == pytest.approx([0.5, 0.75, 0.25])
+    assert summary["is_best"].tolist() == [True, True, False]
+    meta = read_meta(tmp_path / "best.safetensors")
+    assert meta["epoch"] == 2 and meta["metrics"]["val_top1"] == pytest.approx(0.75)
+
+
 def test_skipped_images_are_summed(tmp_path: Path) -> None:
     train, val = loaders(n=45, batch=8)  # 6 batches, the last one has 5 items -> collate says 1 skipped
     df = Engine(ClassificationTask(tiny_cnn()), _cfg(epochs=1), tmp_path, train, None, progress=False).fit()

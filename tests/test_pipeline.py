@@ -73,7 +73,7 @@ def test_until_then_the_rest_then_force(config, capsys):
     out = capsys.readouterr().out
     second = statuses(out)
     assert all(second[s] == "done earlier" for s in ("data", "teachers", "evaluate", "audit", "distill"))
-    later = ("baseline", "export", "predict", "submit", "score", "results", "report")
+    later = ("baseline", "select", "export", "predict", "submit", "score", "results", "report")
     assert all(second[s] == "ran" for s in later), second
     for name in ("submission.csv", "score.json", "report.html", "predictions.parquet", "results.csv"):
         assert (run / name).is_file(), name
@@ -107,20 +107,61 @@ def test_until_then_the_rest_then_force(config, capsys):
     summary = pd.read_csv(run / "student" / "summary.csv")
     assert student["top1_err"] == pytest.approx(1 - summary["val_top1"].iloc[-1])
 
+    # the student submitted is the one with the lowest validation top-3 error (ties: the distilled one),
+    # it is the one exported, the table marks it and the run's summary says why
+    record = json.loads((run / "submission.json").read_text())
+    errors = {c["name"]: c["top3_err"] for c in record["candidates"]}
+    assert set(errors) == {"student (meal)", "student alone (CE)"} and record["select_by"] == "top3"
+    best = min(errors.values())
+    assert errors[record["model"]] == best
+    assert record["model"] == ("student (meal)" if errors["student (meal)"] == best else "student alone (CE)")
+    assert (
+        json.loads((run / "export" / "student.onnx.json").read_text())["checkpoint"] == record["checkpoint"]
+    )
+    assert list(results.loc[results["submitted"], "model"]) == [record["model"]]
+    assert record["reason"] in out and record["reason"].startswith(f"Submitted {record['model']}")
+
     # a rerun does nothing; --force export reruns export and every later step only
     assert main(["pipeline", str(config)]) == 0
     assert set(statuses(capsys.readouterr().out).values()) == {"done earlier"}
     stamp = (run / "student" / "best.safetensors").stat().st_mtime_ns
     assert main(["pipeline", str(config), "--force", "export"]) == 0
     forced = statuses(capsys.readouterr().out)
-    assert forced["distill"] == "done earlier" and all(forced[s] == "ran" for s in later[1:])
+    assert forced["distill"] == "done earlier" and all(forced[s] == "ran" for s in later[2:])
     assert (run / "student" / "best.safetensors").stat().st_mtime_ns == stamp
 
-    # a step whose output went missing is run again, and only the steps after it that lack outputs
+    # a step whose output went missing is run again, and the steps after it (their input changed)
     (run / "submission.csv").unlink()
     assert main(["pipeline", str(config)]) == 0
     redo = statuses(capsys.readouterr().out)
-    assert redo["submit"] == "ran" and redo["predict"] == "done earlier"
+    assert redo["submit"] == "ran" and redo["predict"] == "done earlier" and redo["score"] == "ran"
+
+
+@pytest.mark.parametrize(
+    ("forced", "name", "folder"),
+    [("baseline", "student alone (CE)", "baseline/student"), ("distilled", "student (meal)", "student")],
+)
+def test_submit_model_exports_the_student_a_team_forces(config, capsys, forced, name, folder):
+    run = Path(yaml.safe_load(config.read_text())["run_dir"])
+    assert main(["pipeline", str(config)]) == 0  # the finished run of the test above (or a fresh one)
+    capsys.readouterr()
+    # changing the setting reruns the choice and what follows it, not the training
+    assert main(["pipeline", str(config), f"pipeline.submit_model={forced}"]) == 0
+    out = capsys.readouterr().out
+    steps = statuses(out)
+    assert steps["distill"] == steps["baseline"] == "done earlier"
+    assert all(steps[s] == "ran" for s in ("select", "export", "predict", "submit", "results", "report"))
+    record = json.loads((run / "submission.json").read_text())
+    assert record["model"] == name and record["checkpoint"] == str(run / folder / "best.safetensors")
+    assert f"pipeline.submit_model={forced}" in record["reason"] and record["reason"] in out
+    assert (
+        json.loads((run / "export" / "student.onnx.json").read_text())["checkpoint"] == record["checkpoint"]
+    )
+    results = pd.read_csv(run / "results.csv")
+    assert list(results.loc[results["submitted"], "model"]) == [name]
+    marked = [line for line in out.splitlines() if line.rstrip().endswith(" yes")]
+    assert len(marked) == 1 and name in marked[0]
+    assert record["reason"] in (run / "report.html").read_text()
 
 
 def test_unknown_step_is_a_one_line_error(config, capsys):
@@ -147,8 +188,19 @@ def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for line in ("submission.csv:", "report.html:", "student (ONNX fp32)", "student alone (CE)"):
+    for line in (
+        "submission.csv:",
+        "submission.json:",
+        "report.html:",
+        "student (ONNX fp32)",
+        "student alone (CE)",
+    ):
         assert line in printed
+    # the table marks the student that was submitted, and the line under it says why
+    record = json.loads((out / "submission.json").read_text())
+    marked = [line for line in printed.splitlines() if line.rstrip().endswith(" yes")]
+    assert len(marked) == 1 and record["model"] in marked[0]
+    assert record["reason"] in printed
     assert (out / "kit" / "train.json").is_file() and (out / "images" / "download_status.csv").is_file()
     report = (out / "report.html").read_text()
     assert "data:image/png;base64" in report

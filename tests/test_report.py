@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -13,9 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from student_kit import fake_run
 
 from imat.cli import main
+from imat.config import RunConfig, save_resolved
 from imat.report import build_report
+from imat.submission_choice import choose_submission
 
 
 def make_run(root: Path) -> Path:
@@ -84,6 +88,38 @@ def test_report_holds_every_section(tmp_path: Path) -> None:
     # 2 teacher curves + student curves + accuracy/cost + confusion + per-class + 1 audit thumbnail
     assert page.count("data:image/png;base64,") == 7
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_report_says_which_student_was_submitted_and_its_last_and_best_epoch(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fake_run(run / "student", [0.5, 0.9, 0.7], [0.8, 0.95, 0.9])  # best epoch 2 of 3
+    fake_run(run / "baseline" / "student", [0.6, 0.8, 0.92, 0.91], [0.9, 0.96, 0.99, 0.98], method="ce")
+    cfg = RunConfig.model_validate({"run_dir": str(run), "distill": {"student": {"arch": "resnet10t"}}})
+    save_resolved(cfg, run / "config.yaml")
+    record = choose_submission(cfg)
+    page = build_report(run).read_text()
+    assert "<h2>Submitted model</h2>" in page
+    assert f"<p>{html.escape(record['reason'])}</p>" in page
+    assert record["reason"].startswith("Submitted student alone (CE), not the distilled student (meal)")
+    # each student's best and last epoch, and the distilled student's curves say it too
+    section = page[page.index("<h2>Submitted model</h2>") :]
+    table = section[: section.index("</table>")]
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = {
+        cells[0]: dict(zip(header, cells, strict=True))
+        for cells in (
+            re.findall(r"<td>(.*?)</td>", tr, re.S) for tr in re.findall(r"<tr>(.*?)</tr>", table, re.S)
+        )
+        if cells
+    }
+    assert [rows["student (meal)"][k] for k in ("best epoch", "last epoch", "submitted")] == ["2", "3", ""]
+    assert [rows["student alone (CE)"][k] for k in ("best epoch", "last epoch", "submitted")] == [
+        "3",
+        "4",
+        "yes",
+    ]
+    assert rows["student alone (CE)"]["val top-3 err %"] == "1.00"
+    assert "Last epoch 3; best.safetensors holds epoch 2 (best validation top1)." in page
 
 
 def test_report_of_an_empty_run_says_so(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     import pandas as pd
 
     from imat.results import format_table
+    from imat.submission_choice import read_choice
 
     print("\nstep        status         seconds")
     for name, status, seconds in rows:
@@ -38,11 +39,14 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     if results.is_file():
         print("\nvalidation split; images/s = model compute on this machine's CPU at batch 32")
         print(format_table(pd.read_csv(results)))
+    choice = read_choice(cfg.run_path)
+    if choice and choice.get("reason"):
+        print(f"\n{choice['reason']}")
     print()
-    for name in ("submission.csv", "score.json", "report.html"):
+    for name in ("submission.csv", "submission.json", "score.json", "report.html"):
         path = cfg.run_path / name
         if path.is_file():
-            print(f"{name + ':':<16}{path}")
+            print(f"{name + ':':<17}{path}")
 
 
 def run(args: argparse.Namespace) -> int:

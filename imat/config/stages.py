@@ -55,3 +55,6 @@ class SubmitConfig(Section):
     tta_flip: bool = False
     prior_correction: bool = False
     sample_submission: str | None = None  # id order and header to follow, when the competition has one
+    # the validation metric that picks the submitted student (pipeline.submit_model=best); default the
+    # format's leaderboard metric: top3 for product2019 and coco, top1 for furniture2018 and coco topk=1
+    select_by: Literal["top1", "top3"] | None = None

@@ -38,6 +38,7 @@ class RunData:
     predictions: pd.DataFrame | None = None
     solution: pd.DataFrame | None = None
     score: dict[str, Any] | None = None
+    submission: dict[str, Any] | None = None  # submission.json: the exported student, the scores compared
     audit: pd.DataFrame | None = None
     audit_dir: Path | None = None
 
@@ -71,6 +72,7 @@ def collect(run_dir: str | Path) -> RunData:
     solution = _solution_path(root, data.config)
     data.solution = _csv(solution) if solution else None
     data.score = _json(root / "score.json")
+    data.submission = _json(root / "submission.json")
     audits = sorted(root.glob("audit/*.csv")) or sorted(root.glob("**/audit*.csv"))
     if audits:
         data.audit = _csv(audits[0])

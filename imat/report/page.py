@@ -6,6 +6,7 @@ import base64
 import html
 import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -123,6 +124,50 @@ def _audit_section(data: RunData, limit: int = 48) -> str:
     )
 
 
+def _submission_section(data: RunData) -> str:
+    """The one sentence that says which student was submitted and why, and the students compared."""
+    sub = data.submission
+    if not sub:
+        return ""
+    cands = pd.DataFrame(sub.get("candidates") or [])
+    table = ""
+    if not cands.empty:
+        shown = pd.DataFrame(
+            {
+                "model": cands["name"],
+                "val top-1 err %": cands["top1_err"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
+                "val top-3 err %": cands["top3_err"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
+                "best epoch": cands["best_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+                "last epoch": cands["last_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+                "best epoch picked on": cands["picked_on"],
+                "submitted": cands["submitted"].map(lambda v: "yes" if v else ""),
+                "checkpoint": cands["checkpoint"],
+            }
+        )
+        table = shown.to_html(index=False, border=0, escape=True)
+    return (
+        f"<h2>Submitted model</h2><p>{html.escape(str(sub.get('reason', '')))}</p>{table}"
+        f"<p class=muted>Exported: {html.escape(str(sub.get('checkpoint', '')))}; each student's "
+        f"best epoch is the one its best.safetensors holds.</p>"
+    )
+
+
+def _epochs_note(curves: pd.DataFrame, config: dict[str, Any]) -> str:
+    """Last epoch trained and the epoch best.safetensors holds (the last one marked is_best)."""
+    if "epoch" not in curves.columns or curves.empty:
+        return ""
+    last = int(curves["epoch"].max())
+    if "is_best" not in curves.columns:
+        return f"<p class=muted>Last epoch {last}.</p>"
+    best_rows = curves[curves["is_best"].astype(str).str.lower().isin(["true", "1"])]
+    if best_rows.empty:
+        return f"<p class=muted>Last epoch {last}.</p>"
+    best = int(best_rows["epoch"].iloc[-1])
+    metric = ((config.get("distill") or {}).get("train") or {}).get("best_metric", "top1")
+    on = f"validation {metric}" if any(c.startswith("val_") for c in curves.columns) else "training loss"
+    return f"<p class=muted>Last epoch {last}; best.safetensors holds epoch {best} (best {on}).</p>"
+
+
 def render(data: RunData) -> str:
     parts = [f"<h1>imat report: {html.escape(str(data.run_dir))}</h1>"]
     if data.results is not None:
@@ -131,6 +176,7 @@ def render(data: RunData) -> str:
             _table(data.results),
             _img(plots.accuracy_vs_cost(data.results), "accuracy vs cost"),
         ]
+    parts.append(_submission_section(data))
     if data.score:
         parts += ["<h2>Leaderboard score</h2>", _table(pd.DataFrame([data.score]))]
     if data.pool_eval is not None:
@@ -145,6 +191,7 @@ def render(data: RunData) -> str:
         parts += [
             "<h2>Student training curves</h2>",
             _img(plots.training_curves("student", data.student_curves), "student curves"),
+            _epochs_note(data.student_curves, data.config),
         ]
     tp = _truth_and_pred(data)
     if tp is not None:

@@ -1,0 +1,306 @@
+"""Which trained student the pipeline exports and submits, and why (``RUN_DIR/submission.json``).
+
+The candidates are the run's students of the deployment architecture (``distill.student.arch``): the
+distilled student (``RUN_DIR/student``), the student alone (``RUN_DIR/baseline/student``) and any other
+engine run under the run directory whose ``best.safetensors`` is a student of that architecture with the
+run's classes (Ray Tune trials, a student trained by hand with another method). An engine run is a
+folder holding both ``summary.csv`` and ``best.safetensors``.
+
+Each candidate is scored by the validation metrics stored inside its ``best.safetensors`` (the engine
+writes those of the very weights it saved), so the score compared is the score of the file exported.
+``pipeline.submit_model: best`` takes the lowest validation error on ``submit.select_by`` (default the
+submission format's leaderboard metric); ties go to the distilled student, then the student alone, then
+the other runs in path order. ``distilled`` and ``baseline`` force one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from imat.config import RunConfig
+from imat.errors import ImatError
+from imat.io import write_json
+from imat.weights import read_meta
+
+log = logging.getLogger("imat.submission")
+
+CHOICE_FILE = "submission.json"
+BASELINE_NAME = "student alone (CE)"
+# folders that never hold a student run (and can be large): skipped by the search for other runs
+_SKIP = {"tensorboard", "teacher_cache", "export", ".pipeline"}
+
+
+@dataclass
+class Candidate:
+    role: str  # distilled | baseline | other
+    name: str  # its row in the results table
+    run_dir: str  # the engine's output folder
+    checkpoint: str  # its best.safetensors
+    top1_err: float | None  # validation errors of the weights in the checkpoint (None: not measured)
+    top3_err: float | None
+    best_epoch: int | None  # the epoch the checkpoint holds
+    last_epoch: int | None  # the last epoch trained (summary.csv)
+    picked_on: str  # what chose the checkpoint's epoch inside the run
+
+    def error(self, metric: str) -> float | None:
+        return self.top1_err if metric == "top1" else self.top3_err
+
+
+def select_metric(cfg: RunConfig) -> str:
+    """``submit.select_by``, else the leaderboard metric of ``submit.format`` (top3 / top1)."""
+    if cfg.submit.select_by:
+        return cfg.submit.select_by
+    from submit.formats import get_format
+
+    return get_format(cfg.submit.format, cfg.submit.topk).metric
+
+
+def distilled_name(cfg: RunConfig) -> str:
+    return f"student ({cfg.distill.method})"
+
+
+def _error(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return 1.0 - value if math.isfinite(value) else None
+
+
+def _last_epoch(summary: Path) -> int | None:
+    try:
+        epochs = pd.read_csv(summary, usecols=["epoch"])["epoch"]
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    return int(epochs.max()) if len(epochs) else None
+
+
+def read_candidate(role: str, name: str, run_dir: Path) -> tuple[Candidate, dict[str, Any]] | None:
+    """The candidate in ``run_dir`` and its checkpoint's metadata, or None when the run has no
+    ``best.safetensors`` yet."""
+    ckpt = run_dir / "best.safetensors"
+    if not ckpt.is_file():
+        return None
+    meta = read_meta(ckpt)
+    metrics = meta.get("metrics") or {}
+    has_val = any(str(k).startswith("val_") for k in metrics)
+    picked_on = (
+        f"validation {meta.get('best_metric', 'top1')}" if has_val else "training loss (no validation)"
+    )
+    epoch = meta.get("epoch")
+    cand = Candidate(
+        role=role,
+        name=name,
+        run_dir=str(run_dir),
+        checkpoint=str(ckpt),
+        top1_err=_error(metrics, "val_top1"),
+        top3_err=_error(metrics, "val_top3"),
+        best_epoch=int(epoch) if epoch is not None else None,
+        last_epoch=_last_epoch(run_dir / "summary.csv"),
+        picked_on=picked_on,
+    )
+    return cand, meta
+
+
+def _other_runs(cfg: RunConfig, known: set[Path]) -> list[Path]:
+    """Engine runs under the run directory besides ``known`` (the pool and the images are not searched)."""
+    skip = {cfg.pool_dir.resolve(), *known}
+    if cfg.data.images:
+        skip.add(Path(cfg.data.images).resolve())
+    found = []
+    for dirpath, dirnames, filenames in os.walk(cfg.run_path):  # symlinked folders are not followed
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP and (here / d).resolve() not in skip)
+        if "best.safetensors" in filenames and "summary.csv" in filenames and here.resolve() not in known:
+            found.append(here)
+    return found
+
+
+def _classes(meta: dict[str, Any]) -> list[str]:
+    return [str(x) for x in (meta.get("classes") or {}).get("source_labels", [])]
+
+
+def _mismatch(meta: dict[str, Any], arch: str, classes: list[str]) -> str | None:
+    """Why a checkpoint cannot stand in for the distilled student, or None when it can."""
+    if meta.get("kind") != "student":
+        return f"not a student (kind {meta.get('kind')!r})"
+    if meta.get("arch") != arch:
+        return f"architecture {meta.get('arch')} is not the deployment's {arch}"
+    if _classes(meta) != classes:
+        return "its classes differ from the distilled student's"
+    return None
+
+
+def find_candidates(cfg: RunConfig) -> list[Candidate]:
+    """The students to compare, the distilled one first; [] before the distilled student exists."""
+    from distill.train import STUDENT_DIR
+
+    student_dir = cfg.run_path / STUDENT_DIR
+    first = read_candidate("distilled", distilled_name(cfg), student_dir)
+    if first is None:
+        return []
+    distilled, ref = first
+    arch, classes = cfg.distill.student.arch, _classes(ref)
+    baseline_dir = cfg.run_path / "baseline" / STUDENT_DIR
+    out = [distilled]
+    known = {student_dir.resolve(), baseline_dir.resolve()}
+    runs = [("baseline", BASELINE_NAME, baseline_dir)]
+    for run in _other_runs(cfg, known):
+        rel = run.relative_to(cfg.run_path).as_posix()
+        runs.append(("other", rel, run))
+    for role, name, run in runs:
+        try:
+            found = read_candidate(role, name, run)
+        except ImatError as exc:
+            if role != "other":
+                raise
+            log.warning("submission: %s left out of the comparison: %s", run, exc)
+            continue
+        if found is None:
+            continue
+        cand, meta = found
+        if role == "other":
+            cand.name = f"student ({meta.get('method', '?')}, {name})"
+        why = _mismatch(meta, arch, classes)
+        if why:
+            log.warning("submission: %s left out of the comparison: %s", cand.checkpoint, why)
+            continue
+        out.append(cand)
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _list(cands: list[Candidate], metric: str) -> str:
+    return ", ".join(f"{c.name} {_pct(c.error(metric))}" for c in cands)
+
+
+def choose(cands: list[Candidate], metric: str, submit_model: str = "best") -> tuple[Candidate, str]:
+    """The candidate to submit and the one sentence that says why. ``cands[0]`` is the distilled one."""
+    if not cands or cands[0].role != "distilled":
+        raise ImatError("submission: no distilled student to choose from (run the distill step first)")
+    distilled, label = cands[0], metric.replace("top", "top-")
+    scored = [c for c in cands if c.error(metric) is not None]
+    if submit_model != "best":
+        chosen = next((c for c in cands if c.role == submit_model), None)
+        if chosen is None:
+            raise ImatError(
+                f"pipeline.submit_model: {submit_model}, but the run has no student alone "
+                f"(no best.safetensors in {Path(distilled.run_dir).parent / 'baseline' / 'student'}; "
+                f"set pipeline.baseline=true)"
+            )
+        scores = f" (validation {label} error: {_list(scored, metric)})" if scored else ""
+        return chosen, f"Submitted {chosen.name} because pipeline.submit_model={submit_model}{scores}."
+    if not scored:
+        return distilled, (
+            f"Submitted {distilled.name}: no student has a validation {label} score to compare "
+            f"(no labelled validation split), so the distilled student."
+        )
+    # min keeps the first of equals: candidate order is the tie rule (distilled, student alone, others)
+    chosen = min(scored, key=lambda c: c.error(metric))  # type: ignore[arg-type,return-value]
+    best = chosen.error(metric)
+    others = [c for c in scored if c is not chosen]
+    ties = [c for c in others if c.error(metric) == best]
+    if not others:
+        return (
+            chosen,
+            f"Submitted {chosen.name}, the only student with a validation {label} score ({_pct(best)}).",
+        )
+    if ties:
+        rule = (
+            "ties go to the distilled student"
+            if chosen is distilled
+            else "ties go to the distilled student, then the student alone, then other runs"
+        )
+        return chosen, (
+            f"Submitted {chosen.name}: its validation {label} error ({_pct(best)}) ties with "
+            f"{', '.join(c.name for c in ties)}, and {rule}."
+        )
+    if chosen is distilled:
+        return chosen, (
+            f"Submitted {chosen.name}: the lowest validation {label} error of the {len(scored)} students "
+            f"compared ({_pct(best)}; {_list(others, metric)})."
+        )
+    return chosen, (
+        f"Submitted {chosen.name}, not the distilled {distilled.name}: its validation {label} error is "
+        f"lower ({_pct(best)} vs {_list(others, metric)})."
+    )
+
+
+def _settings(cfg: RunConfig) -> tuple[str, str]:
+    return select_metric(cfg), cfg.pipeline.submit_model
+
+
+def choice_is_current(cfg: RunConfig) -> bool:
+    """Whether ``submission.json`` was made with this config's settings from the students the run
+    holds now (a changed ``pipeline.submit_model`` or a new tune trial makes the select step rerun)."""
+    try:
+        record = read_choice(cfg.run_path)
+    except ImatError:
+        return False
+    if record is None:
+        return False
+    recorded = (record.get("select_by"), record.get("submit_model"))
+    now = [asdict(c) for c in find_candidates(cfg)]
+    then = [{k: v for k, v in c.items() if k != "submitted"} for c in record.get("candidates", [])]
+    return recorded == _settings(cfg) and now == then
+
+
+def choose_submission(cfg: RunConfig) -> dict[str, Any]:
+    """Compare the run's students, write ``RUN_DIR/submission.json`` and return what it holds."""
+    metric, _ = _settings(cfg)
+    if cfg.pipeline.submit_model == "baseline" and cfg.distill.method == "ce":
+        raise ImatError(
+            "pipeline.submit_model: baseline, but distill.method is ce, so the distilled student is the "
+            "student alone: use pipeline.submit_model=distilled"
+        )
+    cands = find_candidates(cfg)
+    chosen, reason = choose(cands, metric, cfg.pipeline.submit_model)
+    record = {
+        "model": chosen.name,
+        "role": chosen.role,
+        "checkpoint": chosen.checkpoint,
+        "select_by": metric,
+        "submit_model": cfg.pipeline.submit_model,
+        "reason": reason,
+        "candidates": [{**asdict(c), "submitted": c is chosen} for c in cands],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json(cfg.run_path / CHOICE_FILE, record)
+    return record
+
+
+def read_choice(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What ``submission.json`` holds, or None when the run has none (yet)."""
+    path = Path(run_dir) / CHOICE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ImatError(f"{path}: not valid JSON (rerun the select step: --force select)") from None
+
+
+def chosen_checkpoint(cfg: RunConfig) -> Path:
+    """The checkpoint the select step chose, for the export step."""
+    record = read_choice(cfg.run_path)
+    if record is None or not record.get("checkpoint"):
+        raise ImatError(f"{cfg.run_path / CHOICE_FILE}: missing (run the select step first)")
+    path = Path(record["checkpoint"])
+    if not path.is_file():
+        raise ImatError(
+            f"{cfg.run_path / CHOICE_FILE}: the chosen checkpoint {path} is gone (--force select)"
+        )
+    return path
