@@ -74,6 +74,9 @@ def _student_row(name: str, student_dir: Path, images: int) -> dict[str, Any] | 
         "params": _params(model),
         "images_per_s": time_torch(model, prep.input_size, images),
         "source": f"{summary} (epoch {int(row['epoch'])})",
+        "note": "adversarial term inert"
+        if str(df.get("adversarial", pd.Series([""])).iloc[-1]) == "inert"
+        else "",
     }
 
 
@@ -173,7 +176,17 @@ def results_table(cfg: RunConfig) -> pd.DataFrame:
     rows += students + ([onnx] if onnx is not None else [])
     return pd.DataFrame(
         rows,
-        columns=["model", "arch", "top1_err", "top3_err", "params", "images_per_s", "source", "submitted"],
+        columns=[
+            "model",
+            "arch",
+            "top1_err",
+            "top3_err",
+            "params",
+            "images_per_s",
+            "source",
+            "submitted",
+            "note",
+        ],
     )
 
 
@@ -189,6 +202,8 @@ def format_table(table: pd.DataFrame) -> str:
     )
     if "submitted" in table.columns and table["submitted"].fillna(False).astype(bool).any():
         shown["submitted"] = table["submitted"].fillna(False).astype(bool).map(lambda v: "yes" if v else "")
+    if "note" in table.columns and table["note"].fillna("").astype(bool).any():
+        shown["note"] = table["note"].fillna("")
     return shown.to_string(index=False)
 
 

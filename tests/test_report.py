@@ -169,3 +169,15 @@ def test_report_renders_with_its_images_in_headless_chromium(tmp_path: Path) -> 
     )
     pixels = cv2.imread(str(shot))
     assert pixels is not None and pixels.std() > 10  # something was drawn, not a blank page
+
+
+@pytest.mark.parametrize("d_acc,status,said", [(0.51, "inert", True), (0.8, "learning", False)])
+def test_report_says_when_the_adversarial_term_was_inert(tmp_path: Path, d_acc, status, said) -> None:
+    run = make_run(tmp_path)
+    curves = pd.read_csv(run / "student" / "summary.csv")
+    curves.assign(d_acc_b0=[0.5, 0.49, d_acc], adversarial=status).to_csv(
+        run / "student" / "summary.csv", index=False
+    )
+    page = build_report(run).read_text()
+    assert ("Adversarial term inert" in page) is said
+    assert f"block 0 {d_acc:.2f}" in page

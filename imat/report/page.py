@@ -152,6 +152,20 @@ def _submission_section(data: RunData) -> str:
     )
 
 
+def _adversarial_note(curves: pd.DataFrame) -> str:
+    """What the discriminators did: their last balanced accuracy per block, or that they were inert."""
+    cols = [c for c in curves.columns if c.startswith("d_acc_b")]
+    if not cols or curves.empty:
+        return ""
+    last = ", ".join(f"block {c[len('d_acc_b') :]} {float(curves[c].iloc[-1]):.2f}" for c in cols)
+    if "adversarial" in curves.columns and str(curves["adversarial"].iloc[-1]) == "inert":
+        return (
+            "<p><b>Adversarial term inert:</b> every discriminator stayed at chance (balanced accuracy "
+            f"within 0.5 ± 0.05) for the whole run (last epoch: {html.escape(last)}).</p>"
+        )
+    return f"<p class=muted>Discriminators' balanced accuracy in the last epoch: {html.escape(last)}.</p>"
+
+
 def _epochs_note(curves: pd.DataFrame, config: dict[str, Any]) -> str:
     """Last epoch trained and the epoch best.safetensors holds (the last one marked is_best)."""
     if "epoch" not in curves.columns or curves.empty:
@@ -192,6 +206,7 @@ def render(data: RunData) -> str:
             "<h2>Student training curves</h2>",
             _img(plots.training_curves("student", data.student_curves), "student curves"),
             _epochs_note(data.student_curves, data.config),
+            _adversarial_note(data.student_curves),
         ]
     tp = _truth_and_pred(data)
     if tp is not None:
