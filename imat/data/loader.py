@@ -149,7 +149,7 @@ def weighted_sampler(
 
     In expectation a row of weight w counts w times as much in the training loss as a row of weight
     1, so per-sample loss weights need no change to any task's loss (MEAL, KD and CE alike)."""
-    y = np.asarray(weights, dtype=np.float64).reshape(-1)
+    y = np.array(weights, dtype=np.float64).reshape(-1)  # a copy: torch wants a writable array
     if not len(y) or not np.isfinite(y).all() or (y < 0).any() or y.sum() <= 0:
         raise ImatError("weighted sampler: weights must be finite, >= 0 and not all zero")
     generator = torch.Generator()
