@@ -100,11 +100,10 @@ def tiny_run_cfg_clean(raw: dict) -> dict:
 # -- points 1 and 2: out-of-sample probabilities find what memorising teachers miss -------------------
 
 
-def memorised_flip_run(root: Path, epochs: int = 15) -> dict:
+def memorised_flip_run(root: Path, epochs: int = 30) -> dict:
     """Squares whose image train_0 (red, class "1") is labelled "2": a flip teachers can memorise, as
     its background has a white band no other image has (an idiosyncrasy to latch on to)."""
-    raw = tiny_run(root, n_train=12, n_val=3, epochs=epochs)
-    raw["teachers"]["defaults"]["batch_size"] = 3  # 4 steps an epoch (2 for a fold's 6 images)
+    raw = tiny_run(root, n_train=24, n_val=3, epochs=epochs)
     image = Path(raw["data"]["images"]) / "train_0.png"
     pixels = cv2.imread(str(image))
     pixels[:6] = 255
@@ -117,6 +116,7 @@ def memorised_flip_run(root: Path, epochs: int = 15) -> dict:
     return raw
 
 
+@pytest.mark.slow
 def test_in_sample_teachers_miss_a_memorised_flip_that_cross_fitted_ones_find(tmp_path):
     from distill.audit import audit, crossfit_audit
     from teachers.train import train_pool
@@ -148,18 +148,22 @@ def test_in_sample_teachers_miss_a_memorised_flip_that_cross_fitted_ones_find(tm
 
 def test_cross_fitting_resumes_finished_folds(tmp_path, capsys):
     raw = tiny_run(tmp_path, n_train=12, n_val=3, epochs=1)
-    raw["audit"] = {"folds": 2, "teachers": {"defaults": {"epochs": 1, "device": "cpu", "batch_size": 4}}}
+    cheap = {**raw["teachers"]["pool"][0], "name": "cheap"}
+    raw["audit"] = {
+        "folds": 2,
+        "teachers": {"defaults": {"epochs": 1, "device": "cpu", "batch_size": 4}, "pool": [cheap]},
+    }
     cfg = write_cfg(tmp_path, raw)
     assert main(["data", "audit", "--config", str(cfg), "--top", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "out-of-sample, 2-fold cross-fitted" in out and "likely label issues" in out
     folds = Path(raw["run_dir"]) / "audit" / "folds"
-    stamps = {p: p.stat().st_mtime_ns for p in folds.glob("fold*/*/best.safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in folds.glob("fold*/cheap/best.safetensors")}
     probs = {p: p.stat().st_mtime_ns for p in folds.glob("fold*/holdout_probs.npz")}
     assert len(stamps) == 2 and len(probs) == 2
     first = pd.read_csv(Path(raw["run_dir"]) / "audit" / "audit.csv")
     assert main(["data", "audit", "--config", str(cfg), "--top", "2", "--device", "cpu"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in folds.glob("fold*/*/best.safetensors")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in folds.glob("fold*/cheap/best.safetensors")} == stamps
     assert {p: p.stat().st_mtime_ns for p in folds.glob("fold*/holdout_probs.npz")} == probs
     assert pd.read_csv(Path(raw["run_dir"]) / "audit" / "audit.csv").equals(first)
     # other folds: other held-out rows, so the fold pools are stale and retrained
@@ -228,6 +232,10 @@ def test_clean_refuses_an_audit_of_other_labels_or_other_images(tmp_path):
         plan_cleaning(TRAIN, cfg, tmp_path / "bad.csv")
     with pytest.raises(Exception, match="greater than or equal to 0"):
         validate({"data": {"clean": {"from": "a.csv", "top": -1}}}, "cfg")
+    with pytest.raises(Exception, match="audit.teachers.pool is empty"):
+        validate({"audit": {"teachers": {"defaults": {"epochs": 1}}}}, "cfg")
+    with pytest.raises(Exception, match="audit.folds: Input should be greater than or equal to 2"):
+        validate({"audit": {"folds": 1}}, "cfg")
 
 
 def test_downweighted_rows_are_sampled_less_by_the_training_loader():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from imat.config.base import Section
 from imat.config.teachers import TeachersConfig
@@ -27,3 +27,13 @@ class AuditConfig(Section):
     filter_by: Literal[
         "prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"
     ] = "prune_by_noise_rate"
+
+    @model_validator(mode="after")
+    def _defaults_need_a_pool(self) -> AuditConfig:
+        # defaults apply to this section's own pool; without one the run's teachers.pool recipes are used
+        if "defaults" in self.teachers.model_fields_set and not self.teachers.pool:
+            raise ValueError(
+                "audit.teachers.defaults is set but audit.teachers.pool is empty: list the audit's teachers "
+                "(or leave audit.teachers out to cross-fit the teachers.pool recipes)"
+            )
+        return self
