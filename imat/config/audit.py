@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from imat.config.base import Section
 from imat.config.teachers import TeachersConfig
+from imat.config.train import TrainConfig
 
 
 class AuditConfig(Section):
@@ -31,7 +32,7 @@ class AuditConfig(Section):
     @model_validator(mode="after")
     def _defaults_need_a_pool(self) -> AuditConfig:
         # defaults apply to this section's own pool; without one the run's teachers.pool recipes are used
-        if "defaults" in self.teachers.model_fields_set and not self.teachers.pool:
+        if self.teachers.defaults != TrainConfig() and not self.teachers.pool:
             raise ValueError(
                 "audit.teachers.defaults is set but audit.teachers.pool is empty: list the audit's teachers "
                 "(or leave audit.teachers out to cross-fit the teachers.pool recipes)"
