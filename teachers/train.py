@@ -22,7 +22,7 @@ from imat.config import RunConfig, TeacherSpec, save_resolved
 from imat.errors import ImatError
 from imat.manifest import ClassMap, load_manifest, save_manifest
 from teachers.build import count_params, create_model, resolve_data_config
-from teachers.pool import TeacherEntry, update_pool_entry
+from teachers.pool import TeacherEntry, read_pool_json, update_pool_entry
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,11 @@ def train_pool(
         "train_images": len(train_df),
         **(provenance or {}),
     }
+    previous = read_pool_json(pool_dir, missing_ok=True)
+    changed = [k for k in ("label_noise", "clean") if k in previous and previous[k] != extra[k]]
+    if changed and not force:  # finished teachers learnt other labels: they are not this config's pool
+        log.warning("%s: the pool was trained with another %s: retraining its teachers", pool_dir, changed[0])
+        force = True
     results: list[TeacherResult] = []
     for spec in specs:
         out_dir = pool_dir / spec.name

@@ -104,6 +104,8 @@ def memorised_flip_run(root: Path, epochs: int = 30) -> dict:
     """Squares whose image train_0 (red, class "1") is labelled "2": a flip teachers can memorise, as
     its background has white bands no other image has (an idiosyncrasy to latch on to)."""
     raw = tiny_run(root, n_train=24, n_val=3, epochs=epochs)
+    raw["teachers"]["defaults"]["batch_size"] = 4  # 6 steps an epoch, 3 for a fold
+    raw["teachers"]["pool"][0]["model_kwargs"] = {"channels": [16, 32, 32, 64]}  # room to memorise
     image = Path(raw["data"]["images"]) / "train_0.png"
     pixels = cv2.imread(str(image))
     pixels[:8] = pixels[-8:] = 255
@@ -298,3 +300,16 @@ def test_teachers_and_student_train_on_the_same_cleaned_rows(tmp_path):
     )
     resolved = yaml.safe_load((cfg.run_path / "config.yaml").read_text())
     assert resolved["data"]["clean"]["from"] == str(tmp_path / "audit.csv")  # YAML keeps the key `from`
+
+
+def test_a_pool_trained_on_other_labels_is_retrained_not_reused(tmp_path):
+    from teachers.train import train_pool
+
+    raw = tiny_run(tmp_path, n_train=12, n_val=3)
+    cfg = validate(raw, "t")
+    assert [r.status for r in train_pool(cfg)] == ["trained"]
+    assert [r.status for r in train_pool(cfg)] == ["skipped"]
+    raw["data"]["label_noise"] = {"fraction": 0.25}
+    noisy = validate(raw, "t")
+    assert [r.status for r in train_pool(noisy)] == ["trained"]
+    assert json.loads((noisy.pool_dir / "pool.json").read_text())["label_noise"]["fraction"] == 0.25
