@@ -102,13 +102,11 @@ def tiny_run_cfg_clean(raw: dict) -> dict:
 
 def memorised_flip_run(root: Path, epochs: int = 30) -> dict:
     """Squares whose image train_0 (red, class "1") is labelled "2": a flip teachers can memorise, as
-    its background has white bands no other image has (an idiosyncrasy to latch on to)."""
+    its background has a white band no other image has (an idiosyncrasy to latch on to)."""
     raw = tiny_run(root, n_train=24, n_val=3, epochs=epochs)
-    raw["teachers"]["defaults"]["batch_size"] = 4  # 6 steps an epoch, 3 for a fold
-    raw["teachers"]["pool"][0]["model_kwargs"] = {"channels": [16, 32, 32, 64]}  # room to memorise
     image = Path(raw["data"]["images"]) / "train_0.png"
     pixels = cv2.imread(str(image))
-    pixels[:8] = pixels[-8:] = 255
+    pixels[:6] = 255
     cv2.imwrite(str(image), pixels)
     manifest = Path(raw["run_dir"]) / "data" / "manifest.parquet"
     df = pd.read_parquet(manifest)
@@ -126,14 +124,14 @@ def test_in_sample_teachers_miss_a_memorised_flip_that_cross_fitted_ones_find(tm
     cfg = validate(memorised_flip_run(tmp_path), "test")
     train_pool(cfg)
     inside = audit(cfg.pool_dir, cfg, top=3, out_dir=tmp_path / "in").table.set_index("image_id")
-    # the pool learnt the wrong label of the image it trained on: no issue, confident in "2"
+    # the pool learnt the wrong label of the image it trained on: cleanlab sees no issue
     assert not inside.loc["train_0", "is_label_issue"]
-    assert inside.loc["train_0", "p_given"] > 0.5
     out = crossfit_audit(cfg, top=3, out_dir=tmp_path / "out")
     table = out.table.set_index("image_id")
     # the fold that held train_0 out never saw its label: it says red ("1"), and cleanlab flags it first
     assert table.loc["train_0", "is_label_issue"] and table.loc["train_0", "rank"] == 1
     assert table.loc["train_0", "suggested_label"] == 1 and table.loc["train_0", "given_label"] == 2
+    assert inside.loc["train_0", "p_given"] > 3 * table.loc["train_0", "p_given"]  # memorised in-sample
     assert out.info["probabilities"] == "out_of_sample" and out.info["folds"] == 2
     folds = pd.read_csv(cfg.audit_dir / "folds" / "folds.csv")
     assert sorted(folds["fold"].value_counts()) == [12, 12]
