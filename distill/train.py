@@ -324,9 +324,9 @@ def split_with_noise(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Labelled train and val rows; ``data.label_noise`` corrupts train labels (seeded, as the teachers'
     were) and the flipped mask is recorded in ``out_dir/label_noise.csv``."""
-    from imat.data import labelled_splits
+    from imat.data import run_splits
 
-    train_df, val_df, clean = labelled_splits(df, cfg.data.label_noise, classes.num_classes)
+    train_df, val_df, clean = run_splits(cfg, df, classes.num_classes)  # data.clean applies here too
     if train_df.empty:
         raise ImatError(f"{manifest}: no labelled train images to distil on (set data.train)")
     if clean is not None:

@@ -24,7 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "inspect"): ("imat.commands.inspect", "counts per split and class, missing/corrupt images"),
     ("data", "audit"): (
         "distill.commands.audit",
-        "rank training images by teacher disagreement with their label",
+        "likely wrong training labels: cleanlab on cross-fitted (--config) or the pool's probabilities",
     ),
     ("teachers", "train"): ("teachers.commands.train", "train one teacher or the whole pool of CONFIG"),
     ("teachers", "eval"): ("teachers.commands.evaluate", "each teacher's and the ensemble's top-1/top-3"),

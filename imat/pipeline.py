@@ -20,6 +20,7 @@ from pathlib import Path
 from imat.config import RunConfig, save_resolved
 from imat.errors import ImatError
 from imat.io import write_json
+from imat.pipeline_labels import clean_files, step_clean, step_label_audit, uses_run_audit
 
 log = logging.getLogger("imat.pipeline")
 
@@ -203,6 +204,9 @@ def step_report(cfg: RunConfig) -> None:
 
 STEPS: list[Step] = [
     Step("data", step_data, lambda c: [c.manifest_path]),
+    # data.clean from this run's audit: cross-fitted audit -> clean -> teachers (imat/pipeline_labels.py)
+    Step("label_audit", step_label_audit, lambda c: [c.audit_dir / "audit.json"], uses_run_audit),
+    Step("clean", step_clean, lambda c: list(clean_files(c)), lambda c: c.clean_csv is not None),
     Step("teachers", step_teachers, lambda c: [c.pool_dir / "pool.json"], lambda c: bool(c.teachers.pool)),
     Step(
         "evaluate", step_evaluate, lambda c: [c.pool_dir / "pool_eval.csv"], lambda c: bool(c.teachers.pool)
@@ -211,7 +215,7 @@ STEPS: list[Step] = [
         "audit",
         step_audit,
         lambda c: [c.run_path / "audit" / "audit.csv"],
-        lambda c: bool(c.teachers.pool) and c.pipeline.audit_top > 0,
+        lambda c: bool(c.teachers.pool) and c.pipeline.audit_top > 0 and not uses_run_audit(c),
     ),
     Step("distill", step_distill, lambda c: [_student(c)]),
     Step(

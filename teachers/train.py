@@ -22,7 +22,7 @@ from imat.config import RunConfig, TeacherSpec, save_resolved
 from imat.errors import ImatError
 from imat.manifest import ClassMap, load_manifest, save_manifest
 from teachers.build import count_params, create_model, resolve_data_config
-from teachers.pool import TeacherEntry, update_pool_entry
+from teachers.pool import TeacherEntry, read_pool_json, update_pool_entry
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,10 @@ def pool_entry(
 def split_frames(
     cfg: RunConfig, df: pd.DataFrame, classes: ClassMap, manifest: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train and val rows of the manifest; the configured label noise is applied to train only."""
-    from imat.data import labelled_splits
+    """Train and val rows of the manifest; the configured label noise and cleaning apply to train only."""
+    from imat.data import run_splits
 
-    train_df, val_df, _ = labelled_splits(df, cfg.data.label_noise, classes.num_classes)
+    train_df, val_df, _ = run_splits(cfg, df, classes.num_classes)
     if train_df.empty:
         raise ImatError(f"{manifest}: no labelled train images (set data.train)")
     if val_df.empty:
@@ -229,6 +229,19 @@ def train_teacher(
     return summary, params
 
 
+def label_record(cfg: RunConfig, df: pd.DataFrame, num_classes: int) -> dict[str, Any]:
+    """What pool.json keeps of the labels a pool saw: ``data.label_noise`` and ``data.clean`` (with the
+    audit's path and hash), so a later command (``imat data audit`` without a config) sees them too."""
+    record: dict[str, Any] = {"label_noise": cfg.data.label_noise.model_dump(mode="json"), "clean": None}
+    if cfg.clean_csv is not None:
+        from imat.data import labelled_splits
+        from imat.data.clean import cleaning_record
+
+        noisy, _, _ = labelled_splits(df, cfg.data.label_noise, num_classes)
+        record["clean"] = cleaning_record(noisy, cfg.data.clean, cfg.clean_csv)
+    return record
+
+
 def train_pool(
     cfg: RunConfig,
     *,
@@ -236,26 +249,43 @@ def train_pool(
     resume: bool = False,
     force: bool = False,
     source: str = "config",
+    subset: pd.Series | list[str] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> list[TeacherResult]:
     """Train every teacher of ``cfg.teachers.pool`` (or those named in ``only``) into the pool folder.
 
     A teacher whose ``best.safetensors`` exists and whose summary covers its planned epochs is skipped
     (unless ``force``); one with a partial run restarts, or continues from ``last.ckpt`` with ``resume``.
-    ``pool.json`` is updated after each teacher."""
+    ``pool.json`` is updated after each teacher. ``subset``: image ids of the training rows to train on
+    (the label audit's cross-fitting), after label noise and cleaning; ``provenance`` is merged into
+    pool.json beside the label record."""
     specs = select_specs(cfg, only, source)
     for spec in specs:  # fail on a bad arch before spending minutes on the manifest or a first teacher
         resolve_data_config(spec)
     df, classes, manifest = prepare_manifest(cfg)
     train_df, val_df = split_frames(cfg, df, classes, manifest)
+    if subset is not None:
+        train_df = train_df[train_df["image_id"].astype(str).isin(set(map(str, subset)))]
+        train_df = train_df.reset_index(drop=True)
+        if train_df.empty:
+            raise ImatError(f"{manifest}: none of the {len(subset)} requested training images is a train row")
     pool_dir = cfg.pool_dir
     pool_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_rank():
+    if is_main_rank() and subset is None:  # a cross-fitting fold is part of a run, not the run itself
         save_resolved(cfg, cfg.run_path / "config.yaml")
     extra = {
         "manifest": os.path.relpath(manifest.resolve(), pool_dir.resolve()),
         "images": str(Path(cfg.data.images).resolve()) if cfg.data.images else None,
         "decoder": cfg.data.decoder,
+        **label_record(cfg, df, classes.num_classes),
+        "train_images": len(train_df),
+        **(provenance or {}),
     }
+    previous = read_pool_json(pool_dir, missing_ok=True)
+    changed = [k for k in ("label_noise", "clean") if k in previous and previous[k] != extra[k]]
+    if changed and not force:  # finished teachers learnt other labels: they are not this config's pool
+        log.warning("%s: the pool was trained with another %s: retraining its teachers", pool_dir, changed[0])
+        force = True
     results: list[TeacherResult] = []
     for spec in specs:
         out_dir = pool_dir / spec.name

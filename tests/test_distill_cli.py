@@ -210,16 +210,27 @@ def test_label_noise_recorded_and_applied(tmp_path, capsys):
 # -- imat data audit ---------------------------------------------------------------------------------
 
 
-def test_score_labels_ranks_disagreement():
+def test_score_labels_is_cleanlabs_verdict():
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
     from distill.audit import score_labels
 
-    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
-    labels = np.array([0, 0, 2, -1])
-    s = score_labels(probs, labels)
-    assert np.allclose(s["suspicion"][:3], [0.1, 0.9, 0.6])
-    assert np.allclose(s["margin"][:3], [0.05 - 0.9, 0.8 - 0.1, 0.3 - 0.4])
-    assert list(s["predicted"]) == [0, 1, 2, 2]
-    assert np.isnan(s["suspicion"][3])
+    rng = np.random.default_rng(0)
+    truth = np.arange(60) % 3
+    probs = rng.dirichlet(np.ones(3), size=60) * 0.3
+    probs[np.arange(60), truth] += 0.7
+    given = truth.copy()
+    given[:6] = (truth[:6] + 1) % 3  # six wrong labels the probabilities disagree with
+    s = score_labels(probs, given)
+    assert np.allclose(s["label_quality"], get_label_quality_scores(given, probs))
+    assert (s["is_label_issue"].to_numpy() == find_label_issues(given, probs, n_jobs=1)).all()
+    assert s["is_label_issue"][:6].sum() >= 3 and not s["is_label_issue"][6:].any()  # only wrong ones
+    assert list(s["suggested"]) == list(truth)
+    assert np.allclose(s["p_given"], probs[np.arange(60), given])
+    assert set(np.argsort(s["label_quality"].to_numpy())[:6]) == set(range(6))
+    with pytest.raises(ValueError, match="every label must be known"):
+        score_labels(probs[:2], np.array([0, -1]))
 
 
 def test_data_audit_writes_csv_and_self_contained_html(tmp_path, capsys):
@@ -232,9 +243,9 @@ def test_data_audit_writes_csv_and_self_contained_html(tmp_path, capsys):
     assert code == 0, out.err
     table = pd.read_csv(run / "audit" / "audit.csv")
     assert len(table) == 24 and list(table["rank"]) == list(range(1, 25))
-    assert table["suspicion"].is_monotonic_decreasing
-    assert np.allclose(table["suspicion"], 1 - table["p_given"])
-    assert set(table["given_label"]) <= {1, 2, 3}
+    assert table["label_quality"].is_monotonic_increasing
+    assert {"given_label", "suggested_label", "label_quality", "is_label_issue", "p_given"} <= set(table)
+    assert set(table["given_label"]) <= {1, 2, 3} and set(table["suggested_label"]) <= {1, 2, 3}
     page = (run / "audit" / "audit.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 5 and 'src="/' not in page
     # with label noise: the corrupted labels are audited and known flips are marked

@@ -18,8 +18,8 @@ TEACHER = {"name": "r10", "arch": "resnet10t", "input_size": 28, "crop_pct": 1.0
 TINY = {"epochs": 1, "batch_size": 32, "lr": 0.05, "aug": {"preset": "light", "flips": False}}
 
 
-def write_config(root: Path) -> Path:
-    kit = write_kit("mnist5k", root / "kit", seed=0, limit=300)
+def write_config(root: Path, limit: int = 300) -> Path:
+    kit = write_kit("mnist5k", root / "kit", seed=0, limit=limit)
     cfg = {
         "run_dir": str(root / "run"),
         "data": {
@@ -46,11 +46,11 @@ def write_config(root: Path) -> Path:
 
 
 def statuses(out: str) -> dict[str, str]:
-    """step -> status from the printed step table."""
+    """step -> status from the printed step table (steps this config does not need left out)."""
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[-2] in {"ran", "earlier", "needed"}:
+        if len(parts) >= 3 and parts[-2] in {"ran", "earlier"}:
             rows[parts[0]] = " ".join(parts[1:-1])
     return rows
 
@@ -162,6 +162,33 @@ def test_submit_model_exports_the_student_a_team_forces(config, capsys, forced, 
     marked = [line for line in out.splitlines() if line.rstrip().endswith(" yes")]
     assert len(marked) == 1 and name in marked[0]
     assert record["reason"] in (run / "report.html").read_text()
+
+
+def test_label_audit_then_clean_then_teachers(tmp_path, capsys):
+    """data.clean from this run's audit: the pipeline cross-fits the audit, cleans, then trains on it."""
+    config = write_config(tmp_path, limit=80)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["clean"] = {"from": "audit", "action": "relabel", "top": 5}
+    raw["audit"] = {"folds": 2}
+    config.write_text(yaml.safe_dump(raw))
+    run = Path(raw["run_dir"])
+    assert main(["pipeline", str(config), "--until", "teachers"]) == 0
+    out = capsys.readouterr().out
+    ran = statuses(out)
+    assert list(ran) == ["data", "label_audit", "clean", "teachers"], ran
+    assert out.index("== label_audit ==") < out.index("== clean ==") < out.index("== teachers ==")
+    info = json.loads((run / "audit" / "audit.json").read_text())
+    assert info["probabilities"] == "out_of_sample" and info["folds"] == 2
+    changes = pd.read_csv(run / "data" / "clean.csv")
+    audit = pd.read_csv(run / "audit" / "audit.csv")
+    assert list(changes["image_id"]) == list(audit["image_id"].head(5)) and set(changes["action"]) == {
+        "relabel"
+    }
+    pool = json.loads((run / "teachers" / "pool.json").read_text())
+    assert pool["clean"]["images"] == 5 and pool["clean"]["action"] == "relabel"
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.html").read_text()
+    assert "Cleaning applied before training" in report and "out_of_sample" in report
 
 
 def test_unknown_step_is_a_one_line_error(config, capsys):

@@ -1,6 +1,7 @@
 """Typed, validated configs: one YAML file describes a run; ``k=v`` overrides any key by dotted path."""
 
-from imat.config.data import DataConfig, LabelNoise
+from imat.config.audit import AuditConfig
+from imat.config.data import CleanConfig, DataConfig, LabelNoise
 from imat.config.distill import AdversarialConfig, BlockSpec, CacheConfig, DistillConfig
 from imat.config.loader import apply_override, load_config, read_yaml, save_resolved, to_dict, validate
 from imat.config.models import ModelSpec
@@ -12,9 +13,11 @@ from imat.config.train import AugConfig, TrainConfig
 
 __all__ = [
     "AdversarialConfig",
+    "AuditConfig",
     "AugConfig",
     "BlockSpec",
     "CacheConfig",
+    "CleanConfig",
     "DataConfig",
     "DistillConfig",
     "ExportConfig",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import model_validator
+
+from imat.config.audit import AuditConfig
 from imat.config.base import Section
 from imat.config.data import DataConfig
 from imat.config.distill import DistillConfig
@@ -21,6 +24,14 @@ class RunConfig(Section):
     export: ExportConfig = ExportConfig()
     submit: SubmitConfig = SubmitConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _clean_needs_uniform_loader(self) -> RunConfig:
+        # downweighting samples flagged images less often; the cached-teacher loader samples uniformly
+        if self.data.clean.enabled and self.data.clean.action == "downweight" and self.distill.cache.enabled:
+            raise ValueError("data.clean.action downweight does not work with distill.cache.enabled")
+        return self
 
     @property
     def run_path(self) -> Path:
@@ -30,6 +41,19 @@ class RunConfig(Section):
     def manifest_path(self) -> Path:
         """Where ``imat data`` / the pipeline's data step writes the run's manifest (``classes.json`` beside it)."""
         return self.run_path / "data" / "manifest.parquet"
+
+    @property
+    def audit_dir(self) -> Path:
+        """Where ``imat data audit --config`` writes audit.csv, audit.html and audit.json."""
+        return self.run_path / "audit"
+
+    @property
+    def clean_csv(self) -> Path | None:
+        """The audit CSV ``data.clean`` takes its decisions from (``from: audit``: this run's audit)."""
+        src = self.data.clean.from_
+        if not self.data.clean.enabled or src is None:
+            return None
+        return self.audit_dir / "audit.csv" if src == "audit" else Path(src)
 
     @property
     def pool_dir(self) -> Path:

@@ -2,9 +2,9 @@
 
 from imat.data.dataset import ImageDataset, resolve_paths
 from imat.data.decode import DECODERS, ImageDecodeError, decode_image
-from imat.data.loader import SkipLoader, balanced_sampler, build_loader, collate_skip
+from imat.data.loader import SkipLoader, balanced_sampler, build_loader, collate_skip, weighted_sampler
 from imat.data.mixing import OddSafeMixup, build_mixup
-from imat.data.noise import NOISE_KINDS, apply_label_noise, labelled_splits
+from imat.data.noise import NOISE_KINDS, apply_label_noise, labelled_splits, run_splits
 from imat.data.recipe import recipe_loaders
 from imat.data.transforms import (
     IMAGENET_MEAN,
@@ -44,5 +44,7 @@ __all__ = [
     "random_view",
     "recipe_loaders",
     "resolve_paths",
+    "run_splits",
     "sample_view",
+    "weighted_sampler",
 ]

@@ -123,11 +123,15 @@ def build_loader(
 
 
 def balanced_sampler(
-    labels: Sequence[int] | np.ndarray, num_samples: int | None = None, seed: int = 0
+    labels: Sequence[int] | np.ndarray,
+    num_samples: int | None = None,
+    seed: int = 0,
+    sample_weights: Sequence[float] | np.ndarray | None = None,
 ) -> WeightedRandomSampler:
     """Sample every class equally often in expectation: weight 1/count(class), with replacement.
 
-    Rows labelled -1 (unknown) get weight 0. ``num_samples`` defaults to len(labels) (one "epoch")."""
+    Rows labelled -1 (unknown) get weight 0. ``num_samples`` defaults to len(labels) (one "epoch").
+    ``sample_weights`` (e.g. ``data.clean``'s downweighting) multiply each row's weight."""
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     known = y >= 0
     if not known.any():
@@ -135,9 +139,24 @@ def balanced_sampler(
     counts = np.bincount(y[known])
     weights = np.zeros(len(y), dtype=np.float64)
     weights[known] = 1.0 / counts[y[known]]
+    if sample_weights is not None:
+        weights *= np.asarray(sample_weights, dtype=np.float64).reshape(-1)
+    return weighted_sampler(weights, num_samples, seed)
+
+
+def weighted_sampler(
+    weights: Sequence[float] | np.ndarray, num_samples: int | None = None, seed: int = 0
+) -> WeightedRandomSampler:
+    """Draw rows with probability proportional to ``weights``, with replacement, seeded.
+
+    In expectation a row of weight w counts w times as much in the training loss as a row of weight
+    1, so per-sample loss weights need no change to any task's loss (MEAL, KD and CE alike)."""
+    y = np.array(weights, dtype=np.float64).reshape(-1)  # a copy: torch wants a writable array
+    if not len(y) or not np.isfinite(y).all() or (y < 0).any() or y.sum() <= 0:
+        raise ImatError("weighted sampler: weights must be finite, >= 0 and not all zero")
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     n = len(y) if num_samples is None else int(num_samples)
     if n < 1:
-        raise ImatError(f"balanced sampler: num_samples must be >= 1, got {n}")
-    return WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)
+        raise ImatError(f"weighted sampler: num_samples must be >= 1, got {n}")
+    return WeightedRandomSampler(torch.as_tensor(y), n, replacement=True, generator=generator)

@@ -4,6 +4,7 @@ clean data set measure how much a method suffers from, or repairs, a known amoun
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,7 +13,8 @@ import pandas as pd
 from imat.errors import ImatError
 
 if TYPE_CHECKING:
-    from imat.config.data import LabelNoise
+    from imat.config import RunConfig
+    from imat.config.data import CleanConfig, LabelNoise
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +59,43 @@ def apply_label_noise(
 
 
 def labelled_splits(
-    df: pd.DataFrame, noise: LabelNoise, num_classes: int
+    df: pd.DataFrame,
+    noise: LabelNoise,
+    num_classes: int,
+    clean: CleanConfig | None = None,
+    clean_csv: str | os.PathLike[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
-    """The manifest's labelled train and val rows, with ``data.label_noise`` applied to train.
+    """The manifest's labelled train and val rows, with ``data.label_noise`` applied to train, then
+    ``data.clean`` (the audit CSV ``clean_csv``'s verdicts: drop, relabel or a ``weight`` column).
 
-    Returns (train, val, the clean train labels or None without noise); a label was flipped exactly
-    where it differs from its clean one (a flip always changes the class). Teachers, the student and
-    the label audit all take their rows from here, so for one config they see the same noisy labels."""
+    Returns (train, val, the clean train labels of the returned rows or None without noise); a label
+    is wrong exactly where it differs from its clean one (a flip always changes the class). Teachers,
+    the student and the label audit all take their rows from here, so for one config they see the
+    same noisy (and cleaned) labels. The audit itself passes no ``clean``: it judges the given labels."""
     train = df[(df["split"] == "train") & (df["label"] >= 0)].reset_index(drop=True)
     val = df[(df["split"] == "val") & (df["label"] >= 0)].reset_index(drop=True)
-    if noise.fraction <= 0 or train.empty:
-        return train, val, None
-    clean = train["label"].to_numpy(dtype=np.int64)
-    noisy, flipped = apply_label_noise(clean, num_classes, noise.fraction, noise.kind, noise.seed)
-    log.warning(
-        "label noise: %d of %d train labels flipped (%s, seed %d)",
-        int(flipped.sum()),
-        len(noisy),
-        noise.kind,
-        noise.seed,
-    )
-    return train.assign(label=noisy), val, clean
+    truth = None
+    if noise.fraction > 0 and not train.empty:
+        truth = train["label"].to_numpy(dtype=np.int64)
+        noisy, flipped = apply_label_noise(truth, num_classes, noise.fraction, noise.kind, noise.seed)
+        log.warning(
+            "label noise: %d of %d train labels flipped (%s, seed %d)",
+            int(flipped.sum()),
+            len(noisy),
+            noise.kind,
+            noise.seed,
+        )
+        train = train.assign(label=noisy)
+    if clean is not None and clean.enabled and clean_csv is not None and not train.empty:
+        from imat.data.clean import apply_cleaning, plan_cleaning
+
+        train, kept = apply_cleaning(train, clean, plan_cleaning(train, clean, clean_csv))
+        truth = None if truth is None else truth[kept]
+    return train, val, truth
+
+
+def run_splits(
+    cfg: RunConfig, df: pd.DataFrame, num_classes: int
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
+    """:func:`labelled_splits` with a run config's ``data.label_noise`` and ``data.clean``."""
+    return labelled_splits(df, cfg.data.label_noise, num_classes, cfg.data.clean, cfg.clean_csv)

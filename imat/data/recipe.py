@@ -8,7 +8,7 @@ import pandas as pd
 
 from imat.config.train import TrainConfig
 from imat.data.dataset import ImageDataset
-from imat.data.loader import balanced_sampler, build_loader
+from imat.data.loader import balanced_sampler, build_loader, weighted_sampler
 from imat.data.transforms import build_eval_transform, build_train_transform
 
 
@@ -41,8 +41,12 @@ def recipe_loaders(
         train_df, images, build_train_transform(recipe.aug, size, mean, std, crop, normalize=norm), decoder
     )
     sampler = None
+    # data.clean's downweighting: a `weight` column, honoured by sampling rather than by each task's loss
+    weights = train_df["weight"].to_numpy(dtype="float64") if "weight" in train_df.columns else None
     if recipe.aug.balanced_sampler:
-        sampler = balanced_sampler(train_df["label"].to_numpy(), len(train_df), seed=recipe.seed)
+        sampler = balanced_sampler(train_df["label"].to_numpy(), len(train_df), recipe.seed, weights)
+    elif weights is not None and (weights != 1.0).any():
+        sampler = weighted_sampler(weights, len(train_df), seed=recipe.seed)
     train_loader = build_loader(
         train_ds,
         recipe.batch_size,

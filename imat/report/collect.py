@@ -41,6 +41,8 @@ class RunData:
     submission: dict[str, Any] | None = None  # submission.json: the exported student, the scores compared
     audit: pd.DataFrame | None = None
     audit_dir: Path | None = None
+    audit_info: dict[str, Any] | None = None  # audit.json: in- or out-of-sample, folds, issues, flips
+    clean: pd.DataFrame | None = None  # the pipeline's clean step (data/clean.json), one row
 
 
 def _solution_path(run_dir: Path, config: dict[str, Any]) -> Path | None:
@@ -77,4 +79,8 @@ def collect(run_dir: str | Path) -> RunData:
     if audits:
         data.audit = _csv(audits[0])
         data.audit_dir = audits[0].parent
+        data.audit_info = _json(audits[0].parent / "audit.json")
+    from imat.pipeline_labels import read_clean_summary
+
+    data.clean = read_clean_summary(root)
     return data

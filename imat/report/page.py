@@ -81,7 +81,7 @@ def _truth_and_pred(data: RunData) -> tuple[np.ndarray, np.ndarray, list[str]] |
 
 
 # The audit's own columns, as short captions; other audit CSVs fall back to every column.
-AUDIT_CAPTION = (("rank", "#{}"), ("given_label", "given {}"), ("predicted_label", "teachers say {}"))
+AUDIT_CAPTION = (("rank", "#{}"), ("given_label", "given {}"), ("suggested_label", "teachers say {}"))
 
 
 def _audit_caption(row: pd.Series, columns: pd.Index, path_col: str | None) -> str:
@@ -119,7 +119,8 @@ def _audit_section(data: RunData, limit: int = 48) -> str:
         figures.append(f"<figure>{src}<figcaption>{html.escape(caption)}</figcaption></figure>")
     return (
         "<h2>Most suspicious training labels (teacher audit)</h2>"
-        f"<p class=muted>{len(df)} images ranked; the first {min(limit, len(df))} shown.</p>"
+        + _label_steps(data)
+        + f"<p class=muted>{len(df)} images ranked; the first {min(limit, len(df))} shown.</p>"
         f"<div class=gallery>{''.join(figures)}</div>"
     )
 
@@ -180,6 +181,17 @@ def _epochs_note(curves: pd.DataFrame, config: dict[str, Any]) -> str:
     metric = ((config.get("distill") or {}).get("train") or {}).get("best_metric", "top1")
     on = f"validation {metric}" if any(c.startswith("val_") for c in curves.columns) else "training loss"
     return f"<p class=muted>Last epoch {last}; best.safetensors holds epoch {best} (best {on}).</p>"
+
+
+def _label_steps(data: RunData) -> str:
+    """Where the audit's probabilities came from, what it found, and the cleaning it fed (if any)."""
+    parts = []
+    if data.audit_info:
+        info = {k: v for k, v in data.audit_info.items() if isinstance(v, int | float | str | bool)}
+        parts.append(_table(pd.DataFrame([info])))
+    if data.clean is not None:
+        parts += ["<h3>Cleaning applied before training (data.clean)</h3>", _table(data.clean)]
+    return "".join(parts)
 
 
 def render(data: RunData) -> str:
