@@ -38,6 +38,7 @@ SETTINGS: dict[str, tuple[int, int | None, list[str]]] = {
     "full": (4, None, []),
     "full_lr2e4": (4, None, ["distill.adversarial.lr=2e-4"]),
     "full_w01": (4, None, ["distill.adversarial.weight=0.1"]),
+    "full_d3": (4, None, ["distill.adversarial.d_steps=3"]),
     "full_single": (4, None, ["distill.teachers=[resnet10t]"]),
     "full_pt": (4, None, ["distill.adversarial.per_teacher=true"]),
 }
