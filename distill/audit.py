@@ -141,6 +141,7 @@ def audit(
     batch_size: int = 64,
     device: str = "auto",
     num_workers: int = 0,
+    progress: bool = True,
 ) -> AuditResult:
     """Rank the pool's training images by ensemble disagreement; write ``audit.csv`` and ``audit.html``."""
     from imat.data import resolve_paths
@@ -168,7 +169,14 @@ def audit(
     root = (cfg.data.images if cfg is not None else None) or read_pool_json(pool).get("images")
     decoder = cfg.data.decoder if cfg is not None else read_pool_json(pool).get("decoder", "cv2")
     probs, labels = pool_probs(
-        entries, train, root, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder
+        entries,
+        train,
+        root,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        decoder=decoder,
+        progress=progress,
     )
     ens = ensemble_probs(probs, "mean")
     scores = score_labels(ens, labels)

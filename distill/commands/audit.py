@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from imat.commands.options import add_progress_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool_dir", help="teacher pool folder (with pool.json)")
@@ -13,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default RUN_DIR/audit, or POOL_DIR/../audit)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +26,13 @@ def run(args: argparse.Namespace) -> int:
     require_dir(args.pool_dir, "teacher pool")
     cfg = load_config(args.config) if args.config else None
     res = audit(
-        args.pool_dir, cfg, top=args.top, out_dir=args.out, batch_size=args.batch_size, device=args.device
+        args.pool_dir,
+        cfg,
+        top=args.top,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
     )
     print(f"audited {len(res.table)} training images: {res.csv} and {res.html}")
     head = res.table.head(min(args.top, 10))
