@@ -203,6 +203,7 @@ def audit(
     batch_size: int = 64,
     device: str = "auto",
     num_workers: int = 0,
+    progress: bool = True,
 ) -> AuditResult:
     """In-sample audit: the trained pool's ensemble on its own training images (cheap; blind to flips
     the teachers memorised). Writes ``audit.csv``, ``audit.html`` and ``audit.json``."""
@@ -228,7 +229,14 @@ def audit(
     root = (cfg.data.images if cfg is not None else None) or record.get("images")
     decoder = cfg.data.decoder if cfg is not None else record.get("decoder", "cv2")
     probs, labels = pool_probs(
-        entries, train, root, batch_size=batch_size, device=device, num_workers=num_workers, decoder=decoder
+        entries,
+        train,
+        root,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        decoder=decoder,
+        progress=progress,
     )
     out = (
         Path(out_dir)

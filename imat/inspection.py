@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from imat.errors import ImatError
 from imat.formats.build import build_manifest, read_source, rebase_paths, resolve_path

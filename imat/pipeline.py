@@ -79,7 +79,7 @@ def step_data(cfg: RunConfig) -> None:
                 cfg.data.images,
                 workers=cfg.pipeline.download_workers,
                 max_side=cfg.pipeline.download_max_side,
-                progress=True,
+                progress=cfg.pipeline.progress,
             )
             print(report.format())
             if not (report.status["status"].isin(["ok", "skipped"])).any():
@@ -93,13 +93,18 @@ def step_data(cfg: RunConfig) -> None:
 def step_teachers(cfg: RunConfig) -> None:
     from teachers.train import results_table, train_pool
 
-    print(results_table(train_pool(cfg, resume=True)))
+    print(results_table(train_pool(cfg, resume=True, progress=cfg.pipeline.progress)))
 
 
 def step_evaluate(cfg: RunConfig) -> None:
     from teachers.evaluate import describe_selection, evaluate_pool, table_for_print
 
-    result = evaluate_pool(cfg.pool_dir, tta_flip=cfg.teachers.tta_flip, num_workers=cfg.data.num_workers)
+    result = evaluate_pool(
+        cfg.pool_dir,
+        tta_flip=cfg.teachers.tta_flip,
+        num_workers=cfg.data.num_workers,
+        progress=cfg.pipeline.progress,
+    )
     print(table_for_print(result.table))
     print(describe_selection(result.selection))
 
@@ -108,20 +113,26 @@ def step_audit(cfg: RunConfig) -> None:
     """Rank training images by how strongly the pool disagrees with their label (report gallery)."""
     from distill.audit import audit
 
-    res = audit(cfg.pool_dir, cfg, top=cfg.pipeline.audit_top, num_workers=cfg.data.num_workers)
+    res = audit(
+        cfg.pool_dir,
+        cfg,
+        top=cfg.pipeline.audit_top,
+        num_workers=cfg.data.num_workers,
+        progress=cfg.pipeline.progress,
+    )
     print(f"audit: {res.csv} ({len(res.table)} training images ranked)")
 
 
 def step_distill(cfg: RunConfig) -> None:
     from distill.train import distill
 
-    distill(cfg, resume=True)
+    distill(cfg, resume=True, progress=cfg.pipeline.progress)
 
 
 def step_baseline(cfg: RunConfig) -> None:
     from distill.train import distill
 
-    distill(_baseline_cfg(cfg), resume=True)
+    distill(_baseline_cfg(cfg), resume=True, progress=cfg.pipeline.progress)
 
 
 def step_select(cfg: RunConfig) -> None:
@@ -141,7 +152,9 @@ def step_export(cfg: RunConfig) -> None:
     verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
     calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
     ckpt = chosen_checkpoint(cfg)
-    report = export_model(ckpt, _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder)
+    report = export_model(
+        ckpt, _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder, progress=cfg.pipeline.progress
+    )
     print(f"export: {ckpt} -> {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
 
 
@@ -163,6 +176,7 @@ def step_predict(cfg: RunConfig) -> None:
         workers=cfg.data.num_workers,
         save_probs=cfg.submit.prior_correction,
         decoder=cfg.data.decoder,
+        progress=cfg.pipeline.progress,
     )
 
 

@@ -129,16 +129,24 @@ def export_fp32(
 
 
 def load_batches(
-    df: pd.DataFrame, prep: Preprocess, batch_size: int = 32, workers: int = 0, decoder: str = "cv2"
+    df: pd.DataFrame,
+    prep: Preprocess,
+    batch_size: int = 32,
+    workers: int = 0,
+    decoder: str = "cv2",
+    desc: str | None = None,
 ) -> tuple[list[np.ndarray], list[int]]:
-    """Pre-processed image batches (the eval transform of imat.data) and the row indices they hold."""
+    """Pre-processed image batches (the eval transform of imat.data) and the row indices they hold;
+    ``desc`` shows a progress bar with that name."""
+    from tqdm.auto import tqdm
+
     from imat.data import ImageDataset, build_eval_transform, build_loader
 
     transform = build_eval_transform(prep.input_size, prep.mean, prep.std, prep.crop_pct)
     dataset = ImageDataset(df, None, transform, decoder)
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=workers)
     batches, rows = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
         batches.append(batch["image"].numpy().astype(np.float32, copy=False))
         rows.extend(int(i) for i in batch["index"])
     return batches, rows
@@ -223,6 +231,7 @@ def export_model(
     decoder: str = "cv2",
     provider: str = "cpu",
     cpu_flags: set[str] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Export ``ckpt`` to ``out`` at ``cfg.precision``, verify it, write ``out`` + ``out.json``.
 
@@ -231,7 +240,7 @@ def export_model(
     Rows with a known label also give the accuracy of both models and its change. int8 takes the form
     of ``cfg.target`` (``cpu_flags``: the CPU features to plan for; default this machine's).
     Returns the report written to ``<out>.json``. Raises ImatError (writing nothing) when any step fails
-    or the top-3 agreement is below ``cfg.min_top3_agreement``."""
+    or the top-3 agreement is below ``cfg.min_top3_agreement``. ``progress``: bars while images load."""
     if cfg is None:
         from imat.config.stages import ExportConfig
 
@@ -247,7 +256,9 @@ def export_model(
     from submit.inputs import sample_rows
 
     verify_rows = sample_rows(verify_df, cfg.verify_images, seed=0)
-    verify_batches, kept = load_batches(verify_rows, prep, workers=workers, decoder=decoder)
+    verify_batches, kept = load_batches(
+        verify_rows, prep, workers=workers, decoder=decoder, desc="verification images" if progress else None
+    )
     if not kept:
         raise ImatError("none of the verification images could be read")
     log.info("verifying on %d images", len(kept))
@@ -265,7 +276,13 @@ def export_model(
         else:
             source = calib_df if calib_df is not None and len(calib_df) else verify_df
             calib_rows = sample_rows(source, cfg.calibration_images, seed=1)
-            calib_batches, calib_kept = load_batches(calib_rows, prep, workers=workers, decoder=decoder)
+            calib_batches, calib_kept = load_batches(
+                calib_rows,
+                prep,
+                workers=workers,
+                decoder=decoder,
+                desc="calibration images" if progress else None,
+            )
             scheme = int8_scheme(cfg.target, cpu_flags)
             log.info("int8 (%s, for %s) calibration on %d images", scheme.name, cfg.target, len(calib_kept))
             to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method, not cfg.quantize_head, scheme)

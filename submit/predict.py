@@ -67,7 +67,7 @@ def predict(
     ``topk_scores`` (probabilities), ``missing`` and, with ``save_probs``, ``probs`` (every class, in
     class-map order; needed for prior correction). The Parquet's metadata (key ``imat``) records the
     model, the class map, the active provider and the options."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     from imat.data import ImageDataset, build_eval_transform, build_loader
 

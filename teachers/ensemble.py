@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from imat.engine.runtime import resolve_device
 from imat.errors import ImatError
@@ -34,17 +35,20 @@ def predict_probs(
     *,
     device: str | torch.device = "cpu",
     tta_flip: bool = False,
+    progress: bool = False,
+    desc: str = "predict",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities of ``model`` for dict batches ``{"image", "index"}``.
 
     Returns ``(probs [num_images, C] float32, seen [num_images] bool)``: rows are placed by each
     sample's ``index`` (loaders may drop unreadable images); rows never seen stay uniform. With
-    ``tta_flip`` a row is the mean of the probabilities of the image and its horizontal flip."""
+    ``tta_flip`` a row is the mean of the probabilities of the image and its horizontal flip. ``progress``
+    shows a bar over the batches (``desc`` names it)."""
     dev = torch.device(device)
     model.eval()
     probs: np.ndarray | None = None
     seen = np.zeros(num_images, dtype=bool)
-    for batch in batches:
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         images = batch["image"].to(dev, non_blocking=True).float()
         index = torch.as_tensor(batch["index"]).cpu().numpy()
         p = torch.softmax(model(images).float(), dim=1)
@@ -88,13 +92,14 @@ def pool_probs(
     num_workers: int = 0,
     decoder: str = "cv2",
     models: Sequence[nn.Module] | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every teacher's validation (or any split's) probabilities for the rows of ``df``.
 
     Returns ``(probs [n_teachers, n_images, n_classes] float32, labels [n_images] int64)`` in the row
     order of ``df``. Images no teacher could read get label -1 (and uniform probabilities), so metrics
     that skip labels < 0 ignore them, as they ignore unlabelled test rows. ``models`` may pass already
-    loaded teachers (same order as ``entries``) to avoid loading them twice."""
+    loaded teachers (same order as ``entries``) to avoid loading them twice. ``progress``: a bar per teacher."""
     if not entries:
         raise ImatError("no teachers to evaluate")
     classes = {e.num_classes for e in entries}
@@ -114,7 +119,9 @@ def pool_probs(
         loader = teacher_loader(
             entry, df, images_root, batch_size=batch_size, num_workers=num_workers, decoder=decoder
         )
-        probs, seen = predict_probs(model, loader, n, device=dev, tta_flip=tta_flip)
+        probs, seen = predict_probs(
+            model, loader, n, device=dev, tta_flip=tta_flip, progress=progress, desc=f"teacher {entry.name}"
+        )
         if probs.shape[1] != out.shape[2]:
             raise ImatError(
                 f"teacher {entry.name}: the network outputs {probs.shape[1]} classes, pool.json says "

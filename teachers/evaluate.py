@@ -63,6 +63,7 @@ def evaluate_pool(
     num_workers: int = 0,
     metric: str = "top3",
     max_images: int | None = None,
+    progress: bool = True,
 ) -> PoolEvaluation:
     """Evaluate the pool on ``split`` of its manifest, select teachers greedily, write pool_eval.csv
     (atomically) and record the selection in pool.json under ``selected``."""
@@ -94,6 +95,7 @@ def evaluate_pool(
         device=device,
         num_workers=num_workers,
         decoder=decoder or recorded_decoder,
+        progress=progress,
     )
     teacher_names = [e.name for e in entries]
     selection = greedy_select(probs, labels, teacher_names, metric=metric)

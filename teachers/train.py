@@ -192,6 +192,7 @@ def train_teacher(
     val_df: pd.DataFrame,
     *,
     resume: bool = False,
+    progress: bool = True,
 ) -> tuple[pd.DataFrame, int]:
     """One engine run for ``spec`` into ``POOL/<name>/``; returns (summary, parameter count)."""
     from imat.data import build_mixup, recipe_loaders
@@ -224,6 +225,7 @@ def train_teacher(
         val_loader,
         meta=teacher_meta(spec, data_cfg, classes),
         log_name=f"teacher {spec.name}",
+        progress=progress,
     )
     summary = engine.fit(resume=resume)
     return summary, params
@@ -251,6 +253,7 @@ def train_pool(
     source: str = "config",
     subset: pd.Series | list[str] | None = None,
     provenance: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> list[TeacherResult]:
     """Train every teacher of ``cfg.teachers.pool`` (or those named in ``only``) into the pool folder.
 
@@ -258,7 +261,7 @@ def train_pool(
     (unless ``force``); one with a partial run restarts, or continues from ``last.ckpt`` with ``resume``.
     ``pool.json`` is updated after each teacher. ``subset``: image ids of the training rows to train on
     (the label audit's cross-fitting), after label noise and cleaning; ``provenance`` is merged into
-    pool.json beside the label record."""
+    pool.json beside the label record. ``progress=False``: no bars, epoch lines or tables."""
     specs = select_specs(cfg, only, source)
     for spec in specs:  # fail on a bad arch before spending minutes on the manifest or a first teacher
         resolve_data_config(spec)
@@ -304,7 +307,9 @@ def train_pool(
                 spec.train.aug.preset,
             )
             can_resume = resume and (out_dir / "last.ckpt").is_file() and not force
-            _, params = train_teacher(cfg, spec, classes, train_df, val_df, resume=can_resume)
+            _, params = train_teacher(
+                cfg, spec, classes, train_df, val_df, resume=can_resume, progress=progress
+            )
             status = "trained"
         if params is None:
             params = count_params(create_model(spec, classes.num_classes, load_weights=False))

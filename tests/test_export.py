@@ -130,6 +130,7 @@ def test_too_high_threshold_refuses_cli(kit: dict, tmp_path: Path, capsys: pytes
             "1.0",
             "--exporter",
             "legacy",
+            "--no-progress",
         ]
     )
     err = capsys.readouterr().err.strip()

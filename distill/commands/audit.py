@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from imat.commands.options import add_progress_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--force", action="store_true", help="cross-fitting: retrain every fold's teachers")
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +42,13 @@ def run(args: argparse.Namespace) -> int:
         if args.folds is not None:
             raise ImatError("--folds cross-fits: give --config and no POOL_DIR (POOL_DIR audits in-sample)")
         res = audit(
-            args.pool_dir, cfg, top=args.top, out_dir=args.out, batch_size=args.batch_size, device=args.device
+            args.pool_dir,
+            cfg,
+            top=args.top,
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
         )
     elif cfg is not None:
         res = crossfit_audit(

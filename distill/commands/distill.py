@@ -13,7 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. distill.method=kd"
     )
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/student/last.ckpt")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or console table")
+    parser.add_argument(
+        "--quiet",
+        "--no-progress",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars or console table",
+    )
     add_scale_out_arguments(parser)
 
 

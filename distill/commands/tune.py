@@ -27,7 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)"
     )
-    parser.add_argument("--quiet", action="store_true", help="no Ray progress table while trials run")
+    parser.add_argument(
+        "--quiet",
+        "--no-progress",
+        dest="quiet",
+        action="store_true",
+        help="no Ray progress table while trials run",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

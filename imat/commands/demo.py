@@ -33,7 +33,7 @@ def demo_config_path() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imat.commands.pipeline import print_summary
+    from imat.commands.pipeline import print_summary, progress_overrides
     from imat.config import load_config
     from imat.kit import write_kit
     from imat.pipeline import run_pipeline
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         f"data.solution={kit / 'solution.csv'}",
         f"data.images={out / 'images'}",
         *args.overrides,
+        *progress_overrides(args),
     ]
     cfg = load_config(demo_config_path(), overrides)
     print_summary(cfg, run_pipeline(cfg, force=args.force, until=args.until))

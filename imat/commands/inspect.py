@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from imat.commands.options import add_progress_argument
 from imat.inspection import format_report, inspect_input, write_report
 
 
@@ -23,11 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="counts only; do not open the image files")
     parser.add_argument("--min-side", type=int, default=10, help="smaller images are flagged as placeholders")
     parser.add_argument("--workers", type=int, default=None, help="threads for the file check")
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     report = inspect_input(
-        args.path, images=args.images, check=not args.no_check, min_side=args.min_side, workers=args.workers
+        args.path,
+        images=args.images,
+        check=not args.no_check,
+        min_side=args.min_side,
+        workers=args.workers,
+        progress=not args.no_progress,
     )
     print(format_report(report))
     if args.out:

@@ -25,3 +25,8 @@ def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"
     )
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``: no progress bars (logs and the final summary still print)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -17,6 +17,14 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"rerun this step and every later one ({', '.join(STEP_NAMES)})",
     )
     parser.add_argument("--until", choices=STEP_NAMES, metavar="STEP", help="stop after this step")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (pipeline.progress=false)"
+    )
+
+
+def progress_overrides(args: argparse.Namespace) -> list[str]:
+    """``--no-progress`` as the config override it stands for (``pipeline.progress``)."""
+    return ["pipeline.progress=false"] if args.no_progress else []
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from imat.config import load_config
     from imat.pipeline import run_pipeline
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *progress_overrides(args)])
     print_summary(cfg, run_pipeline(cfg, force=args.force, until=args.until))
     return 0

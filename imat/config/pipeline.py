@@ -10,6 +10,7 @@ from imat.config.base import Section
 
 
 class PipelineConfig(Section):
+    progress: bool = True  # progress bars in every step (`imat pipeline --no-progress` sets false)
     baseline: bool = False  # also train the student alone (method ce) for the comparison table
     download_workers: int = Field(32, ge=1)
     download_max_side: int | None = Field(None, ge=8)

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from imat.config.train import TrainConfig
 from imat.engine import distributed as dist_utils

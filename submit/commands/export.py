@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from imat.commands.options import add_progress_argument
 from imat.errors import ImatError
 from submit.commands._common import setup_logging
 
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-images", type=int, default=None, metavar="N")
     parser.add_argument("--calibration-images", type=int, default=None, metavar="N")
     parser.add_argument("--workers", type=int, default=None, help="image decoding workers")
+    add_progress_argument(parser)
 
 
 def _manifest_split(path: Path, root: str | None, split: str) -> pd.DataFrame:
@@ -167,7 +169,16 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (cfg.data.num_workers if cfg is not None else 2)
     decoder = cfg.data.decoder if cfg is not None else "cv2"
     verify, calib = _sources(args, cfg)
-    report = export_model(args.ckpt, args.out, verify, calib, export_cfg, workers=workers, decoder=decoder)
+    report = export_model(
+        args.ckpt,
+        args.out,
+        verify,
+        calib,
+        export_cfg,
+        workers=workers,
+        decoder=decoder,
+        progress=not args.no_progress,
+    )
     v = report["verification"]
     diff = f", max |logit diff| {v['max_abs_diff']:.2e}" if export_cfg.precision == "fp32" else ""
     form = f" {report['int8']['name']} for {export_cfg.target}" if report.get("int8") else ""

@@ -8,7 +8,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("submission", metavar="SUBMISSION", help="submission .csv (id,predicted)")
     parser.add_argument(
-        "--solution", required=True, metavar="CSV", help="answers: id,expected (or label/predicted)"
+        "--solution", required=True, metavar="CSV", help="answers: id,expected (or label/predicted)[,Usage]"
     )
     parser.add_argument("--metric", choices=("top1", "top3"), default="top3", help="headline metric")
     parser.add_argument(
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from imat.io import write_json
     from submit.formats import get_format
-    from submit.score import score
+    from submit.score import score, usage_summary
 
     max_labels = args.max_labels or (get_format(args.format).labels if args.format else 3)
     result = score(args.submission, args.solution, args.metric, max_labels=max_labels)
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         f"top-3 accuracy {result['top3_accuracy']:.4f} (error {result['top3_error']:.4f}); "
         f"score ({args.metric} error) {result['score']:.5f}"
     )
+    by_usage = usage_summary(result)
+    if by_usage:
+        print(by_usage)
     if args.out:
         write_json(args.out, result)
         print(f"wrote {args.out}")

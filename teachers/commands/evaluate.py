@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from imat.commands.options import add_progress_argument
 from imat.errors import ImatError
 
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-images", type=int, default=None, metavar="N", help="a seeded subset of N images"
     )
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=num_workers or 0,
         metric=args.metric,
         max_images=args.max_images,
+        progress=not args.no_progress,
     )
     flip = " with flip TTA" if tta_flip else ""
     print(f"{args.split} split{flip}, {int((result.labels >= 0).sum())} images:")

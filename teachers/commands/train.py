@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from imat.commands.options import add_scale_out_arguments
+from imat.commands.options import add_progress_argument, add_scale_out_arguments
 from imat.config import load_config
 
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue unfinished teachers from last.ckpt")
     parser.add_argument("--force", action="store_true", help="retrain teachers that already finished")
     add_scale_out_arguments(parser)
+    add_progress_argument(parser)
 
 
 def _setup_logging() -> None:
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from imat.engine.distributed import run_entry_on_ray
 
         kwargs = {"only": args.only, "resume": args.resume, "force": args.force, "source": source}
+        kwargs["progress"] = not args.no_progress
         run_entry_on_ray(
             "teachers.train:train_pool",
             cfg,
@@ -55,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"teacher pool: {cfg.pool_dir / 'pool.json'}")
         return 0
-    results = train_pool(cfg, only=args.only, resume=args.resume, force=args.force, source=source)
+    results = train_pool(
+        cfg,
+        only=args.only,
+        resume=args.resume,
+        force=args.force,
+        source=source,
+        progress=not args.no_progress,
+    )
     print(f"teacher pool: {cfg.pool_dir / 'pool.json'}")
     print(results_table(results))
     return 0
