@@ -21,7 +21,8 @@ the discriminators' first/last balanced accuracy. ``gap_closed = (CE - student) 
 top-1 error, CE being the mean over CE seeds. Student figures are the LAST epoch's (nothing picked on the
 validation split).
 
-    .venv/bin/python benchmarks/bench_distill.py --resume --out benchmarks/out/distill_c10   # full size
+    .venv/bin/python benchmarks/bench_distill.py --resume --out benchmarks/out/distill_c10 \\
+        --publish distill_cifar10                                                 # full size, ~5 h on 2 cores
     .venv/bin/python benchmarks/bench_distill.py --out /tmp/dsmall --train-per-class 20 --val-per-class 10 \\
         --extra-per-class 10 --teacher-epochs 1 --student-epochs 1 --tune-samples 2 --tune-epochs 1 \\
         --tune-per-class 10 --teachers resnet18:32,regnety_008:32            # a smoke run, minutes
@@ -37,6 +38,7 @@ import math
 import platform
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,8 +270,7 @@ def stage_tune(args: argparse.Namespace, images: Path, manifest: pd.DataFrame, c
     t0 = time.perf_counter()
     outcome = tune_distill(cfg, num_cpus=2, verbose=0)
     table = outcome.trials.assign(sweep_wall_s=time.perf_counter() - t0)
-    full_size = args.out_path.name == "distill_c10"
-    write_csv(RESULTS / "distill_tune_cifar10.csv" if full_size else run / "trials_table.csv", table)
+    write_csv(RESULTS / f"{args.publish}_tune.csv" if args.publish else run / "trials_table.csv", table)
     write_json(run / "winner.json", outcome.best_config)
     print(table.to_string(index=False), flush=True)
 
@@ -281,7 +282,11 @@ def last_d_acc(summary: pd.DataFrame) -> tuple[float, float]:
     return float(summary[cols].iloc[0].max()), float(summary[cols].iloc[-1].max())
 
 
-def stage_students(args: argparse.Namespace, images: Path) -> list[dict]:
+def stage_students(
+    args: argparse.Namespace, images: Path, publish: Callable[[list[dict]], None]
+) -> list[dict]:
+    """Trains every student (finished ones are read back with --resume); ``publish`` gets the rows after
+    each one, so a sitting cut short still leaves its table."""
     from distill.train import distill
     from imat.config import apply_override, validate
 
@@ -318,6 +323,7 @@ def stage_students(args: argparse.Namespace, images: Path) -> list[dict]:
                 }
             )
             print(rows[-1], flush=True)
+            publish(rows)
     return rows
 
 
@@ -383,6 +389,11 @@ def main() -> None:
     p.add_argument("--tune-epochs", type=int, default=8)
     p.add_argument("--tune-per-class", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--publish",
+        default="",
+        help="write the tables as benchmarks/results/NAME.csv and NAME_tune.csv (default: beside the runs)",
+    )
     args = p.parse_args()
     args.out_path = Path(args.out).resolve()
     logging.basicConfig(level=logging.WARNING)
@@ -390,19 +401,22 @@ def main() -> None:
     start = time.perf_counter()
     images, manifest, classes = prepare_data(args)
     rows: list[dict] = []
-    if "teachers" in stages or "students" in stages:
-        rows += stage_teachers(args, images)
-    if "tune" in stages:
-        stage_tune(args, images, manifest, classes)
-    if "students" in stages:
-        rows += stage_students(args, images)
     val_images = int((manifest["split"] == "val").sum())
-    df = finish_table(rows, val_images)
     from imat.io import write_csv
 
-    # the published table comes from the full-size run only; other sizes keep theirs beside their runs
-    full_size = args.out_path.name == "distill_c10"
-    write_csv(RESULTS / "distill_cifar10.csv" if full_size else args.out_path / "results.csv", df)
+    def publish(student_rows: list[dict]) -> pd.DataFrame:
+        # --publish NAME writes the table under benchmarks/results/; other runs keep it beside their runs
+        df = finish_table(rows + student_rows, val_images)
+        write_csv(RESULTS / f"{args.publish}.csv" if args.publish else args.out_path / "results.csv", df)
+        return df
+
+    if "teachers" in stages or "students" in stages:
+        rows += stage_teachers(args, images)
+        publish([])
+    if "tune" in stages:
+        stage_tune(args, images, manifest, classes)
+    student_rows = stage_students(args, images, publish) if "students" in stages else []
+    df = publish(student_rows)
     header = (
         f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train (+{args.extra_per_class}/class unlabelled), "
         f"{val_images} val; teachers {args.teachers} x {args.teacher_epochs} ep; student {args.student} "

@@ -202,8 +202,9 @@ def format_table(table: pd.DataFrame) -> str:
     )
     if "submitted" in table.columns and table["submitted"].fillna(False).astype(bool).any():
         shown["submitted"] = table["submitted"].fillna(False).astype(bool).map(lambda v: "yes" if v else "")
-    if "note" in table.columns and table["note"].fillna("").astype(bool).any():
-        shown["note"] = table["note"].fillna("")
+    notes = table["note"].map(lambda v: "" if pd.isna(v) else str(v)) if "note" in table.columns else None
+    if notes is not None and notes.astype(bool).any():
+        shown["note"] = notes
     return shown.to_string(index=False)
 
 
