@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,24 @@ from imat.engine.distributed import rank, run_ray_train
 from imat.engine.loop import epoch_end_hook
 
 EPOCHS = 4
+# Ray Train's controller records each checkpoint it has registered here (Ray 2.5x/2.60, Train V2).
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def wait_until_ray_holds_a_checkpoint(out: Path, timeout_s: float = 90.0) -> None:
+    """Block until Ray's controller has registered a reported checkpoint. The controller collects each
+    worker's reports by polling it every couple of seconds, so a worker that dies milliseconds after its
+    report can take the report with it: the premise of the test (a checkpoint Ray holds) would then be
+    left to timing."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for snapshot in (out / "ray").rglob(SNAPSHOT):
+            try:
+                if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                    return
+            except (OSError, ValueError):  # being written: look again
+                pass
+        time.sleep(0.2)
 
 
 class Toy(Dataset):
@@ -55,6 +74,7 @@ def train(config: dict, resumed: bool) -> None:
     def die_once(engine: Engine, row: dict) -> None:
         marker = out / "killed.txt"
         if row["epoch"] == 2 and rank() == 1 and not marker.exists():
+            wait_until_ray_holds_a_checkpoint(out)
             marker.write_text(str(os.getpid()))
             engine.ckpt_path.unlink()  # the run directory lost it: only Ray's copy is left
             os.kill(os.getpid(), signal.SIGKILL)
