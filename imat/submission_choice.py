@@ -239,6 +239,32 @@ def choose(cands: list[Candidate], metric: str, submit_model: str = "best") -> t
     )
 
 
+def distillation_note(cands: list[Candidate], val_images: int) -> str | None:
+    """One line on what distillation changed against the student alone, on top-1 validation error, and
+    whether the difference exceeds the noise of ``val_images`` images: the 95% interval of a difference
+    of two error rates (normal approximation for two independent samples, which is conservative for two
+    models scored on the same images). None without both students' scores."""
+    distilled = next((c for c in cands if c.role == "distilled"), None)
+    alone = next((c for c in cands if c.role == "baseline"), None)
+    if distilled is None or alone is None or val_images <= 0:
+        return None
+    a, b = distilled.top1_err, alone.top1_err
+    if a is None or b is None:
+        return None
+    diff = a - b
+    half = 1.96 * math.sqrt((a * (1 - a) + b * (1 - b)) / val_images)
+    if abs(diff) <= half:
+        verdict = "within the noise, so on this data the two cannot be told apart"
+    elif diff < 0:
+        verdict = "distillation helped, beyond the noise"
+    else:
+        verdict = "distillation hurt, beyond the noise (compare the pool's accuracy with the student's)"
+    return (
+        f"Distilled vs alone: top-1 error {_pct(a)} vs {_pct(b)} on {val_images:,} validation images, "
+        f"{100 * diff:+.2f} points against a 95% interval of +-{100 * half:.2f}: {verdict}."
+    )
+
+
 def _settings(cfg: RunConfig) -> tuple[str, str]:
     return select_metric(cfg), cfg.pipeline.submit_model
 

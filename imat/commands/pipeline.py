@@ -33,12 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_step_arguments(parser)
 
 
+def _val_images(cfg: RunConfig) -> int:
+    """Labelled validation images in the run's manifest (0 when there is none yet)."""
+    import pandas as pd
+
+    if not cfg.manifest_path.is_file():
+        return 0
+    frame = pd.read_parquet(cfg.manifest_path, columns=["split"])
+    return int((frame["split"] == "val").sum())
+
+
 def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     """The steps with their status, the comparison table when the run has one, and the key outputs."""
     import pandas as pd
 
     from imat.results import format_table
-    from imat.submission_choice import read_choice
+    from imat.submission_choice import distillation_note, find_candidates, read_choice
 
     print("\nstep        status         seconds")
     for name, status, seconds in rows:
@@ -50,6 +60,9 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     choice = read_choice(cfg.run_path)
     if choice and choice.get("reason"):
         print(f"\n{choice['reason']}")
+    note = distillation_note(find_candidates(cfg), _val_images(cfg)) if choice else None
+    if note:
+        print(note)
     print()
     for name in ("submission.csv", "submission.json", "score.json", "report.html"):
         path = cfg.run_path / name
