@@ -64,7 +64,7 @@ def _abs(path: str | None) -> str | None:
 def trial_base(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as a plain dict with every path absolute (trials run in other processes,
     possibly other machines, with another working directory)."""
-    from distill.train import pool_dir_of
+    from distill.settings import pool_dir_of
 
     raw = cfg.model_dump(mode="json")
     raw["run_dir"] = _abs(raw["run_dir"])
@@ -344,7 +344,8 @@ def tune_distill(
     """
     from ray import tune
 
-    from distill.train import check_method, pool_dir_of
+    from distill.settings import pool_dir_of
+    from distill.train import check_method
     from distill.tune_space import apply_values, check_keys, default_space, parse_space, to_ray
     from imat.io import write_csv, write_yaml
 
