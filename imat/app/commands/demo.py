@@ -6,7 +6,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from imat.commands.pipeline import add_step_arguments
+from imat.app.commands.pipeline import add_step_arguments
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -33,10 +33,10 @@ def demo_config_path() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imat.commands.pipeline import print_summary, progress_overrides
+    from imat.app.commands.pipeline import print_summary, progress_overrides
+    from imat.app.pipeline import run_pipeline
     from imat.config import load_config
     from imat.kit import write_kit
-    from imat.pipeline import run_pipeline
 
     out = Path(args.out)
     kit = out / "kit"

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from imat.app.pipeline_labels import clean_files, step_clean, step_label_audit, uses_run_audit
 from imat.config import RunConfig, save_resolved
 from imat.errors import ImatError
 from imat.io import write_json
-from imat.pipeline_labels import clean_files, step_clean, step_label_audit, uses_run_audit
 
-log = logging.getLogger("imat.pipeline")
+log = logging.getLogger("imat.app.pipeline")
 
 MARKERS = ".pipeline"
 
@@ -45,7 +45,7 @@ def _onnx(cfg: RunConfig) -> Path:
 
 
 def _choice_current(cfg: RunConfig) -> bool:
-    from imat.submission_choice import choice_is_current
+    from imat.app.submission_choice import choice_is_current
 
     return choice_is_current(cfg)
 
@@ -137,13 +137,13 @@ def step_baseline(cfg: RunConfig) -> None:
 
 def step_select(cfg: RunConfig) -> None:
     """Choose the student to export: the best on validation, or the one pipeline.submit_model forces."""
-    from imat.submission_choice import choose_submission
+    from imat.app.submission_choice import choose_submission
 
     print(choose_submission(cfg)["reason"])
 
 
 def step_export(cfg: RunConfig) -> None:
-    from imat.submission_choice import chosen_checkpoint
+    from imat.app.submission_choice import chosen_checkpoint
     from submit.export import export_model
     from submit.inputs import read_images
 
@@ -205,20 +205,20 @@ def step_score(cfg: RunConfig) -> None:
 
 
 def step_results(cfg: RunConfig) -> None:
-    from imat.results import results_table, write_results
+    from imat.app.results import results_table, write_results
 
     print(f"results: {write_results(cfg, results_table(cfg))}")
 
 
 def step_report(cfg: RunConfig) -> None:
-    from imat.report import build_report
+    from imat.app.report import build_report
 
     print(f"report: {build_report(cfg.run_path)}")
 
 
 STEPS: list[Step] = [
     Step("data", step_data, lambda c: [c.manifest_path]),
-    # data.clean from this run's audit: cross-fitted audit -> clean -> teachers (imat/pipeline_labels.py)
+    # data.clean from this run's audit: cross-fitted audit -> clean -> teachers (imat/app/pipeline_labels.py)
     Step("label_audit", step_label_audit, lambda c: [c.audit_dir / "audit.json"], uses_run_audit),
     Step("clean", step_clean, lambda c: list(clean_files(c)), lambda c: c.clean_csv is not None),
     Step("teachers", step_teachers, lambda c: [c.pool_dir / "pool.json"], lambda c: bool(c.teachers.pool)),
