@@ -138,7 +138,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
 
     from distill.train import distill
     from imat.config.loader import validate
-    from imat.engine.loop import epoch_end_hook
+    from imat.engine.hooks import epoch_end_hook
 
     raw, student_dir = _trial_config(config, base)
     cfg = validate(raw, f"trial {tune.get_context().get_trial_name()}")
@@ -173,7 +173,7 @@ def _trial_worker(config: dict[str, Any], resumed: bool) -> None:
     go to Ray Train (imat.engine.distributed), and from there to Tune (TuneReportCallback)."""
     from distill.train import distill
     from imat.config.loader import validate
-    from imat.engine.loop import epoch_end_hook
+    from imat.engine.hooks import epoch_end_hook
 
     cfg = validate(config["config"], "tune trial worker")
     with epoch_end_hook(lambda engine, row: _check_metric(config["metric"], _numeric(row))):
