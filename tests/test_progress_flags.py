@@ -81,7 +81,7 @@ def test_long_commands_parse_no_progress(argv: list[str], dest: str) -> None:
 
 
 def test_pipeline_no_progress_reaches_the_config() -> None:
-    from imat.app.commands.demo import demo_config_path
+    from imat.app.api import demo_config_path
     from imat.app.commands.pipeline import progress_overrides
     from imat.config import load_config
 
