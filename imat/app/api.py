@@ -119,10 +119,11 @@ def export(
     *,
     progress: bool | None = None,
 ) -> Path:
-    """Export a student checkpoint (default: the run's chosen model, see ``RUN_DIR/submission.json``)
-    to ONNX at ``out`` (default ``RUN_DIR/export/student.onnx``), verified against PyTorch on
-    validation images at ``export.precision``; returns the ONNX path."""
-    from imat.app.submission_choice import chosen_checkpoint
+    """Export a student checkpoint to ONNX at ``out`` (default ``RUN_DIR/export/student.onnx``), verified against PyTorch on
+    validation images at ``export.precision``; returns the ONNX path. The default checkpoint is the
+    model the pipeline's select step chose (``RUN_DIR/submission.json``) when there is one, else the
+    distilled student (``RUN_DIR/student/best.safetensors``)."""
+    from imat.app.submission_choice import chosen_checkpoint, read_choice
     from submit.export import export_model
     from submit.inputs import read_images
 
@@ -131,7 +132,12 @@ def export(
     calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
     verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
     calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
-    ckpt = Path(checkpoint) if checkpoint is not None else chosen_checkpoint(cfg)
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+    elif read_choice(cfg.run_path) is not None:
+        ckpt = chosen_checkpoint(cfg)
+    else:
+        ckpt = cfg.run_path / "student" / "best.safetensors"
     export_model(
         ckpt, out, verify, calib, cfg.export, decoder=cfg.data.decoder, progress=_progress(cfg, progress)
     )
