@@ -119,29 +119,33 @@ def export(
     *,
     progress: bool | None = None,
 ) -> Path:
-    """Export a student checkpoint to ONNX at ``out`` (default ``RUN_DIR/export/student.onnx``), verified against PyTorch on
-    validation images at ``export.precision``; returns the ONNX path. The default checkpoint is the
-    model the pipeline's select step chose (``RUN_DIR/submission.json``) when there is one, else the
-    distilled student (``RUN_DIR/student/best.safetensors``)."""
+    """Export a student checkpoint to ONNX at ``out`` (default ``RUN_DIR/export/student.onnx``), verified
+    against PyTorch on validation images at ``export.precision``; returns the ONNX path. The default
+    checkpoint is the model the pipeline's select step chose (``RUN_DIR/submission.json``) when there
+    is one, else the distilled student (``RUN_DIR/student/best.safetensors``)."""
     from imat.app.submission_choice import chosen_checkpoint, read_choice
-    from submit.export import export_model
-    from submit.inputs import read_images
 
-    out = Path(out) if out is not None else cfg.run_path / "export" / "student.onnx"
-    images = read_images(cfg.manifest_path, cfg.data.images, split="val")
-    calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
-    verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
-    calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
     if checkpoint is not None:
         ckpt = Path(checkpoint)
     elif read_choice(cfg.run_path) is not None:
         ckpt = chosen_checkpoint(cfg)
     else:
         ckpt = cfg.run_path / "student" / "best.safetensors"
-    export_model(
-        ckpt, out, verify, calib, cfg.export, decoder=cfg.data.decoder, progress=_progress(cfg, progress)
-    )
+    out = Path(out) if out is not None else cfg.run_path / "export" / "student.onnx"
+    export_report(cfg, ckpt, out, _progress(cfg, progress))
     return out
+
+
+def export_report(cfg: RunConfig, ckpt: Path, out: Path, progress: bool) -> dict[str, Any]:
+    """:func:`export` with the checkpoint chosen, returning the export's report (the pipeline's step)."""
+    from submit.export import export_model
+    from submit.inputs import read_images
+
+    images = read_images(cfg.manifest_path, cfg.data.images, split="val")
+    calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
+    verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
+    calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
+    return export_model(ckpt, out, verify, calib, cfg.export, decoder=cfg.data.decoder, progress=progress)
 
 
 def predict(
@@ -184,10 +188,16 @@ def write_submission(
     """Write the competition's submission (``submit.format``) from the predictions (default
     ``RUN_DIR/predictions.parquet``) to ``out`` (default ``RUN_DIR/submission.csv``), validated
     against the test file: the competition's header, every test id once, in its order."""
+    out = Path(out) if out is not None else cfg.run_path / "submission.csv"
+    submission_stats(cfg, predictions, out)
+    return out
+
+
+def submission_stats(cfg: RunConfig, predictions: PathLike | None, out: Path) -> dict[str, Any]:
+    """:func:`write_submission`, returning what the writer reports (rows, fallbacks; the pipeline's step)."""
     from submit.formats import write_submission as _write
 
-    out = Path(out) if out is not None else cfg.run_path / "submission.csv"
-    _write(
+    return _write(
         predictions if predictions is not None else cfg.run_path / "predictions.parquet",
         cfg.submit.format,
         cfg.data.test,
@@ -197,7 +207,6 @@ def write_submission(
         prior_correction=cfg.submit.prior_correction,
         topk=cfg.submit.topk,
     )
-    return out
 
 
 def score(

@@ -143,56 +143,26 @@ def step_select(cfg: RunConfig) -> None:
 
 
 def step_export(cfg: RunConfig) -> None:
+    from imat.app.api import export_report
     from imat.app.submission_choice import chosen_checkpoint
-    from submit.export import export_model
-    from submit.inputs import read_images
 
-    images = read_images(cfg.manifest_path, cfg.data.images, split="val")
-    calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
-    verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
-    calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
     ckpt = chosen_checkpoint(cfg)
-    report = export_model(
-        ckpt, _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder, progress=cfg.pipeline.progress
-    )
+    report = export_report(cfg, ckpt, _onnx(cfg), cfg.pipeline.progress)
     print(f"export: {ckpt} -> {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
 
 
 def step_predict(cfg: RunConfig) -> None:
-    from submit.predict import predict
+    from imat.app.api import predict
 
     if not cfg.data.test:
         raise ImatError("pipeline: data.test is not set: nothing to predict")
-    predict(
-        _onnx(cfg),
-        cfg.data.test,
-        out=cfg.run_path / "predictions.parquet",
-        images=cfg.data.images,
-        split="test",
-        topk=cfg.submit.topk,
-        provider=cfg.submit.provider,
-        batch_size=cfg.submit.batch_size,
-        tta_flip=cfg.submit.tta_flip,
-        workers=cfg.data.num_workers,
-        save_probs=cfg.submit.prior_correction,
-        decoder=cfg.data.decoder,
-        progress=cfg.pipeline.progress,
-    )
+    predict(cfg)
 
 
 def step_submit(cfg: RunConfig) -> None:
-    from submit.formats import write_submission
+    from imat.app.api import submission_stats
 
-    stats = write_submission(
-        cfg.run_path / "predictions.parquet",
-        cfg.submit.format,
-        cfg.data.test,
-        cfg.run_path / "submission.csv",
-        sample=cfg.submit.sample_submission,
-        train=cfg.manifest_path,
-        prior_correction=cfg.submit.prior_correction,
-        topk=cfg.submit.topk,
-    )
+    stats = submission_stats(cfg, None, cfg.run_path / "submission.csv")
     print(f"submission: {cfg.run_path / 'submission.csv'} ({stats})")
 
 
