@@ -75,7 +75,7 @@ def train_student(work: Path, arch: str, args: argparse.Namespace) -> tuple[Path
     manifest, the images folder)."""
     import yaml
 
-    from imat.cli import main as imat
+    from imat.app.cli import main as imat
     from imat.manifest import ClassMap, save_manifest
 
     images, df, labels = kit_images(work, args.train_images, args.val_images)
@@ -116,7 +116,7 @@ def bench_arch(
     arch: str, ckpt: Path, source: Path, root: str | None, work: Path, args: argparse.Namespace
 ) -> list[dict]:
     """The rows of one arch: five engines on the same batches, then ``imat predict`` end to end."""
-    from imat.cli import main as imat
+    from imat.app.cli import main as imat
     from imat.config.stages import ExportConfig
     from submit.export import export_model, known_labels, load_batches
     from submit.inputs import read_images

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-IMAT = [sys.executable, "-m", "imat.cli"]
+IMAT = [sys.executable, "-m", "imat.app.cli"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -115,7 +115,7 @@ def main() -> None:
     t1 = run([*IMAT, "distill", str(cfg), f"run_dir={one}", "--quiet"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     t2 = run(
-        [*torchrun, "-m", "imat.cli", "distill", str(cfg), f"run_dir={two}", "--quiet"],
+        [*torchrun, "-m", "imat.app.cli", "distill", str(cfg), f"run_dir={two}", "--quiet"],
         {"OMP_NUM_THREADS": "1"},
     )
     for label, folder, total in (("1 process", one, t1), ("torchrun, 2 gloo processes", two, t2)):

@@ -264,8 +264,8 @@ def crossfit_audit(
     force: bool = False,
 ) -> AuditResult:
     """Out-of-sample audit: ``audit.folds``-fold cross-fitted teachers (resumable), then cleanlab."""
+    from imat.manifest import prepare_manifest
     from teachers.crossfit import crossfit_probs
-    from teachers.train import prepare_manifest
 
     if top < 1:
         raise ImatError(f"--top must be >= 1, got {top}")

@@ -400,7 +400,7 @@ def prepare_cache(
     out_dir: Path,
 ) -> tuple[TeacherCache, Any, Any]:
     """Build (or reuse) the cache for ``cfg.distill.cache`` and the loaders that train on its views."""
-    from distill.train import default_selection, pool_dir_of
+    from distill.settings import default_selection, pool_dir_of
     from imat.data import build_loader, resolve_paths
     from imat.data.transforms import CROP_SCALE
     from teachers.pool import load_pool

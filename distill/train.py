@@ -17,13 +17,14 @@ import pandas as pd
 from torch import nn
 
 from distill.blocks import BlockIndex, num_blocks, resolve_index
+from distill.settings import default_selection, pool_dir_of
 from distill.tasks import CETask, DistillTaskBase, KDTask, MealTask, SoftTargets
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
 from imat.config import RunConfig, save_resolved
 from imat.config.distill import DistillConfig
 from imat.errors import ImatError
 from imat.io import write_csv
-from imat.manifest import ClassMap, load_manifest
+from imat.manifest import ClassMap, load_manifest, prepare_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,6 @@ def build_student(dcfg: DistillConfig, num_classes: int) -> tuple[nn.Module, dic
 
 
 # -- teachers ----------------------------------------------------------------------------------------
-
-
-def pool_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.distill.pool) if cfg.distill.pool else cfg.pool_dir
 
 
 def teacher_names(cfg: RunConfig, pool_dir: Path) -> list[str] | None:
@@ -135,12 +132,6 @@ def load_frozen_teachers(
 
 
 # -- checks ------------------------------------------------------------------------------------------
-
-
-def default_selection(dcfg: DistillConfig) -> str:
-    if dcfg.selection is not None:
-        return dcfg.selection
-    return "random" if dcfg.method == "meal" else "mean"
 
 
 def check_method(dcfg: DistillConfig) -> None:
@@ -306,8 +297,6 @@ def run_manifest(cfg: RunConfig, pool_dir: Path) -> tuple[pd.DataFrame, ClassMap
             if p.is_file():
                 df, classes = load_manifest(p)
                 return df, classes, p
-    from teachers.train import prepare_manifest
-
     return prepare_manifest(cfg)
 
 

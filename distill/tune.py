@@ -64,7 +64,7 @@ def _abs(path: str | None) -> str | None:
 def trial_base(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as a plain dict with every path absolute (trials run in other processes,
     possibly other machines, with another working directory)."""
-    from distill.train import pool_dir_of
+    from distill.settings import pool_dir_of
 
     raw = cfg.model_dump(mode="json")
     raw["run_dir"] = _abs(raw["run_dir"])
@@ -138,7 +138,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
 
     from distill.train import distill
     from imat.config.loader import validate
-    from imat.engine.loop import epoch_end_hook
+    from imat.engine.hooks import epoch_end_hook
 
     raw, student_dir = _trial_config(config, base)
     cfg = validate(raw, f"trial {tune.get_context().get_trial_name()}")
@@ -173,7 +173,7 @@ def _trial_worker(config: dict[str, Any], resumed: bool) -> None:
     go to Ray Train (imat.engine.distributed), and from there to Tune (TuneReportCallback)."""
     from distill.train import distill
     from imat.config.loader import validate
-    from imat.engine.loop import epoch_end_hook
+    from imat.engine.hooks import epoch_end_hook
 
     cfg = validate(config["config"], "tune trial worker")
     with epoch_end_hook(lambda engine, row: _check_metric(config["metric"], _numeric(row))):
@@ -344,7 +344,8 @@ def tune_distill(
     """
     from ray import tune
 
-    from distill.train import check_method, pool_dir_of
+    from distill.settings import pool_dir_of
+    from distill.train import check_method
     from distill.tune_space import apply_values, check_keys, default_space, parse_space, to_ray
     from imat.io import write_csv, write_yaml
 

@@ -9,16 +9,22 @@ own id as a string, "" when unknown), ``url`` (str, "" when none). The class map
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from imat.errors import ImatError, require_file
 from imat.io import write_json, write_parquet
+
+if TYPE_CHECKING:
+    from imat.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["image_id", "split", "path", "label", "source_label", "url"]
 SPLITS = ("train", "val", "test")
@@ -129,3 +135,21 @@ def load_manifest(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, ClassMap]
     if missing:
         raise ImatError(f"{p}: manifest lacks columns {', '.join(missing)}")
     return normalise(df), ClassMap.load(p.parent / "classes.json")
+
+
+def prepare_manifest(cfg: RunConfig, rebuild: bool = False) -> tuple[pd.DataFrame, ClassMap, Path]:
+    """The run's manifest: ``RUN_DIR/data/manifest.parquet`` when it exists (every step of a run sees
+    the same rows and class map), else built from ``cfg.data`` and saved there (by rank 0 only; the
+    build is deterministic, so other ranks use their own identical copy)."""
+    path = cfg.manifest_path
+    if path.is_file() and not rebuild:
+        df, classes = load_manifest(path)
+        log.info("using the run's manifest %s", path)
+        return df, classes, path
+    from imat.engine.runtime import is_main_rank
+    from imat.formats import build_manifest
+
+    df, classes = build_manifest(cfg.data)
+    if is_main_rank():
+        save_manifest(df, classes, path.parent)
+    return df, classes, path

@@ -104,9 +104,10 @@ def crossfit_probs(
 ) -> CrossFit:
     """Train (or reuse) each fold's teachers and return every training row's out-of-sample probabilities."""
     from imat.data import labelled_splits
+    from imat.manifest import prepare_manifest
     from teachers.ensemble import ensemble_probs, pool_probs
     from teachers.pool import load_pool, read_pool_json
-    from teachers.train import prepare_manifest, train_pool
+    from teachers.train import train_pool
 
     K, seed = cfg.audit.folds, cfg.audit.seed
     first = fold_config(cfg, 0)

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from imat.config import RunConfig, TeacherSpec, save_resolved
+from imat.engine.runtime import is_main_rank
 from imat.errors import ImatError
-from imat.manifest import ClassMap, load_manifest, save_manifest
+from imat.manifest import ClassMap, prepare_manifest
 from teachers.build import count_params, create_model, resolve_data_config
 from teachers.pool import TeacherEntry, read_pool_json, update_pool_entry
 
@@ -37,31 +38,6 @@ class TeacherResult:
     val_top1: float | None
     val_top3: float | None
     wall_s: float
-
-
-def is_main_rank() -> bool:
-    """Rank 0 (or not distributed). Checked before the engine joins the process group too, through
-    torchrun's RANK variable, so only one process writes the manifest, configs and pool.json."""
-    from imat.engine import is_main_process
-
-    return is_main_process() and int(os.environ.get("RANK", "0") or 0) == 0
-
-
-def prepare_manifest(cfg: RunConfig, rebuild: bool = False) -> tuple[pd.DataFrame, ClassMap, Path]:
-    """The run's manifest: ``RUN_DIR/data/manifest.parquet`` when it exists (every step of a run sees
-    the same rows and class map), else built from ``cfg.data`` and saved there (by rank 0 only; the
-    build is deterministic, so other ranks use their own identical copy)."""
-    path = cfg.manifest_path
-    if path.is_file() and not rebuild:
-        df, classes = load_manifest(path)
-        log.info("using the run's manifest %s", path)
-        return df, classes, path
-    from imat.formats import build_manifest
-
-    df, classes = build_manifest(cfg.data)
-    if is_main_rank():
-        save_manifest(df, classes, path.parent)
-    return df, classes, path
 
 
 def select_specs(cfg: RunConfig, only: list[str] | None, source: str = "config") -> list[TeacherSpec]:

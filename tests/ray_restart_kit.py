@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from imat.config.train import TrainConfig
 from imat.engine import ClassificationTask, Engine
 from imat.engine.distributed import rank, run_ray_train
-from imat.engine.loop import epoch_end_hook
+from imat.engine.hooks import epoch_end_hook
 
 EPOCHS = 4
 # Ray Train's controller records each checkpoint it has registered here (Ray 2.5x/2.60, Train V2).

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from imat.cli import COMMANDS, main
+from imat.app.cli import COMMANDS, main
 
 
 def test_top_level_help_lists_every_command(capsys) -> None:
@@ -31,6 +31,6 @@ def test_unknown_command_is_a_usage_error(capsys) -> None:
 
 
 def test_console_script_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "imat.cli", "--version"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "imat.app.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0
     assert "imat" in done.stdout

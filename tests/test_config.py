@@ -110,7 +110,7 @@ def test_shipped_configs_validate_and_their_sweeps_parse(path: Path) -> None:
 
 
 def test_demo_config_ships_inside_the_package() -> None:
-    from imat.commands.demo import demo_config_path
+    from imat.app.api import demo_config_path
 
     shipped = demo_config_path()
     assert shipped.is_file()

@@ -30,7 +30,7 @@ def test_sharded_sampler_splits_and_pads():
 
 def _distill(cfg: Path, *extra: str, ranks: int) -> subprocess.CompletedProcess:
     head = TORCHRUN if ranks == 2 else [sys.executable]
-    cmd = [*head, "-m", "imat.cli", "distill", str(cfg), *extra, "--quiet"]
+    cmd = [*head, "-m", "imat.app.cli", "distill", str(cfg), *extra, "--quiet"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -92,7 +92,7 @@ def test_ray_train_two_workers_keep_the_single_process_contract(tmp_path):
     recipe = {"distill.train.batch_size": 4, "distill.train.epochs": 1}
     cfg = make_run(tmp_path, extra=recipe)
     env = {**ENV, "IMAT_RAY_NUM_CPUS": "2"}
-    cmd = [sys.executable, "-m", "imat.cli", "distill", str(cfg), "--ray-workers", "2", "--quiet"]
+    cmd = [sys.executable, "-m", "imat.app.cli", "distill", str(cfg), "--ray-workers", "2", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(yaml.safe_load(cfg.read_text())["run_dir"]) / "student"
@@ -326,7 +326,7 @@ def test_sync_bn_is_for_cuda_ranks(tmp_path, monkeypatch):
 
 def test_max_failures_reaches_ray_train(monkeypatch, tmp_path):
     """`--max-failures N` of `imat distill --ray-workers` becomes Ray Train's FailureConfig."""
-    from imat.cli import main
+    from imat.app.cli import main
     from imat.engine import distributed as d
 
     seen = {}

@@ -30,7 +30,7 @@ from distill.cache import (
 from distill.discriminator import Discriminator, discriminator_loss
 from distill.tasks import MealTask, SoftTargets
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
-from imat.cli import main
+from imat.app.cli import main
 from imat.data import apply_view, decode_image, resolve_paths
 
 

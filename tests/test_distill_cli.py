@@ -13,7 +13,7 @@ import torch
 import yaml
 from scale_kit import write_pool, write_squares
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.manifest import ClassMap, save_manifest
 from imat.weights import read_meta
 

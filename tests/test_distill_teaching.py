@@ -17,7 +17,7 @@ from torch import nn
 
 from distill.tasks import KDTask, SoftTargets, hard_loss
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble, accuracy_weights
-from imat.cli import main
+from imat.app.cli import main
 from imat.config.train import AugConfig
 from imat.data.mixing import build_label_mass_mixup, mix_with_unlabelled
 from imat.weights import read_meta

@@ -479,7 +479,7 @@ def test_bad_config_and_table():
 
 
 def test_cli_missing_json_is_one_line(tmp_path, capsys):
-    from imat.cli import main
+    from imat.app.cli import main
 
     code = main(["data", "download", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -489,7 +489,7 @@ def test_cli_missing_json_is_one_line(tmp_path, capsys):
 def test_cli_downloads_furniture_json_and_resumes(server, tmp_path, capsys):
     import json
 
-    from imat.cli import main
+    from imat.app.cli import main
 
     doc = {
         "images": [{"url": [server.url(f"/img/{i}")], "image_id": i} for i in range(1, 6)]
@@ -527,7 +527,7 @@ def test_cli_downloads_furniture_json_and_resumes(server, tmp_path, capsys):
 def test_cli_product2019_and_bad_inputs(server, tmp_path, capsys):
     import json
 
-    from imat.cli import main
+    from imat.app.cli import main
 
     src = tmp_path / "val.json"
     src.write_text(json.dumps({"images": [{"id": "abc.jpg", "url": server.url("/img/1"), "class": 3}]}))
@@ -555,7 +555,7 @@ def test_cli_product2019_and_bad_inputs(server, tmp_path, capsys):
 def test_cli_json_without_urls(tmp_path, capsys):
     import json
 
-    from imat.cli import main
+    from imat.app.cli import main
 
     src = tmp_path / "coco.json"
     src.write_text(

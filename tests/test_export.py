@@ -12,7 +12,7 @@ import pytest
 import torch
 from submit_kit import make_checkpoint, make_kit
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.config.stages import ExportConfig
 from imat.errors import ImatError
 from imat.weights import load_weights, save_weights

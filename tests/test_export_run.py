@@ -17,7 +17,7 @@ import yaml
 from onnx import numpy_helper
 from scale_kit import make_run
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.errors import ImatError
 from submit.predict import predict
 from submit.quantize import cpu_flags, int8_scheme

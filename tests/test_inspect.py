@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.config import DataConfig
 from imat.errors import ImatError
 from imat.formats import build_manifest

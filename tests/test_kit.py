@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.data import decode_image
 from imat.errors import ImatError
 from imat.kit import KITS, write_kit

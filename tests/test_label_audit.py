@@ -13,7 +13,7 @@ import pytest
 import yaml
 from scale_kit import write_squares
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.config import validate
 from imat.manifest import ClassMap, save_manifest
 

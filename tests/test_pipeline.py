@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.kit import write_kit
 from submit.score import score
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from imat.cli import build_parser, main
+from imat.app.cli import build_parser, main
 
 BAR = "%|"  # tqdm's percentage and bar: only a progress bar writes it
 
@@ -81,8 +81,8 @@ def test_long_commands_parse_no_progress(argv: list[str], dest: str) -> None:
 
 
 def test_pipeline_no_progress_reaches_the_config() -> None:
-    from imat.commands.demo import demo_config_path
-    from imat.commands.pipeline import progress_overrides
+    from imat.app.api import demo_config_path
+    from imat.app.commands.pipeline import progress_overrides
     from imat.config import load_config
 
     for flag, expected in (([], True), (["--no-progress"], False)):

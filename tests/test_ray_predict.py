@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from submit_kit import make_checkpoint, make_kit
 
-from imat.cli import main
+from imat.app.cli import main
 from submit.predict import predict, read_predictions
 
 

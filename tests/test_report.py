@@ -16,10 +16,10 @@ import pytest
 import yaml
 from student_kit import fake_run
 
-from imat.cli import main
+from imat.app.cli import main
+from imat.app.report import build_report
+from imat.app.submission_choice import choose_submission
 from imat.config import RunConfig, save_resolved
-from imat.report import build_report
-from imat.submission_choice import choose_submission
 
 
 def make_run(root: Path) -> Path:

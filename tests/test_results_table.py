@@ -8,7 +8,7 @@ import pandas as pd
 import timm
 from student_kit import fake_run
 
-from imat.results import _student_row, format_table
+from imat.app.results import _student_row, format_table
 from imat.weights import read_meta, save_weights
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.errors import ImatError
 from submit.score import score
 

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 from student_kit import fake_run
 
-from imat.config import RunConfig
-from imat.errors import ImatError
-from imat.submission_choice import (
+from imat.app.submission_choice import (
     choice_is_current,
     choose_submission,
     chosen_checkpoint,
@@ -22,6 +20,8 @@ from imat.submission_choice import (
     find_candidates,
     select_metric,
 )
+from imat.config import RunConfig
+from imat.errors import ImatError
 
 
 def config(tmp_path: Path, **sections) -> RunConfig:

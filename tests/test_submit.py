@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from submit_kit import LABELS, make_checkpoint, make_kit
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.config.stages import ExportConfig
 from imat.errors import ImatError
 from imat.manifest import ClassMap

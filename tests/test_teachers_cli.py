@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from imat.cli import main
+from imat.app.cli import main
 from teachers.pool import load_pool, load_teacher
 
 COLOURS = {  # BGR for cv2; five classes so that top-3 is not trivially 100%

@@ -17,10 +17,10 @@ import torch
 import yaml
 from scale_kit import make_run
 
-from imat.cli import main
+from imat.app.cli import main
 from imat.config import load_config
 
-IMAT = [sys.executable, "-m", "imat.cli"]
+IMAT = [sys.executable, "-m", "imat.app.cli"]
 
 
 def storage(cfg: Path) -> Path:

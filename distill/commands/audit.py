@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from imat.commands.options import add_progress_argument
+from imat.cli_options import add_progress_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imat.commands.options import add_scale_out_arguments
+from imat.cli_options import add_scale_out_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ This package does all of that in one pass:
   per image; a second run fetches only what is missing, i.e. retries the failures.
 
 Entry point: :func:`download` (a DataFrame of ``image_id, path, url`` in, a :class:`DownloadReport`
-out). The CLI wrapper is :mod:`imat.commands.download`.
+out). The CLI wrapper is :mod:`imat.app.commands.download`.
 """
 
 from imat.download.fetch import fetch_bytes, make_session

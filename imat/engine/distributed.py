@@ -451,7 +451,7 @@ def _ray_worker(config: dict[str, Any], fn: Callable[..., Any]) -> Any:
     ``fn(config, resumed)`` then continues from ``last.ckpt`` when ``resumed``."""
     import ray.train
 
-    from imat.engine.loop import epoch_end_hook
+    from imat.engine.hooks import epoch_end_hook
 
     os.environ[RAY_WORKER_ENV] = "1"
     checkpoint = ray.train.get_checkpoint()

@@ -12,33 +12,28 @@ which the engine calls every epoch) and workers are not persistent.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from imat.config.train import TrainConfig
 from imat.engine import distributed as dist_utils
-from imat.engine.checkpoint import (
-    get_rng_state,
-    load_checkpoint,
-    load_module_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from imat.engine.best import BestMixin
+from imat.engine.checkpoint import get_rng_state, seed_everything, set_rng_state
 from imat.engine.ema import ModelEma
+from imat.engine.evaluation import EvaluationMixin
+from imat.engine.guards import GuardsMixin
+from imat.engine.hooks import run_epoch_end_hooks
 from imat.engine.logs import RunLogger, console_table, history_frame
 from imat.engine.optim import LrSchedule, build_optimizer, no_decay_params
+from imat.engine.resume import ResumeMixin
 from imat.engine.runtime import (
     as_dict_batch,
     batch_size_of,
@@ -48,32 +43,14 @@ from imat.engine.runtime import (
     resolve_precision,
     skipped_in,
 )
+from imat.engine.steps import StepsMixin
 from imat.engine.task import StepContext, Task
 from imat.errors import ImatError
-from imat.metrics import TopKMeter
-from imat.weights import save_weights
 
 log = logging.getLogger("imat.engine")
 
-HIGHER_IS_BETTER = {"top1": True, "top3": True, "loss": False}
 
-# Called as hook(engine, row) on every rank after each epoch's row is final and rank 0 has written
-# summary.csv and last.ckpt (e.g. a Ray Tune trial reporting metrics with a checkpoint).
-_EPOCH_END_HOOKS: list[Callable[[Engine, dict[str, Any]], None]] = []
-
-
-@contextlib.contextmanager
-def epoch_end_hook(hook: Callable[[Engine, dict[str, Any]], None]) -> Iterator[None]:
-    """Register ``hook(engine, row)`` for every Engine that ends an epoch inside the ``with`` block, so
-    a caller can observe a run built deep inside a command's entry function (``distill()``)."""
-    _EPOCH_END_HOOKS.append(hook)
-    try:
-        yield
-    finally:
-        _EPOCH_END_HOOKS.remove(hook)
-
-
-class Engine:
+class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
     """Train ``task`` with the recipe ``cfg``, writing ``summary.csv``, ``last.ckpt``,
     ``best.safetensors`` and ``tensorboard/`` under ``out_dir``.
 
@@ -186,224 +163,6 @@ class Engine:
                 "the training loader is empty (no batches): check the training split and batch size"
             )
         return n
-
-    # --- precision -----------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    # --- optimisation --------------------------------------------------------------------------
-    def _position(self) -> str:
-        return f"epoch {self.ctx.epoch + 1} step {self.ctx.step_in_epoch + 1}"
-
-    def _checkpoint_note(self) -> str:
-        """What a run stopped by a guard leaves behind, for its error message."""
-        if self.ckpt_path.exists():
-            return f"last good checkpoint kept at {self.ckpt_path}"
-        return f"no checkpoint was written yet in {self.out_dir}"
-
-    def _check_loss(self, loss: torch.Tensor) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
-            return
-        value = loss.detach().float().mean().item()
-        raise ImatError(
-            f"non-finite loss at {self._position()}: loss={value}; "
-            f"{self._checkpoint_note()} (lower the lr, set grad_clip, or use bf16 instead of fp16)"
-        )
-
-    def _step_optimizer(self, name: str) -> None:
-        opt = self.optimizers[name]
-        if self.distributed and self.ddp is None:  # DDP has averaged them already
-            dist_utils.average_gradients(p for g in opt.param_groups for p in g["params"])
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        norm: torch.Tensor | None = None
-        if self.cfg.grad_clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        if self.scaler is not None:  # it skips steps with inf/NaN gradients itself (and lowers its scale)
-            self.scaler.step(opt)
-            self._scaler_stepped = True
-        else:
-            if norm is None:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
-            if norm is not None and not bool(torch.isfinite(norm)):
-                self._skip_nonfinite_step(name, norm)
-                opt.zero_grad(set_to_none=True)
-                return
-            self._bad_grad_streak[name] = 0
-            opt.step()
-        if norm is not None and self.cfg.grad_clip is not None:
-            self._grad_norms.setdefault(name, []).append(norm.detach().float())
-        opt.zero_grad(set_to_none=True)
-
-    def _skip_nonfinite_step(self, name: str, norm: torch.Tensor) -> None:
-        """Count a step skipped for NaN/inf gradients; stop after ``nonfinite_grad_patience`` in a row."""
-        streak = self._bad_grad_streak.get(name, 0) + 1
-        self._bad_grad_streak[name] = streak
-        self._bad_grad_steps += 1
-        if streak > self.cfg.nonfinite_grad_patience:
-            raise ImatError(
-                f"non-finite gradients of optimiser {name!r} in {streak} steps in a row at {self._position()} "
-                f"(gradient norm {float(norm)}); {self._checkpoint_note()} (lower the lr, set grad_clip, or use fp32)"
-            )
-        log.warning(
-            "%s: optimiser %r step skipped at %s: gradient norm is %s",
-            self.log_name,
-            name,
-            self._position(),
-            float(norm),
-        )
-
-    def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward(retain_graph=retain_graph)
-        else:
-            loss.backward(retain_graph=retain_graph)
-
-    def _optimize(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        if name not in self.optimizers:
-            raise ValueError(f"unknown optimizer {name!r}; the task declared {sorted(self.optimizers)}")
-        self._check_loss(loss)
-        self.optimizers[name].zero_grad(set_to_none=True)
-        self._backward(loss, retain_graph=retain_graph)
-        self._step_optimizer(name)
-
-    # --- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(
-        self, loader: Any, return_outputs: bool = False, use_ema: bool | None = None
-    ) -> dict[str, Any]:
-        """Cross-entropy loss, top-1/top-3 accuracy and errors of the evaluated model on ``loader``.
-
-        Uses the EMA weights when EMA is on (``use_ema=None``), else ``task.eval_logits``. With
-        ``return_outputs`` the result also has ``logits`` (N x C float, CPU), ``labels`` and ``index``.
-        Labels < 0 (unknown) are excluded from the metrics but kept in the outputs.
-        """
-        use_ema = self.ema is not None if use_ema is None else use_ema
-        if use_ema and self.ema is None:
-            raise ValueError("use_ema=True but EMA is off (train.ema=false)")
-        self.task.train(False)
-        forward = self.ema.module if use_ema else self.task.eval_logits
-        meter = TopKMeter((1, 3))
-        skipped = 0
-        outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "index": []}
-        normalize = getattr(loader, "device_normalize", None)
-        for raw in loader:
-            batch = batch_to_device(as_dict_batch(raw), self.device, self.channels_last, normalize)
-            skipped += skipped_in(batch)
-            labels = batch["label"]
-            with self.autocast():
-                logits = forward(batch["image"])
-            logits = logits.float()
-            valid = labels >= 0
-            loss_sum = (
-                F.cross_entropy(logits[valid], labels[valid], reduction="sum") if bool(valid.any()) else None
-            )
-            meter.update(logits, labels, loss_sum)
-            if return_outputs:
-                outs["logits"].append(logits.cpu())
-                outs["labels"].append(labels.cpu())
-                index = batch.get("index")
-                if isinstance(index, torch.Tensor):
-                    outs["index"].append(index.cpu())
-        if self.distributed and loader is self.val_loader:  # sharded: count the whole split
-            dist_utils.reduce_topk_meter(meter)
-            skipped = int(dist_utils.sum_across_ranks({"skipped": skipped}, self.device)["skipped"])
-        result: dict[str, Any] = meter.compute()
-        result["skipped"] = skipped
-        if return_outputs:
-            for key, parts in outs.items():
-                result[key] = torch.cat(parts) if parts else torch.empty(0)
-        return result
-
-    # --- checkpoints ---------------------------------------------------------------------------
-    def _assert_finite_weights(self) -> None:
-        for name, module in self.task.modules().items():
-            for key, value in module.state_dict().items():
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise ImatError(
-                        f"non-finite weights in {name}.{key} at {self._position()}; {self._checkpoint_note()}"
-                    )
-
-    def _save_last(self, epoch: int, step_in_epoch: int, epoch_rng: dict | None, acc: dict | None) -> None:
-        """``epoch``/``step_in_epoch``: where training continues (0-based epoch, batches done in it)."""
-        if not self.is_main:
-            return
-        self._assert_finite_weights()
-        state = {
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": self.global_step,
-            "modules": {name: m.state_dict() for name, m in self.task.modules().items()},
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.ema_state() if self.ema is not None else None,
-            "rng": get_rng_state(),
-            "epoch_rng": epoch_rng,
-            "epoch_acc": acc,
-            "history": self.history,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "task": self.task.state_dict(),
-            "config": self.cfg.model_dump(mode="json"),
-        }
-        save_checkpoint(self.ckpt_path, state)
-
-    def _restore(self, path: Path) -> dict[str, Any] | None:
-        """Load ``path`` into the task, optimisers, scaler and EMA. Returns the mid-epoch state to
-        continue from, or None at an epoch boundary (RNG states are then restored right away)."""
-        ckpt = load_checkpoint(path)
-        modules = ckpt.get("modules", {})
-        for name, module in self.task.modules().items():
-            if name not in modules:
-                raise ImatError(
-                    f"{path}: checkpoint has no module {name!r} (has {sorted(modules)}); another task?"
-                )
-            load_module_state(module, modules[name], path, name)
-        saved_opts = ckpt.get("optimizers", {})
-        if set(saved_opts) != set(self.optimizers):
-            raise ImatError(
-                f"{path}: checkpoint optimizers {sorted(saved_opts)} do not match the task's {sorted(self.optimizers)}"
-            )
-        for name, opt in self.optimizers.items():
-            # the config's base lrs win over the checkpoint's (a PBT trial resumes with a mutated lr)
-            base_lrs = [g["base_lr"] for g in opt.param_groups]
-            try:
-                opt.load_state_dict(saved_opts[name])
-                for group, base in zip(opt.param_groups, base_lrs, strict=True):
-                    group["base_lr"] = base
-            except (ValueError, KeyError) as exc:
-                raise ImatError(f"{path}: optimizer {name!r} does not match the checkpoint ({exc})") from None
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None:
-            if ckpt.get("ema"):
-                try:
-                    self.ema.load_ema_state(ckpt["ema"])
-                except RuntimeError as exc:
-                    raise ImatError(
-                        f"{path}: EMA weights do not match the model ({str(exc).splitlines()[0]})"
-                    ) from None
-            else:  # EMA switched on after the fact: start it from the restored weights
-                self.ema = ModelEma(self.task.model, self.cfg.ema_decay)
-        self.task.load_state_dict(ckpt.get("task") or {})
-        self.history = list(ckpt.get("history") or [])
-        self.best_value = ckpt.get("best_value")
-        self.best_epoch = ckpt.get("best_epoch")
-        self.epoch = int(ckpt["epoch"])
-        self.global_step = int(ckpt["global_step"])
-        step = int(ckpt.get("step_in_epoch") or 0)
-        if step:
-            return {
-                "step": step,
-                "rng": ckpt["rng"],
-                "epoch_rng": ckpt["epoch_rng"],
-                "acc": ckpt["epoch_acc"],
-            }
-        set_rng_state(ckpt["rng"])
-        return None
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> pd.DataFrame:
@@ -646,36 +405,4 @@ class Engine:
                 )
         if self.distributed:
             dist_utils.barrier()  # rank 0's checkpoint is on disk before any rank goes on
-        for hook in list(_EPOCH_END_HOOKS):
-            hook(self, row)
-
-    def _metric_of(self, row: dict[str, Any]) -> float | None:
-        key = f"val_{self.cfg.best_metric}" if self.val_loader is not None else "train_loss"
-        value = row.get(key)
-        return None if value is None or not math.isfinite(float(value)) else float(value)
-
-    def _update_best(self, row: dict[str, Any]) -> bool:
-        value = self._metric_of(row)
-        if value is None:  # nothing measurable (e.g. no labelled validation): keep the latest weights
-            if self.best_value is None:
-                self.best_epoch = int(row["epoch"])
-                return True
-            return False
-        higher = HIGHER_IS_BETTER[self.cfg.best_metric] if self.val_loader is not None else False
-        if self.best_value is None or (value > self.best_value if higher else value < self.best_value):
-            self.best_value, self.best_epoch = value, int(row["epoch"])
-            return True
-        return False
-
-    def _save_best(self, row: dict[str, Any]) -> None:
-        model = self.ema.module if self.ema is not None else self.task.model
-        metrics = {k: row[k] for k in ("val_loss", "val_top1", "val_top3", "train_loss") if k in row}
-        meta = {
-            **self.meta,
-            "epoch": int(row["epoch"]),
-            "best_metric": self.cfg.best_metric,
-            "metrics": metrics,
-        }
-        if self.ema is not None:
-            meta["ema"] = True
-        save_weights(self.best_path, model.state_dict(), meta)
+        run_epoch_end_hooks(self, row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -86,6 +87,12 @@ def is_main_process() -> bool:
     """Rank 0 of a torch.distributed job, or True when not distributed: only it writes files."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def is_main_rank() -> bool:
+    """Rank 0 (or not distributed). Checked before the engine joins the process group too, through
+    torchrun's RANK variable, so only one process writes the manifest, configs and pool.json."""
+    return is_main_process() and int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def move_to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from imat.commands.options import add_progress_argument
+from imat.cli_options import add_progress_argument
 from imat.errors import ImatError
 from submit.commands._common import setup_logging
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from imat.commands.options import add_progress_argument
+from imat.cli_options import add_progress_argument
 from imat.errors import ImatError
 
 

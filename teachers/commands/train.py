@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from imat.commands.options import add_progress_argument, add_scale_out_arguments
+from imat.cli_options import add_progress_argument, add_scale_out_arguments
 from imat.config import load_config
 
 

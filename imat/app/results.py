@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from imat.app.submission_choice import find_candidates, read_choice
 from imat.config import RunConfig
 from imat.io import write_csv
-from imat.submission_choice import find_candidates, read_choice
 
 BATCH = 32
 

@@ -18,10 +18,10 @@ from imat.errors import ImatError
 
 # command words -> (module, one-line help). Order is the order of `imat --help`.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("imat.commands.demo", "whole pipeline on the embedded kit, CPU-sized"),
-    ("data", "kit"): ("imat.commands.kit", "write a ready competition kit (embedded data sets)"),
-    ("data", "download"): ("imat.commands.download", "fetch a URL-only competition's images (resumable)"),
-    ("data", "inspect"): ("imat.commands.inspect", "counts per split and class, missing/corrupt images"),
+    ("demo",): ("imat.app.commands.demo", "whole pipeline on the embedded kit, CPU-sized"),
+    ("data", "kit"): ("imat.app.commands.kit", "write a ready competition kit (embedded data sets)"),
+    ("data", "download"): ("imat.app.commands.download", "fetch a URL-only competition's images (resumable)"),
+    ("data", "inspect"): ("imat.app.commands.inspect", "counts per split and class, missing/corrupt images"),
     ("data", "audit"): (
         "distill.commands.audit",
         "likely wrong training labels: cleanlab on cross-fitted (--config) or the pool's probabilities",
@@ -34,8 +34,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("predict",): ("submit.commands.predict", "batched onnxruntime top-k inference"),
     ("submit",): ("submit.commands.submit", "write a validated leaderboard submission"),
     ("score",): ("submit.commands.score", "score a submission against a solution file"),
-    ("pipeline",): ("imat.commands.pipeline", "every step, skipping steps whose outputs exist"),
-    ("report",): ("imat.commands.report", "HTML report with plots for a run"),
+    ("pipeline",): ("imat.app.commands.pipeline", "every step, skipping steps whose outputs exist"),
+    ("report",): ("imat.app.commands.report", "HTML report with plots for a run"),
 }
 
 GROUP_HELP = {"data": "competition files: kits, download, inspect, audit", "teachers": "the teacher pool"}

@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imat.report import build_report
+    from imat.app.report import build_report
 
     path = build_report(args.run_dir, args.out)
     print(f"report: {path}")

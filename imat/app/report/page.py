@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from imat.app.report import plots
+from imat.app.report.collect import RunData, collect
 from imat.errors import require_dir
 from imat.io import write_text
-from imat.report import plots
-from imat.report.collect import RunData, collect
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

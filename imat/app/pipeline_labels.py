@@ -1,5 +1,5 @@
 """The pipeline's label steps, between the manifest and the teachers: a cross-fitted label audit and
-the cleaning it feeds (``data.clean: {from: audit, ...}``). Kept apart from :mod:`imat.pipeline` so
+the cleaning it feeds (``data.clean: {from: audit, ...}``). Kept apart from :mod:`imat.app.pipeline` so
 the step list there only names them; the stage packages are imported lazily, as there."""
 
 from __future__ import annotations

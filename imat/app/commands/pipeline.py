@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from imat.app.pipeline import STEP_NAMES
 from imat.config import RunConfig
-from imat.pipeline import STEP_NAMES
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +47,8 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     """The steps with their status, the comparison table when the run has one, and the key outputs."""
     import pandas as pd
 
-    from imat.results import format_table
-    from imat.submission_choice import distillation_note, find_candidates, read_choice
+    from imat.app.results import format_table
+    from imat.app.submission_choice import distillation_note, find_candidates, read_choice
 
     print("\nstep        status         seconds")
     for name, status, seconds in rows:
@@ -71,8 +71,8 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from imat.app.pipeline import run_pipeline
     from imat.config import load_config
-    from imat.pipeline import run_pipeline
 
     cfg = load_config(args.config, [*args.overrides, *progress_overrides(args)])
     print_summary(cfg, run_pipeline(cfg, force=args.force, until=args.until))

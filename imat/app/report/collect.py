@@ -80,7 +80,7 @@ def collect(run_dir: str | Path) -> RunData:
         data.audit = _csv(audits[0])
         data.audit_dir = audits[0].parent
         data.audit_info = _json(audits[0].parent / "audit.json")
-    from imat.pipeline_labels import read_clean_summary
+    from imat.app.pipeline_labels import read_clean_summary
 
     data.clean = read_clean_summary(root)
     return data

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from imat.app.pipeline_labels import clean_files, step_clean, step_label_audit, uses_run_audit
 from imat.config import RunConfig, save_resolved
 from imat.errors import ImatError
 from imat.io import write_json
-from imat.pipeline_labels import clean_files, step_clean, step_label_audit, uses_run_audit
 
-log = logging.getLogger("imat.pipeline")
+log = logging.getLogger("imat.app.pipeline")
 
 MARKERS = ".pipeline"
 
@@ -45,7 +45,7 @@ def _onnx(cfg: RunConfig) -> Path:
 
 
 def _choice_current(cfg: RunConfig) -> bool:
-    from imat.submission_choice import choice_is_current
+    from imat.app.submission_choice import choice_is_current
 
     return choice_is_current(cfg)
 
@@ -137,62 +137,32 @@ def step_baseline(cfg: RunConfig) -> None:
 
 def step_select(cfg: RunConfig) -> None:
     """Choose the student to export: the best on validation, or the one pipeline.submit_model forces."""
-    from imat.submission_choice import choose_submission
+    from imat.app.submission_choice import choose_submission
 
     print(choose_submission(cfg)["reason"])
 
 
 def step_export(cfg: RunConfig) -> None:
-    from imat.submission_choice import chosen_checkpoint
-    from submit.export import export_model
-    from submit.inputs import read_images
+    from imat.app.api import export_report
+    from imat.app.submission_choice import chosen_checkpoint
 
-    images = read_images(cfg.manifest_path, cfg.data.images, split="val")
-    calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
-    verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
-    calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
     ckpt = chosen_checkpoint(cfg)
-    report = export_model(
-        ckpt, _onnx(cfg), verify, calib, cfg.export, decoder=cfg.data.decoder, progress=cfg.pipeline.progress
-    )
+    report = export_report(cfg, ckpt, _onnx(cfg), cfg.pipeline.progress)
     print(f"export: {ckpt} -> {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
 
 
 def step_predict(cfg: RunConfig) -> None:
-    from submit.predict import predict
+    from imat.app.api import predict
 
     if not cfg.data.test:
         raise ImatError("pipeline: data.test is not set: nothing to predict")
-    predict(
-        _onnx(cfg),
-        cfg.data.test,
-        out=cfg.run_path / "predictions.parquet",
-        images=cfg.data.images,
-        split="test",
-        topk=cfg.submit.topk,
-        provider=cfg.submit.provider,
-        batch_size=cfg.submit.batch_size,
-        tta_flip=cfg.submit.tta_flip,
-        workers=cfg.data.num_workers,
-        save_probs=cfg.submit.prior_correction,
-        decoder=cfg.data.decoder,
-        progress=cfg.pipeline.progress,
-    )
+    predict(cfg)
 
 
 def step_submit(cfg: RunConfig) -> None:
-    from submit.formats import write_submission
+    from imat.app.api import submission_stats
 
-    stats = write_submission(
-        cfg.run_path / "predictions.parquet",
-        cfg.submit.format,
-        cfg.data.test,
-        cfg.run_path / "submission.csv",
-        sample=cfg.submit.sample_submission,
-        train=cfg.manifest_path,
-        prior_correction=cfg.submit.prior_correction,
-        topk=cfg.submit.topk,
-    )
+    stats = submission_stats(cfg, None, cfg.run_path / "submission.csv")
     print(f"submission: {cfg.run_path / 'submission.csv'} ({stats})")
 
 
@@ -205,20 +175,20 @@ def step_score(cfg: RunConfig) -> None:
 
 
 def step_results(cfg: RunConfig) -> None:
-    from imat.results import results_table, write_results
+    from imat.app.results import results_table, write_results
 
     print(f"results: {write_results(cfg, results_table(cfg))}")
 
 
 def step_report(cfg: RunConfig) -> None:
-    from imat.report import build_report
+    from imat.app.report import build_report
 
     print(f"report: {build_report(cfg.run_path)}")
 
 
 STEPS: list[Step] = [
     Step("data", step_data, lambda c: [c.manifest_path]),
-    # data.clean from this run's audit: cross-fitted audit -> clean -> teachers (imat/pipeline_labels.py)
+    # data.clean from this run's audit: cross-fitted audit -> clean -> teachers (imat/app/pipeline_labels.py)
     Step("label_audit", step_label_audit, lambda c: [c.audit_dir / "audit.json"], uses_run_audit),
     Step("clean", step_clean, lambda c: list(clean_files(c)), lambda c: c.clean_csv is not None),
     Step("teachers", step_teachers, lambda c: [c.pool_dir / "pool.json"], lambda c: bool(c.teachers.pool)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from imat.commands.options import add_progress_argument
+from imat.cli_options import add_progress_argument
 from imat.inspection import format_report, inspect_input, write_report
 
 

@@ -1,0 +1,7 @@
+"""``python -m imat.app``: the `imat` command."""
+
+import sys
+
+from imat.app.cli import main
+
+sys.exit(main())
