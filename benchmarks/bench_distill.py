@@ -10,7 +10,8 @@ Stages (``--stages``, each resumable with ``--resume``; the run directories live
   gamma, the temperature, the hard-label weight) on a ``--tune-per-class`` subset; its winner is what the
   ``meal-tuned`` student uses. Table: ``benchmarks/results/distill_tune_cifar10.csv``.
 - ``students``: the same student architecture with equal epochs and augmentation for every method:
-  CE, KD, MEAL v1 (defaults), MEAL v1 tuned, MEAL v1 without discriminators, MEAL v2, and the
+  CE, KD, MEAL v1 (defaults), MEAL v1 tuned, MEAL v1 without discriminators, MEAL v1 with teachers
+  drawn by validation accuracy (``selection: weighted``), MEAL v2, and the
   ``--best`` method again with consistent teaching (mixup + cutmix, teachers score the mixed image) and
   with the other CIFAR-10 training images as extra unlabelled data; ``--seeds`` for CE, KD and ``--best``.
 
@@ -158,6 +159,11 @@ def students(args: argparse.Namespace, tuned: list[str]) -> list[Student]:
         "meal-tuned": Student("meal-tuned", "meal v1 (tuned)", MEAL + tuned),
         "meal-noD": Student(
             "meal-noD", "meal v1, no discriminators", MEAL + ["distill.adversarial.enabled=false"]
+        ),
+        "meal-weighted": Student(
+            "meal-weighted",
+            "meal v1, weighted selection",
+            MEAL + ["distill.selection=weighted"],
         ),
         "meal-v2": Student(
             "meal-v2", "meal v2", ["distill.method=meal-v2", "distill.blocks=[{index: logits}]"]
