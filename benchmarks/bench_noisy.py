@@ -268,7 +268,7 @@ def main() -> None:
         raise SystemExit(f"{out} holds an earlier run: pass --resume to continue it, or another --out")
     logging.basicConfig(level=logging.WARNING)
     images = unpack(ROOT / args.data_dir)
-    manifest, classes = subset_manifest(images, args.train_per_class, args.val_per_class, args.seed)
+    manifest, classes, _ = subset_manifest(images, args.train_per_class, args.val_per_class, args.seed)
     start = time.perf_counter()
     rows, audits = [], []
     for item in args.noise.split(","):
@@ -276,6 +276,11 @@ def main() -> None:
         r, a = run_noise(kind, float(fraction), args, images, manifest, classes)
         rows += r
         audits += a
+        # the tables after each noise setting, so a sitting cut short still publishes what finished
+        publish(args, rows, audits, time.perf_counter() - start)
+
+
+def publish(args: argparse.Namespace, rows: list[dict], audits: list[dict], seconds: float) -> None:
     from imat.io import write_csv, write_text
 
     table = pd.DataFrame(rows)[["noise", "model", "top1_err", "top3_err", "ratio_to_ce_noisy"]]
@@ -290,11 +295,11 @@ def main() -> None:
         f"{args.student} {args.student_kwargs} x {args.student_epochs} ep; {args.precision}"
         f"{' channels-last' if args.channels_last else ''}, batch {args.batch_size}, lr {args.lr}, aug "
         f"{args.aug}, label smoothing {args.label_smoothing}; {platform.machine()} {torch.get_num_threads()} "
-        f"threads, device {args.device}; total {time.perf_counter() - start:.0f}s\n\n"
+        f"threads, device {args.device}; total {seconds:.0f}s\n\n"
     )
     text = header + markdown(table) + "\n\n" + markdown(audit_table) + "\n"
-    write_text(out / "results.md", text)
-    print(text)
+    write_text(Path(args.out) / "results.md", text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
