@@ -23,15 +23,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imat.config.train import TrainConfig
-from imat.engine import ClassificationTask, Engine
+from imat.engine import ClassificationTask, Engine, runtime
 
 MODES = {
     "fp32": dict(precision="fp32", channels_last=False),
     "bf16 autocast": dict(precision="bf16", channels_last=False),
     "channels-last fp32": dict(precision="fp32", channels_last=True),
     "channels-last + bf16": dict(precision="bf16", channels_last=True),
+    # the engine runs bf16 in fp32 on a CPU without bf16 hardware (imat.engine.runtime.cpu_has_fast_bf16);
+    # this mode skips that check, to measure what the emulated bf16 would cost there
+    "channels-last + bf16, forced": dict(precision="bf16", channels_last=True, force_bf16=True),
 }
 PLAIN = "plain PyTorch loop fp32 (no engine)"
+FAST_BF16_PROBE = runtime.cpu_has_fast_bf16
 CHOICES = [*MODES, PLAIN]
 
 
@@ -60,6 +64,10 @@ def collate(items: list[dict]) -> dict:
 
 
 def run_mode(args: argparse.Namespace, mode: dict, out_dir: str) -> float:
+
+    mode = dict(mode)
+    if mode.pop("force_bf16", False):
+        runtime.cpu_has_fast_bf16 = lambda: True  # type: ignore[assignment]
     torch.manual_seed(0)
     model = timm.create_model(args.arch, num_classes=args.classes, pretrained=False)
     data = Synthetic(args.batch * args.steps, args.size, args.classes)
@@ -67,6 +75,7 @@ def run_mode(args: argparse.Namespace, mode: dict, out_dir: str) -> float:
     cfg = TrainConfig(epochs=args.epochs, lr=0.01, device=args.device, schedule="constant", **mode)
     engine = Engine(ClassificationTask(model), cfg, out_dir, loader, None, progress=False, tensorboard=False)
     df = engine.fit()
+    runtime.cpu_has_fast_bf16 = FAST_BF16_PROBE  # type: ignore[assignment]
     return float(df["images_per_s"].iloc[1:].max())
 
 
@@ -134,7 +143,8 @@ def main() -> None:
     print()
     print(
         f"date {datetime.date.today()}, torch {torch.__version__}, timm {timm.__version__}, {device}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
+        f"bf16 hardware: {FAST_BF16_PROBE()} (cpu capability {torch.backends.cpu.get_cpu_capability()})"
     )
     print(
         pd.DataFrame(rows).to_markdown(index=False)

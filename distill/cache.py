@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from distill.teachers_runtime import FrozenTeacher
+from distill.teachers_runtime import FrozenTeacher, draw_teachers
 from imat.errors import ImatError
 from imat.io import write_with
 
@@ -79,6 +79,7 @@ class TeacherCache:
         temperatures: tuple[float, ...] = (1.0,),
         selection: str = "mean",
         seed: int = 0,
+        probabilities: list[float] | None = None,
     ) -> None:
         self.index = index  # [N, V, Tn, k] int
         self.logit = logit  # [N, V, Tn, k] float32
@@ -88,6 +89,7 @@ class TeacherCache:
         self.teachers = teachers
         self.temperatures = tuple(float(t) for t in temperatures)
         self.selection = selection
+        self.probabilities = torch.tensor(probabilities, dtype=torch.float64) if probabilities else None
         self.generator = torch.Generator().manual_seed(int(seed))
         self.picks = [0] * len(teachers)
         self.build_seconds = 0.0
@@ -97,11 +99,8 @@ class TeacherCache:
         return int(self.views.shape[1])
 
     def choose(self) -> list[int]:
-        """This step's teachers: one at random or all (mean), counted for the epoch log."""
-        tn = len(self.teachers)
-        chosen = list(range(tn))
-        if self.selection == "random":
-            chosen = [int(torch.randint(tn, (1,), generator=self.generator))]
+        """This step's teachers (one drawn, uniformly or weighted, or all), counted for the epoch log."""
+        chosen = draw_teachers(self.selection, len(self.teachers), self.generator, self.probabilities)
         for i in chosen:
             self.picks[i] += 1
         return chosen
@@ -400,7 +399,7 @@ def prepare_cache(
     out_dir: Path,
 ) -> tuple[TeacherCache, Any, Any]:
     """Build (or reuse) the cache for ``cfg.distill.cache`` and the loaders that train on its views."""
-    from distill.settings import default_selection, pool_dir_of
+    from distill.settings import default_selection, pool_dir_of, selection_probabilities
     from imat.data import build_loader, resolve_paths
     from imat.data.transforms import CROP_SCALE
     from teachers.pool import load_pool
@@ -488,8 +487,9 @@ def prepare_cache(
         num_classes,
         [t.name for t in teachers],
         temps,
-        default_selection(dcfg),
+        default_selection(dcfg, teachers),
         seed,
+        selection_probabilities(dcfg, teachers),
     )
     cache.build_seconds = time.perf_counter() - t0
     train_ds = CachedViewDataset(

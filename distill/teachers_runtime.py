@@ -99,6 +99,22 @@ def accuracy_weights(accuracies: Sequence[float], temperature: float) -> list[fl
     return [float(p) for p in torch.softmax(acc / float(temperature), dim=0)]
 
 
+def draw_teachers(
+    selection: str, count: int, generator: torch.Generator, probabilities: torch.Tensor | None = None
+) -> list[int]:
+    """This step's teachers out of ``count``: one uniformly (``random``), one by ``probabilities``
+    (``weighted``), or all of them (``mean``). Shared by the live ensemble and the teacher cache."""
+    if selection == "random":
+        return [int(torch.randint(count, (1,), generator=generator))]
+    if selection == "weighted":
+        if probabilities is None or len(probabilities) != count:
+            raise ValueError("weighted selection needs one probability per teacher")
+        return [int(torch.multinomial(probabilities, 1, generator=generator))]
+    if selection == "mean":
+        return list(range(count))
+    raise ValueError(f"unknown teacher selection {selection!r}")
+
+
 class TeacherEnsemble:
     """The frozen teachers plus the per-iteration selection and its pick counts."""
 
@@ -127,13 +143,7 @@ class TeacherEnsemble:
 
     def pick(self) -> list[int]:
         """Indices of this iteration's teachers: one at random (uniformly or weighted), or all of them."""
-        if self.selection == "random":
-            chosen = [int(torch.randint(len(self.teachers), (1,), generator=self.generator))]
-        elif self.selection == "weighted":
-            assert self.probabilities is not None
-            chosen = [int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
-        else:
-            chosen = list(range(len(self.teachers)))
+        chosen = draw_teachers(self.selection, len(self.teachers), self.generator, self.probabilities)
         for i in chosen:
             self.picks[i] += 1
         return chosen

@@ -17,7 +17,7 @@ import pandas as pd
 from torch import nn
 
 from distill.blocks import BlockIndex, num_blocks, resolve_index
-from distill.settings import default_selection, pool_dir_of
+from distill.settings import default_selection, pool_dir_of, selection_probabilities
 from distill.tasks import CETask, DistillTaskBase, KDTask, MealTask, SoftTargets
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
 from imat.config import RunConfig, save_resolved
@@ -77,21 +77,6 @@ def teacher_names(cfg: RunConfig, pool_dir: Path) -> list[str] | None:
             f"(run `imat teachers eval {pool_dir}` first)"
         )
     return [str(n) for n in selected]
-
-
-def selection_probabilities(dcfg: DistillConfig, teachers: list[FrozenTeacher]) -> list[float] | None:
-    """Weighted selection's drawing probabilities from each teacher's validation top-1 in pool.json."""
-    from distill.teachers_runtime import accuracy_weights
-
-    if default_selection(dcfg) != "weighted":
-        return None
-    missing = [t.name for t in teachers if t.val_top1 is None]
-    if missing:
-        raise ImatError(
-            f"distill.selection: weighted needs each teacher's validation top-1 in pool.json; "
-            f"{', '.join(missing)} has none (run `imat teachers eval`)"
-        )
-    return accuracy_weights([float(t.val_top1) for t in teachers], dcfg.selection_temperature)  # type: ignore[arg-type]
 
 
 def load_frozen_teachers(
@@ -225,7 +210,9 @@ def build_task(
         return CETask(student, smoothing, mixup)
     seed = dcfg.seed if dcfg.seed is not None else dcfg.train.seed
     ensemble = (
-        TeacherEnsemble(teachers, default_selection(dcfg), seed, selection_probabilities(dcfg, teachers))
+        TeacherEnsemble(
+            teachers, default_selection(dcfg, teachers), seed, selection_probabilities(dcfg, teachers)
+        )
         if teachers
         else None
     )
@@ -416,7 +403,7 @@ def student_meta(
         "model_kwargs": dict(dcfg.student.model_kwargs),
         "classes": classes.to_dict(),
         "teachers": [t.name for t in teachers],
-        "teacher_selection": default_selection(dcfg) if teachers else None,
+        "teacher_selection": default_selection(dcfg, teachers) if teachers else None,
         "teacher_probabilities": dict(zip([t.name for t in teachers], probs, strict=True)) if probs else None,
     }
 

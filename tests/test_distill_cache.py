@@ -45,6 +45,18 @@ def cache_of(logits: torch.Tensor, k: int, selection: str = "mean", temperatures
     return cache, {"soft_index": index, "soft_logit": logit, "soft_tail": tail}
 
 
+def test_cache_draws_weighted_teachers_by_their_probabilities():
+    logits = torch.randn(4, 2, 6)
+    index, logit, tail = topk_entries(logits, 3, (1.0,))
+    cache = TeacherCache(
+        index[:, None], logit[:, None], tail[:, None], torch.zeros(4, 1, 5), 6, ["good", "weak"],
+        (1.0,), "weighted", seed=0, probabilities=[0.9, 0.1],
+    )  # fmt: skip
+    draws = [cache.choose() for _ in range(2000)]
+    assert all(len(d) == 1 for d in draws)  # one teacher per step, not the mean of both
+    assert 0.85 < cache.pick_counts()["pick_good"] / 2000 < 0.95
+
+
 def test_dense_rebuild_is_exact_with_full_topk_and_fills_the_rest():
     logits = torch.randn(4, 2, 6) * 2  # [B, teachers, C]
     probs = F.softmax(logits, -1)

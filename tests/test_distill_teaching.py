@@ -78,6 +78,17 @@ def test_weighted_selection_keeps_a_weak_teacher_out(run_cfg):
     assert meta["teacher_probabilities"]["ta"] > 0.999
 
 
+def test_meal_draws_by_accuracy_by_default_when_the_pool_has_them(run_cfg):
+    set_pool_fields(run_cfg, {"ta": 0.95, "tb": 0.30}, None)
+    summary = distil(run_cfg, "distill.method=meal")
+    meta = read_meta(run_dir(run_cfg) / "student" / "best.safetensors")
+    assert meta["teacher_selection"] == "weighted" and summary["pick_tb"].iloc[0] == 0
+    set_pool_fields(run_cfg, {"ta": 0.95}, None)  # one accuracy missing: the uniform draw, no error
+    distil(run_cfg, "distill.method=meal")
+    meta = read_meta(run_dir(run_cfg) / "student" / "best.safetensors")
+    assert meta["teacher_selection"] == "random" and meta["teacher_probabilities"] is None
+
+
 def test_weighted_selection_needs_pool_accuracies(run_cfg, capsys):
     set_pool_fields(run_cfg, {"ta": 0.95}, None)
     assert main(["distill", str(run_cfg), "distill.selection=weighted", "--quiet"]) == 2

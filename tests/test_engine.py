@@ -431,7 +431,15 @@ class RecordDtype(ClassificationTask):
         return super().step(batch, ctx)
 
 
-def test_bf16_autocast_on_cpu_and_fp16_falls_back(tmp_path: Path) -> None:
+@pytest.fixture
+def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if this CPU had bf16 hardware, so the bf16 paths run on any CI machine (AVX2 ones fall back)."""
+    from imat.engine import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+
+
+def test_bf16_autocast_on_cpu_and_fp16_falls_back(tmp_path: Path, bf16_cpu: None) -> None:
     train, val = loaders()
     task = RecordDtype(tiny_cnn())
     df = Engine(
@@ -442,6 +450,37 @@ def test_bf16_autocast_on_cpu_and_fp16_falls_back(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="fp16 needs CUDA"):
         engine = Engine(ClassificationTask(tiny_cnn()), _cfg(precision="fp16"), tmp_path / "b", train, val)
     assert engine.amp_dtype == torch.bfloat16 and engine.scaler is None
+
+
+def test_bf16_and_fp16_run_in_fp32_on_a_cpu_without_bf16_hardware(tmp_path: Path, monkeypatch) -> None:
+    from imat.engine import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    train, val = loaders()
+    for precision in ("bf16", "fp16"):
+        task = RecordDtype(tiny_cnn())
+        task.dtypes = []
+        with pytest.warns(UserWarning, match="no bf16 hardware.*using fp32"):
+            engine = Engine(task, _cfg(epochs=1, precision=precision), tmp_path / precision, train, val)
+        assert engine.amp_dtype is None and engine.scaler is None
+        engine.fit()
+        assert set(task.dtypes) == {torch.float32}
+
+
+def test_bf16_hardware_probe_reads_the_cpu_flags(monkeypatch) -> None:
+    import platform
+
+    from imat.engine import runtime
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert runtime.cpu_has_fast_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert runtime.cpu_has_fast_bf16() is True
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert runtime.cpu_has_fast_bf16() is True
 
 
 def test_ema_differs_from_raw_weights_and_is_what_gets_saved(tmp_path: Path) -> None:
@@ -465,7 +504,7 @@ def test_ema_differs_from_raw_weights_and_is_what_gets_saved(tmp_path: Path) -> 
     assert engine.evaluate(val)["loss"] != engine.evaluate(val, use_ema=False)["loss"]
 
 
-def test_timm_resnet_trains_channels_last_bf16(tmp_path: Path) -> None:
+def test_timm_resnet_trains_channels_last_bf16(tmp_path: Path, bf16_cpu: None) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=3, pretrained=False)

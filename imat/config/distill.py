@@ -57,8 +57,9 @@ class DistillConfig(Section):
     pool: str | None = None  # teacher pool dir; default the run's teachers dir
     # subset of the pool by name; "selected": the pool's greedy selection (`imat teachers eval`); default all
     teachers: list[str] | Literal["selected"] | None = None
-    # default: random for meal, mean otherwise; weighted: one teacher per step, drawn with probability
-    # softmax(val_top1 / selection_temperature) from pool.json (MEAL v1 only)
+    # weighted: one teacher per step, drawn with probability softmax(val_top1 / selection_temperature)
+    # from pool.json; random: one drawn uniformly; mean: all. Default: weighted for meal when pool.json
+    # has every teacher's val_top1 (else random), mean for the other methods (distill.settings)
     selection: Literal["random", "weighted", "mean"] | None = None
     selection_temperature: float = Field(0.03, gt=0)
     blocks: list[BlockSpec] = [BlockSpec()]

@@ -22,14 +22,36 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: AVX512-BF16 or AMX on x86. Without them (AVX2-only
+    x86) oneDNN emulates bf16 and a training step runs several times slower than in fp32 (5.6x for a
+    ResNet-18 at 32 px on an AVX2 EPYC, docs/BENCHMARKS.md). Other architectures are trusted."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is None for p in probes):  # a torch without the probes: keep what was asked for
+        return True
+    return any(bool(p()) for p in probes if p is not None)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device`` (None = fp32).
 
     fp16 needs a GradScaler and is CUDA-only here: on a CPU it falls back to bf16 with a warning, so a
     GPU recipe still runs (slowly) on a laptop instead of failing. bf16 on a GPU without bf16 support
-    falls back to fp16 likewise.
+    falls back to fp16 likewise, and bf16 on a CPU without bf16 hardware (:func:`cpu_has_fast_bf16`)
+    to fp32: emulated bf16 would only make the same recipe several times slower.
     """
     if precision == "fp32":
+        return None
+    if device.type != "cuda" and not cpu_has_fast_bf16():
+        warnings.warn(
+            f"precision={precision}: this CPU has no bf16 hardware (AVX512-BF16 or AMX), where autocast "
+            "is several times slower than fp32; using fp32",
+            stacklevel=3,
+        )
         return None
     if precision == "fp16" and device.type != "cuda":
         warnings.warn("precision=fp16 needs CUDA; using bf16 autocast on the CPU instead", stacklevel=3)
