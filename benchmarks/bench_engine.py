@@ -32,7 +32,7 @@ MODES = {
     "channels-last + bf16": dict(precision="bf16", channels_last=True),
     # the engine runs bf16 in fp32 on a CPU without bf16 hardware (imat.engine.runtime.cpu_has_fast_bf16);
     # this mode skips that check, to measure what the emulated bf16 would cost there
-    "channels-last + bf16, forced": dict(precision="bf16", channels_last=True, force_bf16=True),
+    "channels-last + bf16 forced": dict(precision="bf16", channels_last=True, force_bf16=True),
 }
 PLAIN = "plain PyTorch loop fp32 (no engine)"
 FAST_BF16_PROBE = runtime.cpu_has_fast_bf16

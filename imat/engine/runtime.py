@@ -24,7 +24,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware: AVX512-BF16 or AMX on x86. Without them (AVX2-only
-    x86) oneDNN emulates bf16 and a training step runs several times slower than in fp32 (5.6x for a
+    x86) oneDNN emulates bf16 and a training step runs several times slower than in fp32 (5.3x for a
     ResNet-18 at 32 px on an AVX2 EPYC, docs/BENCHMARKS.md). Other architectures are trusted."""
     import platform
 
