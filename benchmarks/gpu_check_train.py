@@ -172,7 +172,7 @@ def _verdict(engine: Any, df: Any, precision: str) -> tuple[bool, str]:
         return False, "; ".join(problems)
     scale = f", final loss scale {engine.scaler.get_scale():.0f}" if engine.scaler is not None else ""
     if precision == "fp16" and engine.scaler is None:
-        scale = f", fp16 ran as {engine.amp_dtype} (no CUDA)"
+        scale = f", fp16 ran as {engine.amp_dtype or 'fp32'} (no CUDA)"
     return True, f"{len(df)} epoch(s) x {engine.steps_per_epoch} steps on {engine.device}{scale}"
 
 

@@ -300,6 +300,15 @@ def export_model(
         onnx.save(proto, str(final))
 
         session, active = create_session(final, provider, description=description, warn_target=False)
+        # An int8 model for the GPU checked on the CPU: onnxruntime's fused CPU int8 kernels sum through
+        # 16-bit intermediates that saturate on a CPU without VNNI (the S8S8 form has no reduce_range),
+        # which TensorRT's int32 accumulation never does. The unfused QDQ graph (dequantize, float op,
+        # quantize) computes what the GPU computes, so that is what the check runs.
+        unfused = scheme is not None and scheme.target == "gpu" and active == "cpu"
+        if unfused:
+            session, active = create_session(
+                final, "cpu", description=description, warn_target=False, optimize=False
+            )
         runner = Runner(session, active)
         batches_run = _check_dynamic_batch(runner, verify_batches[0], classes.num_classes)
         reference = _torch_scores(wrapper, verify_batches)
@@ -321,6 +330,8 @@ def export_model(
                 "max_abs_logit_diff": figures["max_abs_diff"] if cfg.precision == "fp32" else None,
                 "min_top3_agreement": cfg.min_top3_agreement,
                 "accuracy": accuracy,
+                # how the int8 graph was run for this check (see above): fused CPU kernels or unfused QDQ
+                "int8_graph": ("unfused QDQ" if unfused else "fused") if scheme is not None else None,
             },
             "size_bytes": final.stat().st_size,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -135,11 +135,12 @@ def _provider_list(
     return [PROVIDERS["cpu"]]
 
 
-def _options(threads: int | None, quiet: bool) -> Any:
+def _options(threads: int | None, quiet: bool, optimize: bool = True) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
     if quiet:
@@ -154,6 +155,7 @@ def _try_session(
     cache_dir: str | None,
     description: dict[str, Any] | None = None,
     max_batch: int = MAX_BATCH,
+    optimize: bool = True,
 ) -> tuple[Any, str]:
     """A session asking for ``name`` first, and the provider that actually became active."""
     import onnxruntime as ort
@@ -174,7 +176,7 @@ def _try_session(
         with contextlib.redirect_stdout(sink):
             session = ort.InferenceSession(
                 model,
-                sess_options=_options(threads, quiet=True),
+                sess_options=_options(threads, quiet=True, optimize=optimize),
                 providers=_provider_list(name, cache_dir, description, max_batch),
             )
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -201,6 +203,7 @@ def create_session(
     description: dict[str, Any] | None = None,
     max_batch: int = MAX_BATCH,
     warn_target: bool = True,
+    optimize: bool = True,
 ) -> tuple[Any, str]:
     """(onnxruntime.InferenceSession, active provider short name) for ``model``.
 
@@ -210,7 +213,8 @@ def create_session(
     (imat's model JSON) sets TensorRT's precision and profile; ``max_batch`` is the largest batch the
     TensorRT profile covers; ``cache_dir`` defaults to :func:`engine_cache_dir`. A model prepared for
     another device (int8 for the CPU on TensorRT, ...) gets a one-line warning unless ``warn_target``
-    is False (export verifying a GPU model on the CPU)."""
+    is False (export verifying a GPU model on the CPU). ``optimize=False`` turns onnxruntime's graph
+    optimisations off: a QDQ int8 graph then runs unfused (dequantize, float op, quantize)."""
     path = str(model)
     if not Path(path).is_file():
         raise ImatError(f"model not found: {path}")
@@ -224,7 +228,7 @@ def create_session(
             raise ImatError(
                 f"provider {provider!r} is not in this onnxruntime build (it has {', '.join(listed)})"
             )
-        session, active = _try_session(path, provider, threads, cache, description, max_batch)
+        session, active = _try_session(path, provider, threads, cache, description, max_batch, optimize)
         if session is None or active != provider:
             raise ImatError(
                 f"provider {provider!r} is listed but did not initialise (no GPU or missing CUDA/TensorRT "
@@ -238,7 +242,7 @@ def create_session(
     for name in AUTO_ORDER:
         if name not in listed:
             continue
-        session, active = _try_session(path, name, threads, cache, description, max_batch)
+        session, active = _try_session(path, name, threads, cache, description, max_batch, optimize)
         if session is not None and active == name:
             if tried:
                 log.warning("provider %s did not initialise; using %s", " and ".join(tried), active)

@@ -120,6 +120,8 @@ def test_int8_for_its_target_on_a_trained_student(run: Path, tmp_path: Path, tar
     report = json.loads((tmp_path / f"int8_{target}.onnx.json").read_text())
     assert report["target"] == target and report["int8"]["target"] == target
     v = report["verification"]
+    # the GPU form is checked unfused on a CPU: what TensorRT computes, free of the CPU kernels' saturation
+    assert v["int8_graph"] == ("unfused QDQ" if target == "gpu" else "fused")
     assert v["top1_agreement"] >= 0.9 and v["top3_agreement"] >= 0.8
     acc = v["accuracy"]
     assert acc["labelled_images"] == _val_count(run)
