@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import tempfile
+from unittest import mock
 
 import pandas as pd
 import timm
@@ -35,7 +36,6 @@ MODES = {
     "channels-last + bf16 forced": dict(precision="bf16", channels_last=True, force_bf16=True),
 }
 PLAIN = "plain PyTorch loop fp32 (no engine)"
-FAST_BF16_PROBE = runtime.cpu_has_fast_bf16
 CHOICES = [*MODES, PLAIN]
 
 
@@ -64,10 +64,10 @@ def collate(items: list[dict]) -> dict:
 
 
 def run_mode(args: argparse.Namespace, mode: dict, out_dir: str) -> float:
-
     mode = dict(mode)
     if mode.pop("force_bf16", False):
-        runtime.cpu_has_fast_bf16 = lambda: True  # type: ignore[assignment]
+        with mock.patch.object(runtime, "cpu_has_fast_bf16", lambda: True):
+            return run_mode(args, mode, out_dir)
     torch.manual_seed(0)
     model = timm.create_model(args.arch, num_classes=args.classes, pretrained=False)
     data = Synthetic(args.batch * args.steps, args.size, args.classes)
@@ -75,7 +75,6 @@ def run_mode(args: argparse.Namespace, mode: dict, out_dir: str) -> float:
     cfg = TrainConfig(epochs=args.epochs, lr=0.01, device=args.device, schedule="constant", **mode)
     engine = Engine(ClassificationTask(model), cfg, out_dir, loader, None, progress=False, tensorboard=False)
     df = engine.fit()
-    runtime.cpu_has_fast_bf16 = FAST_BF16_PROBE  # type: ignore[assignment]
     return float(df["images_per_s"].iloc[1:].max())
 
 
@@ -144,7 +143,7 @@ def main() -> None:
     print(
         f"date {datetime.date.today()}, torch {torch.__version__}, timm {timm.__version__}, {device}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
-        f"bf16 hardware: {FAST_BF16_PROBE()} (cpu capability {torch.backends.cpu.get_cpu_capability()})"
+        f"bf16 hardware: {runtime.cpu_has_fast_bf16()} (cpu capability {torch.backends.cpu.get_cpu_capability()})"
     )
     print(
         pd.DataFrame(rows).to_markdown(index=False)
