@@ -14,7 +14,14 @@ Defaults chosen so the adversarial term is never inert (measured in docs/BENCHMA
   and cached teacher outputs (already log-probabilities) stay unchanged by it, so both paths compare like
   with like;
 - optional spectral normalisation of every layer (a Lipschitz bound that keeps D from overpowering the
-  student; Miyato et al., 2018).
+  student; Miyato et al., 2018);
+- conditioned on the teacher's predicted class (``num_classes`` set): a projection discriminator
+  (Miyato and Koyama, "cGANs with projection discriminator", 2018), logit = w . h(x) + e_c . h(x). An
+  unconditional D only sees the marginal distribution of output vectors, which a student matches within
+  an epoch (confident-looking outputs), right or wrong; it sat at chance from the first epoch in every
+  benchmark. Given the class the teacher chose for THIS image, D can tell a student that is not yet
+  confident where the teacher is, and drifts toward chance only as the student agrees with the teacher.
+  The class is the teacher's prediction, not the label, so unlabelled images condition it too.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class Discriminator(nn.Module):
         input_norm: str = "log_softmax",
         spectral_norm: bool = False,
         activation: str | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if widths == "paper":
@@ -79,25 +87,46 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.dim = dim
         self.input_norm = input_norm
+        self.num_classes = num_classes
+        self.embed: nn.Module | None = None
+        if num_classes is not None:
+            embed = nn.Embedding(num_classes, prev_hidden(dim, hidden))
+            nn.init.normal_(embed.weight, std=0.02)  # starts as the unconditional D, learns the classes
+            self.embed = nn.utils.parametrizations.spectral_norm(embed) if spectral_norm else embed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, d) -> (B,) logits of "this vector came from a teacher"."""
-        return self.net(normalize_input(x, self.input_norm)).squeeze(-1)
+    def forward(self, x: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d) [+ (B,) classes when conditional] -> (B,) logits of "this vector came from a teacher"."""
+        x = normalize_input(x, self.input_norm)
+        if self.embed is None:
+            return self.net(x).squeeze(-1)
+        if cls is None:
+            raise ValueError("a class-conditional discriminator needs the class of every vector")
+        h = self.net[:-1](x)  # the last hidden layer's activations
+        return self.net[-1](h).squeeze(-1) + (self.embed(cls) * h).sum(-1)
+
+
+def prev_hidden(dim: int, hidden: Sequence[int]) -> int:
+    """Width of the layer that feeds the output logit."""
+    return int(hidden[-1]) if hidden else dim
 
 
 def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
-def discriminator_loss(d: Discriminator, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """BCE(D(teacher), 1) + BCE(D(student), 0), each a batch mean."""
-    return bce(d(teacher), 1.0) + bce(d(student), 0.0)
+def discriminator_loss(
+    d: Discriminator, teacher: torch.Tensor, student: torch.Tensor, cls: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BCE(D(teacher), 1) + BCE(D(student), 0), each a batch mean (``cls``: the condition, if any)."""
+    return bce(d(teacher, cls), 1.0) + bce(d(student, cls), 0.0)
 
 
 @torch.no_grad()
-def accuracy(d: Discriminator, teacher: torch.Tensor, student: torch.Tensor) -> tuple[float, float]:
+def accuracy(
+    d: Discriminator, teacher: torch.Tensor, student: torch.Tensor, cls: torch.Tensor | None = None
+) -> tuple[float, float]:
     """Fraction of teacher vectors called teacher, and of student vectors called student."""
-    return float((d(teacher) > 0).float().mean()), float((d(student) <= 0).float().mean())
+    return float((d(teacher, cls) > 0).float().mean()), float((d(student, cls) <= 0).float().mean())
 
 
 def is_inert(balanced_accuracy: Sequence[float]) -> bool:

@@ -237,6 +237,8 @@ class MealTask(DistillTaskBase):
         mixup: Any = None,
         d_steps: int = 1,
         per_teacher: bool = False,
+        disc_condition: str = "none",
+        num_classes: int | None = None,
     ) -> None:
         super().__init__(model, label_smoothing, mixup)
         n = len(student_indices)
@@ -246,6 +248,10 @@ class MealTask(DistillTaskBase):
             raise ValueError("teacher_indices needs one list per teacher")
         if mode not in ("alternating", "grl", "joint"):
             raise ValueError(f"unknown adversarial mode {mode!r}")
+        if disc_condition not in ("none", "teacher_class"):
+            raise ValueError(f"unknown discriminator condition {disc_condition!r}")
+        if disc_condition == "teacher_class" and num_classes is None:
+            raise ValueError("a discriminator conditioned on the teacher's class needs num_classes")
         self.ensemble = ensemble
         self.student_indices = list(student_indices)
         self.teacher_indices = [list(t) for t in teacher_indices]
@@ -274,9 +280,13 @@ class MealTask(DistillTaskBase):
         single_draw = ensemble.selection in ("random", "weighted") and cache is None
         self._sets = len(ensemble.teachers) if per_teacher and single_draw else 1
         self._set = 0  # the set of this step (the drawn teacher's)
+        # conditioned on the class the teacher predicts for each image (distill/discriminator.py says why)
+        self.conditional = adversarial and disc_condition == "teacher_class"
+        self.teacher_class: torch.Tensor | None = None  # set by vectors() every step
+        cond_classes = num_classes if self.conditional else None
         self.discriminators = nn.ModuleList(
             [
-                Discriminator(d, disc_widths, disc_input_norm, disc_spectral_norm)
+                Discriminator(d, disc_widths, disc_input_norm, disc_spectral_norm, num_classes=cond_classes)
                 for _ in range(self._sets)
                 for d in dims
             ]
@@ -341,24 +351,26 @@ class MealTask(DistillTaskBase):
     def vectors(
         self, batch: dict[str, Any], ctx: Any
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """(student vectors, teacher raw vectors, teacher probabilities at T, student logits) per block."""
+        """(student vectors, teacher raw vectors, teacher probabilities at T, student logits) per block.
+        Also sets ``self.teacher_class``: the class the step's teacher(s) predict for each image."""
         x = batch["image"]
         if self.cache is not None and "soft_index" in batch:
             with self._autocast(ctx):
                 s_logits = self.model(x)
             s_vec, t_vec, probs_t = self.cache.meal_vectors(batch, s_logits, self.temperature)
+            self.teacher_class = probs_t.argmax(-1)
             n = len(self.aligners)
             return [s_vec] * n, [t_vec] * n, [probs_t] * n, s_logits
         chosen = self.ensemble.pick()
         self._set = chosen[0] if self._sets > 1 else 0
         want = list(self.student_indices)
-        need_logits = "logits" not in want
-        if need_logits:
+        if "logits" not in want:
             want.append("logits")
         with self._autocast(ctx):
             s_out = extract_blocks(self.model, x, want)
+            # the teachers' logits too (same forward), for the class their prediction conditions D on
             t_outs = [
-                self.ensemble.teachers[i].blocks(x, self.teacher_indices[i], self.mean, self.std)
+                self.ensemble.teachers[i].blocks(x, [*self.teacher_indices[i], "logits"], self.mean, self.std)
                 for i in chosen
             ]
         s_logits = s_out[want.index("logits")]  # the logits block may sit anywhere in the block list
@@ -368,6 +380,7 @@ class MealTask(DistillTaskBase):
             per_teacher = [al(out[k]).float() for out in t_outs]
             t_raw.append(torch.stack(per_teacher).mean(0) if len(per_teacher) > 1 else per_teacher[0])
             t_probs.append(teacher_probs(per_teacher, self.temperature))
+        self.teacher_class = teacher_probs([out[-1] for out in t_outs]).argmax(-1)
         return s_vecs, t_raw, t_probs, s_logits
 
     def _similarity(
@@ -386,6 +399,10 @@ class MealTask(DistillTaskBase):
         """This step's discriminator per block (the drawn teacher's set with per-teacher ones)."""
         n = len(self.aligners)
         return [self.discriminators[self._set * n + k] for k in range(n)]  # type: ignore[misc]
+
+    def _d(self, d: Discriminator, v: torch.Tensor) -> torch.Tensor:
+        """D's logit for vectors ``v`` of this step (conditioned on the teacher's class when set)."""
+        return d(v, self.teacher_class if self.conditional else None)
 
     def _record_acc(self, k: int, d_teacher: torch.Tensor, d_student: torch.Tensor) -> None:
         self._acc[k, 0] += float((d_teacher.detach() > 0).float().mean())
@@ -416,7 +433,7 @@ class MealTask(DistillTaskBase):
                     p.grad = None
                 d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
                 for k, d in enumerate(self.active_discriminators()):
-                    dt, ds = d(t_raw[k].detach()), d(s_vecs[k].detach())
+                    dt, ds = self._d(d, t_raw[k].detach()), self._d(d, s_vecs[k].detach())
                     if d_step == 0:
                         self._record_acc(k, dt, ds)
                     d_total = d_total + self.etas[k] * (bce(dt, 1.0) + bce(ds, 0.0))
@@ -425,18 +442,18 @@ class MealTask(DistillTaskBase):
             adv = s_vecs[0].new_zeros((), dtype=torch.float32)
             with frozen([self.discriminators]):
                 for k, d in enumerate(self.active_discriminators()):
-                    adv = adv + self.etas[k] * bce(d(s_vecs[k]), 1.0)
+                    adv = adv + self.etas[k] * bce(self._d(d, s_vecs[k]), 1.0)
             total = total + self.adv_weight * adv
             ctx.optimize("main", total)
             parts.update({"loss": total.detach(), "adv": adv.detach(), "d_loss": d_total.detach()})
         else:
             d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
             for k, d in enumerate(self.active_discriminators()):
-                dt = d(t_raw[k].detach())
+                dt = self._d(d, t_raw[k].detach())
                 if self.mode == "grl":
-                    ds = d(grad_reverse(s_vecs[k], self.grl_lambda * self.adv_weight))
+                    ds = self._d(d, grad_reverse(s_vecs[k], self.grl_lambda * self.adv_weight))
                 else:  # joint: the official code, the student minimises D's loss too
-                    ds = d(s_vecs[k])
+                    ds = self._d(d, s_vecs[k])
                 self._record_acc(k, dt, ds)
                 d_total = d_total + self.etas[k] * (bce(dt, 1.0) + bce(ds, 0.0))
             total = total + d_total

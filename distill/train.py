@@ -265,6 +265,8 @@ def build_task(
         mixup=mixup,
         d_steps=adv.d_steps,
         per_teacher=adv.per_teacher,
+        disc_condition=adv.condition,
+        num_classes=num_classes,
     )
 
 

@@ -243,16 +243,23 @@ def meal_on_cache(cache, classes: int, teachers: int) -> MealTask:
     )
 
 
-@pytest.mark.parametrize("selection,teachers", [("random", 1), ("random", 3), ("mean", 3)])
-def test_discriminator_cannot_tell_a_student_identical_to_the_teacher(selection, teachers):
+@pytest.mark.parametrize(
+    "selection,teachers,conditional",
+    [("random", 1, False), ("random", 3, False), ("mean", 3, False), ("random", 3, True), ("mean", 3, True)],
+)
+def test_discriminator_cannot_tell_a_student_identical_to_the_teacher(selection, teachers, conditional):
     torch.manual_seed(1)
     c, k, n = 20, 3, 64
     # teachers that mostly agree (a shared view of each image) and differ in detail
     logits = torch.randn(n, 1, c) * 3 + torch.randn(n, teachers, c)
     cache, fields = cache_of(logits, k, selection)
     task = meal_on_cache(cache, c, teachers)
-    d = Discriminator(c, [32, 16])
+    d = Discriminator(c, [32, 16], num_classes=c if conditional else None)
     opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+
+    def cond():  # the class the step's teacher(s) predict, what a conditional D is given
+        return task.teacher_class if conditional else None
+
     probs = F.softmax(logits, -1)
     losses = []
     for step in range(60):
@@ -261,7 +268,8 @@ def test_discriminator_cannot_tell_a_student_identical_to_the_teacher(selection,
         student = probs[:, chosen].mean(1).log()  # exactly what the chosen teacher(s) say
         s_vecs, t_raw, _, _ = task.vectors({"image": student, **fields}, None)
         assert torch.allclose(s_vecs[0], t_raw[0], atol=1e-4), "the discriminator's two inputs differ"
-        loss = discriminator_loss(d, t_raw[0].detach(), s_vecs[0].detach())
+        assert torch.equal(task.teacher_class, probs[:, chosen].mean(1).argmax(-1))
+        loss = discriminator_loss(d, t_raw[0].detach(), s_vecs[0].detach(), cond())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -271,12 +279,12 @@ def test_discriminator_cannot_tell_a_student_identical_to_the_teacher(selection,
     other = torch.randn(n, c, requires_grad=True)
     for _ in range(60):
         s_vecs, t_raw, _, _ = task.vectors({"image": other, **fields}, None)
-        loss = discriminator_loss(d, t_raw[0].detach(), s_vecs[0].detach())
+        loss = discriminator_loss(d, t_raw[0].detach(), s_vecs[0].detach(), cond())
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 1.0
-    d(s_vecs[0]).sum().backward()
+    d(s_vecs[0], cond()).sum().backward()
     assert other.grad is not None and torch.isfinite(other.grad).all() and other.grad.abs().sum() > 0
 
 

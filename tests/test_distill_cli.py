@@ -14,6 +14,7 @@ import yaml
 from scale_kit import write_pool, write_squares
 
 from imat.app.cli import main
+from imat.engine.checkpoint import load_checkpoint
 from imat.manifest import ClassMap, save_manifest
 from imat.weights import read_meta
 
@@ -62,6 +63,7 @@ def run_dir(cfg: Path) -> Path:
         ("meal", ["distill.adversarial.mode=grl"]),
         ("meal", ["distill.adversarial.mode=joint"]),
         ("meal", ["distill.adversarial.optimizer=adam", "distill.adversarial.lr=2e-4"]),
+        ("meal", ["distill.adversarial.condition=none"]),
         ("meal-v2", ["distill.blocks=[{index: logits}]"]),
         ("kd", ["distill.temperature=2"]),
         ("ce", []),
@@ -87,6 +89,10 @@ def test_distill_each_method_one_epoch(run_cfg, method, extra, capsys):
         assert {"train_sim", "train_sim_b0", "train_sim_b1", "train_d_loss"} <= cols
         assert {"d_acc_teacher_b0", "d_acc_student_b1", "pick_ta", "pick_tb"} <= cols
         assert summary["pick_ta"].iloc[0] + summary["pick_tb"].iloc[0] == 3  # 24 images / batch 8
+        # by default every discriminator is conditioned on the teacher's class (its class embedding is
+        # saved with it); condition=none is the paper's unconditional one
+        disc = load_checkpoint(out / "last.ckpt")["modules"]["disc"]
+        assert any(".embed." in k for k in disc) is ("distill.adversarial.condition=none" not in extra)
         if not any("mode=" in e for e in extra):  # alternating: its own D optimiser and lr
             assert {"train_adv", "lr_main", "lr_disc"} <= cols
             assert summary["lr_disc"].iloc[0] < summary["lr_main"].iloc[0]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from distill.align import align
 from distill.blocks import extract_blocks, num_blocks, resolve_index
-from distill.discriminator import Discriminator, bce, discriminator_loss, is_inert
+from distill.discriminator import Discriminator, accuracy, bce, discriminator_loss, is_inert
 from distill.grl import grad_reverse
 from distill.losses import kl_divergence, similarity, soft_cross_entropy, teacher_probs
 from distill.tasks import CETask, KDTask, MealTask, SoftTargets
@@ -206,6 +206,68 @@ def test_spectral_norm_bounds_every_layer():
             assert torch.linalg.matrix_norm(m.weight, ord=2) <= 1.0 + 1e-3
 
 
+def peaked(classes: torch.Tensor, n_classes: int, confidence: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax puts ``confidence`` on ``classes``, the rest spread evenly."""
+    rest = (1 - confidence) / (n_classes - 1)
+    probs = rest.unsqueeze(-1).expand(-1, n_classes).clone()
+    probs.scatter_(1, classes.unsqueeze(-1), confidence.unsqueeze(-1))
+    return probs.log()
+
+
+def test_conditional_discriminator_sees_a_wrong_class_the_unconditional_one_cannot():
+    """Teacher and student outputs with the SAME distribution of vectors (equally confident, uniform
+    classes) but the student on the wrong class for 60% of the images: only a D that knows the teacher's
+    class for each image can tell them apart; an unconditional D stays at chance."""
+    torch.manual_seed(0)
+    c, n = 10, 256
+
+    def draw():
+        t_cls = torch.randint(0, c, (n,))
+        wrong = torch.rand(n) < 0.6
+        s_cls = torch.where(wrong, (t_cls + torch.randint(1, c, (n,))) % c, t_cls)
+        conf_t, conf_s = 0.5 + 0.45 * torch.rand(n), 0.5 + 0.45 * torch.rand(n)
+        return peaked(t_cls, c, conf_t), peaked(s_cls, c, conf_s), t_cls
+
+    results = {}
+    for name, classes in (("unconditional", None), ("conditional", c)):
+        d = Discriminator(c, num_classes=classes)
+        opt = torch.optim.Adam(d.parameters(), lr=3e-3, betas=(0.5, 0.999))
+        for _ in range(300):
+            t, s, t_cls = draw()
+            cond = t_cls if classes else None
+            opt.zero_grad()
+            discriminator_loss(d, t, s, cond).backward()
+            opt.step()
+        t, s, t_cls = draw()  # fresh images
+        a_t, a_s = accuracy(d, t, s, t_cls if classes else None)
+        results[name] = (a_t + a_s) / 2
+    assert abs(results["unconditional"] - 0.5) < 0.1
+    assert results["conditional"] > 0.7  # 60% wrong: at most 0.8 (a right-class student is a teacher)
+
+
+def test_conditional_discriminator_needs_the_class_and_starts_from_the_unconditional_one():
+    d = Discriminator(10, num_classes=10)
+    with pytest.raises(ValueError, match="needs the class"):
+        d(torch.randn(2, 10))
+    sn = Discriminator(10, num_classes=10, spectral_norm=True)
+    assert sn(torch.randn(3, 10), torch.tensor([0, 1, 9])).shape == (3,)
+    assert float(d.embed.weight.detach().abs().max()) < 0.2  # small: the class term grows only as D learns it
+    with pytest.raises(ValueError, match="needs num_classes"):
+        MealTask(
+            tiny(0),
+            TeacherEnsemble([FrozenTeacher("t", tiny(1), 32, MEAN, STD)], "mean"),
+            ["logits"],
+            [["logits"]],
+            [None],
+            [1.0],
+            [1.0],
+            [5],
+            MEAN,
+            STD,
+            disc_condition="teacher_class",
+        )
+
+
 def test_inert_is_chance_everywhere():
     assert is_inert([0.5, 0.52, 0.47])
     assert not is_inert([0.5, 0.62, 0.5])
@@ -273,7 +335,14 @@ def test_selection_random_and_mean_and_pick_counts():
 # -- the MEAL step -----------------------------------------------------------------------------------
 
 
-def make_meal(mode: str, teachers: int = 1, gamma: float = 1.0, adversarial: bool = True, train_mode=False):
+def make_meal(
+    mode: str,
+    teachers: int = 1,
+    gamma: float = 1.0,
+    adversarial: bool = True,
+    train_mode=False,
+    condition: str = "none",
+):
     student = tiny(100)
     ts = [
         FrozenTeacher(f"t{i}", tiny(i, arch="resnet18"), 40, MEAN, STD, train_mode) for i in range(teachers)
@@ -294,6 +363,8 @@ def make_meal(mode: str, teachers: int = 1, gamma: float = 1.0, adversarial: boo
         adversarial=adversarial,
         mode=mode,
         disc_lr=0.05,
+        disc_condition=condition,
+        num_classes=5,
     )
 
 
@@ -310,23 +381,26 @@ def capture_vectors(task):
     return seen
 
 
-def d_loss_on(discs, t_raw, s_vecs) -> float:
+def d_loss_on(discs, t_raw, s_vecs, cls=None) -> float:
     with torch.no_grad():
         return sum(
-            float(discriminator_loss(d, t.detach(), s.detach()))
+            float(discriminator_loss(d, t.detach(), s.detach(), cls))
             for d, t, s in zip(discs, t_raw, s_vecs, strict=True)
         )
 
 
-def d_student_logit(discs, s_vecs) -> float:
+def d_student_logit(discs, s_vecs, cls=None) -> float:
     """Mean D logit on student vectors: higher = D calls them teacher more = larger D error."""
     with torch.no_grad():
-        return sum(float(d(s.detach()).mean()) for d, s in zip(discs, s_vecs, strict=True))
+        return sum(float(d(s.detach(), cls).mean()) for d, s in zip(discs, s_vecs, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["alternating", "grl", "joint"])
-def test_adversarial_modes_discriminator_and_student_steps(mode):
-    task = make_meal(mode, gamma=0.0)  # isolate the adversarial game
+@pytest.mark.parametrize(
+    "mode, condition",
+    [("alternating", "none"), ("grl", "none"), ("joint", "none"), ("alternating", "teacher_class")],
+)
+def test_adversarial_modes_discriminator_and_student_steps(mode, condition):
+    task = make_meal(mode, gamma=0.0, condition=condition)  # isolate the adversarial game
     task.model.eval()  # deterministic forwards for before/after comparisons
     b = batch()
     ctx = Ctx(task, lr=0.05)
@@ -334,6 +408,11 @@ def test_adversarial_modes_discriminator_and_student_steps(mode):
     d_before = copy.deepcopy(task.discriminators)
     out = ctx.run(task, b)
     s_vecs, t_raw, _, _ = seen[0]
+    cls = task.teacher_class if condition == "teacher_class" else None
+    if cls is not None:  # the teacher's own prediction, per image
+        with torch.no_grad():
+            want = task.ensemble.teachers[0].blocks(b["image"], ["logits"], MEAN, STD)[0].argmax(-1)
+        assert torch.equal(cls, want)
     assert set(out) >= {"loss", "d_loss", "sim", "sim_b0", "sim_b1"}
     if mode == "alternating":
         assert ctx.calls == ["disc", "main"] and task.manual_optimization
@@ -342,13 +421,13 @@ def test_adversarial_modes_discriminator_and_student_steps(mode):
         assert ctx.calls == [] and not task.manual_optimization
         assert set(ctx.opts) == {"main"} and len(ctx.opts["main"].param_groups) == 2
     # the discriminator step lowered D's loss on the vectors it was trained on
-    assert d_loss_on(task.discriminators, t_raw, s_vecs) < d_loss_on(d_before, t_raw, s_vecs)
+    assert d_loss_on(task.discriminators, t_raw, s_vecs, cls) < d_loss_on(d_before, t_raw, s_vecs, cls)
     # the student step: with D as it is after the step, the student's new vectors look more (or, in
     # the official joint mode, less) like a teacher to D than its old ones
     with torch.no_grad():
         new_s, _, _, _ = task.vectors(b, ctx)
-    before = d_student_logit(task.discriminators, s_vecs)
-    after = d_student_logit(task.discriminators, new_s)
+    before = d_student_logit(task.discriminators, s_vecs, cls)
+    after = d_student_logit(task.discriminators, new_s, cls)
     if mode == "joint":
         assert after < before  # the documented defect: the student minimises D's loss too
     else:

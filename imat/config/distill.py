@@ -40,6 +40,10 @@ class AdversarialConfig(Section):
     d_steps: int = Field(1, ge=1)  # alternating: discriminator updates per student step (GANs' n_critic)
     # one discriminator per block AND teacher when one teacher is drawn per step (random/weighted)
     per_teacher: bool = False
+    # teacher_class: D also gets the class the teacher predicts for the image (a projection
+    # discriminator); none: the paper's unconditional D, which a student fools with confident-looking
+    # outputs from the first epoch (distill/discriminator.py)
+    condition: Literal["teacher_class", "none"] = "teacher_class"
 
 
 class CacheConfig(Section):
