@@ -198,7 +198,7 @@ def _trial_driver(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from imat.engine.distributed import run_ray_train
+    from imat.engine.ray_train import run_ray_train
 
     raw, _ = _trial_config(config, base)
     gpus = per_worker.get("gpu", 0.0)

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from imat.config.train import TrainConfig
 from imat.engine import ClassificationTask, Engine
-from imat.engine.distributed import rank, run_ray_train
+from imat.engine.distributed import rank
 from imat.engine.hooks import epoch_end_hook
+from imat.engine.ray_train import run_ray_train
 
 EPOCHS = 4
 # Ray Train's controller records each checkpoint it has registered here (Ray 2.5x/2.60, Train V2).

@@ -327,7 +327,7 @@ def test_sync_bn_is_for_cuda_ranks(tmp_path, monkeypatch):
 def test_max_failures_reaches_ray_train(monkeypatch, tmp_path):
     """`--max-failures N` of `imat distill --ray-workers` becomes Ray Train's FailureConfig."""
     from imat.app.cli import main
-    from imat.engine import distributed as d
+    from imat.engine import ray_train as d
 
     seen = {}
 

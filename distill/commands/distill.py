@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "ray_workers", 0):
         import pandas as pd
 
-        from imat.engine.distributed import run_entry_on_ray
+        from imat.engine.ray_train import run_entry_on_ray
 
         run_entry_on_ray(
             "distill.train:distill",

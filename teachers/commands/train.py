@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     source = str(args.config)
     if getattr(args, "ray_workers", 0):
-        from imat.engine.distributed import run_entry_on_ray
+        from imat.engine.ray_train import run_entry_on_ray
 
         kwargs = {"only": args.only, "resume": args.resume, "force": args.force, "source": source}
         kwargs["progress"] = not args.no_progress
