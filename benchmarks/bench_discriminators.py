@@ -1,16 +1,20 @@
 """Do MEAL's discriminators learn? Per-epoch balanced accuracy of every block's discriminator under
 several settings, on one teacher pool, with `imat distill` itself.
 
-The pool is any run directory with a trained ``teachers/`` (the demo's is the quickest to make:
-``imat demo --out DIR --until teachers``). Each setting is one student run under ``--out/d_NAME``; a
-finished run is reused (``fit(resume=True)`` is a no-op), so the script resumes where it stopped.
+The pool is any run directory with a trained ``teachers/`` and a config whose ``distill:`` section is
+the student to train: the demo's (``imat demo --out DIR --until teachers``) or a reduced
+``bench_distill.py --stages teachers`` run on CIFAR-10. Each setting is one student run under
+``--out/d_NAME``; a finished run is reused (``fit(resume=True)`` is a no-op), so the script resumes
+where it stopped.
 
     .venv/bin/imat demo --out /tmp/dx/demo --until teachers
-    .venv/bin/python benchmarks/bench_discriminators.py --config /tmp/dx/demo/config.yaml --out /tmp/dx
+    .venv/bin/python benchmarks/bench_discriminators.py --config /tmp/dx/demo/config.yaml --out /tmp/dx \
+        --settings default,unconditional --publish discriminators_demo
 
-Writes ``benchmarks/results/discriminators_demo.csv``: one row per setting and epoch with ``d_acc_b{k}``
-(0.5 = chance), the discriminators' loss, the student's validation top-1 and the run's ``adversarial``
-status (``inert`` when every discriminator stayed within 0.5 +- 0.05 for the whole run).
+The table (``benchmarks/results/NAME.csv`` with ``--publish NAME``, else ``--out/discriminators.csv``)
+has one row per setting and epoch with ``d_acc_b{k}`` (0.5 = chance), the discriminators' loss, the
+student's validation top-1 and the run's ``adversarial`` status (``inert`` when every discriminator
+stayed within 0.5 +- 0.05 for the whole run).
 """
 
 from __future__ import annotations
@@ -23,24 +27,22 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (epochs, max steps per epoch or None, overrides)
-SETTINGS: dict[str, tuple[int, int | None, list[str]]] = {
-    "old": (
-        6,
-        12,
-        [
-            "distill.adversarial.widths=paper",
-            "distill.adversarial.input_norm=none",
-            "distill.adversarial.optimizer=same",
-        ],
-    ),
-    "new": (6, 12, []),
-    "full": (4, None, []),
-    "full_lr2e4": (4, None, ["distill.adversarial.lr=2e-4"]),
-    "full_w01": (4, None, ["distill.adversarial.weight=0.1"]),
-    "full_d3": (4, None, ["distill.adversarial.d_steps=3"]),
-    "full_single": (4, None, ["distill.teachers=[resnet10t]"]),
-    "full_pt": (4, None, ["distill.adversarial.per_teacher=true"]),
+# name -> overrides of the pool config's distill section
+SETTINGS: dict[str, list[str]] = {
+    "default": [],  # conditioned on the teacher's class (adversarial.condition: teacher_class)
+    "unconditional": ["distill.adversarial.condition=none"],  # the defaults before 2026-12-03
+    "paper": [  # MEAL's own discriminator: d/2, d/4 with ReLU, raw inputs, the student's optimiser
+        "distill.adversarial.condition=none",
+        "distill.adversarial.widths=paper",
+        "distill.adversarial.input_norm=none",
+        "distill.adversarial.optimizer=same",
+    ],
+    "no_discriminators": ["distill.adversarial.enabled=false"],
+    "per_teacher": ["distill.adversarial.per_teacher=true"],
+    "d_steps3": ["distill.adversarial.d_steps=3"],
+    "lr2e4": ["distill.adversarial.lr=2e-4"],
+    "weight01": ["distill.adversarial.weight=0.1"],
+    "spectral_norm": ["distill.adversarial.spectral_norm=true"],
 }
 
 
@@ -48,36 +50,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the pool run's config.yaml (its teachers/ is used)")
     p.add_argument("--out", required=True, help="folder for the student runs (d_NAME)")
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--settings", default="default,unconditional", help=f"of {', '.join(SETTINGS)}")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the config's)")
+    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (default: all)")
+    p.add_argument("--publish", default="", help="write benchmarks/results/NAME.csv")
     args = p.parse_args()
+    unknown = [n for n in args.settings.split(",") if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; known: {', '.join(SETTINGS)}")
     logging.basicConfig(level=logging.WARNING)
     from distill.train import distill
     from imat.config import load_config
     from imat.io import write_csv
 
     pool_run = Path(args.config).resolve().parent
+    results = ROOT / "benchmarks" / "results"
+    table_path = results / f"{args.publish}.csv" if args.publish else Path(args.out) / "discriminators.csv"
     frames = []
     for name in args.settings.split(","):
-        epochs, steps, overrides = SETTINGS[name]
-        cfg = load_config(
-            args.config,
-            [
-                f"run_dir={Path(args.out) / f'd_{name}'}",
-                f"distill.pool={pool_run / 'teachers'}",
-                f"distill.train.epochs={epochs}",
-                f"distill.train.max_steps_per_epoch={'null' if steps is None else steps}",
-                *overrides,
-            ],
-        )
+        overrides = SETTINGS[name]
+        fixed = [f"run_dir={Path(args.out).resolve() / f'd_{name}'}", f"distill.pool={pool_run / 'teachers'}"]
+        if args.epochs is not None:
+            fixed.append(f"distill.train.epochs={args.epochs}")
+        if args.max_steps is not None:
+            fixed.append(f"distill.train.max_steps_per_epoch={args.max_steps}")
+        cfg = load_config(args.config, [*fixed, *overrides])
         summary = distill(cfg, resume=True, progress=False)
-        keep = ["epoch", "val_top1", "train_d_loss", "adversarial"]
+        keep = ["epoch", "val_top1", "train_d_loss", "train_sim", "adversarial"]
         keep += [c for c in summary.columns if c.startswith("d_acc_b")]
         frames.append(
             summary[[c for c in keep if c in summary]].assign(setting=name, overrides=" ".join(overrides))
         )
         print(frames[-1].to_string(index=False), flush=True)
-    table = pd.concat(frames, ignore_index=True)
-    write_csv(ROOT / "benchmarks" / "results" / "discriminators_demo.csv", table)
+        table = pd.concat(frames, ignore_index=True)  # written after every setting: a cut run keeps its rows
+        write_csv(table_path, table)
 
 
 if __name__ == "__main__":
