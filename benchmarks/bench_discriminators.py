@@ -27,7 +27,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> overrides of the pool config's distill section
+# name -> overrides of imat's default discriminator settings
 SETTINGS: dict[str, list[str]] = {
     "default": [],  # conditioned on the teacher's class (adversarial.condition: teacher_class)
     "unconditional": ["distill.adversarial.condition=none"],  # the defaults before 2026-12-03
@@ -41,6 +41,28 @@ SETTINGS: dict[str, list[str]] = {
     "per_teacher": ["distill.adversarial.per_teacher=true"],
     "d_steps3": ["distill.adversarial.d_steps=3"],
     "lr2e4": ["distill.adversarial.lr=2e-4"],
+    "lr3e3": ["distill.adversarial.lr=3e-3"],
+    "lr1e2": ["distill.adversarial.lr=1e-2"],
+    "lr1e2_w01": ["distill.adversarial.lr=1e-2", "distill.adversarial.weight=0.1"],
+    "d_steps3_w01": ["distill.adversarial.d_steps=3", "distill.adversarial.weight=0.1"],
+    "lr3e3_w03": ["distill.adversarial.lr=3e-3", "distill.adversarial.weight=0.3"],
+    "lr1e2_w01_auto": [
+        "distill.adversarial.lr=1e-2",
+        "distill.adversarial.weight=0.1",
+        "distill.adversarial.input_norm=auto",
+    ],
+    "w01_auto": ["distill.adversarial.weight=0.1", "distill.adversarial.input_norm=auto"],
+    "lr1e2_d3_w01_auto": [
+        "distill.adversarial.lr=1e-2",
+        "distill.adversarial.d_steps=3",
+        "distill.adversarial.weight=0.1",
+        "distill.adversarial.input_norm=auto",
+    ],
+    "lr1e2_w003_auto": [
+        "distill.adversarial.lr=1e-2",
+        "distill.adversarial.weight=0.03",
+        "distill.adversarial.input_norm=auto",
+    ],
     "weight01": ["distill.adversarial.weight=0.1"],
     "spectral_norm": ["distill.adversarial.spectral_norm=true"],
 }
@@ -69,7 +91,13 @@ def main() -> None:
     frames = []
     for name in args.settings.split(","):
         overrides = SETTINGS[name]
-        fixed = [f"run_dir={Path(args.out).resolve() / f'd_{name}'}", f"distill.pool={pool_run / 'teachers'}"]
+        # the adversarial section starts from imat's defaults, not from the pool config's (a resolved
+        # config.yaml spells out the defaults of the day it was written)
+        fixed = [
+            f"run_dir={Path(args.out).resolve() / f'd_{name}'}",
+            f"distill.pool={pool_run / 'teachers'}",
+            "distill.adversarial={}",
+        ]
         if args.epochs is not None:
             fixed.append(f"distill.train.epochs={args.epochs}")
         if args.max_steps is not None:

@@ -265,7 +265,8 @@ def stage_tune(args: argparse.Namespace, images: Path, manifest: pd.DataFrame, c
         "grace_period": max(1, args.tune_epochs // 4),
         "cpus_per_trial": 2,
         "space": {
-            "distill.adversarial.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
+            "distill.adversarial.lr": {"type": "loguniform", "low": 1e-3, "high": 3e-2},
+            "distill.adversarial.weight": {"type": "choice", "values": [0.03, 0.1, 0.3, 1.0]},
             "distill.adversarial.spectral_norm": {"type": "choice", "values": [False, True]},
             "distill.blocks.0.gamma": {"type": "loguniform", "low": 0.01, "high": 0.3},
             "distill.temperature": {"type": "choice", "values": [1.0, 2.0, 4.0]},

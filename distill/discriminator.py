@@ -9,10 +9,13 @@ Defaults chosen so the adversarial term is never inert (measured in docs/BENCHMA
   10 -> 5 -> 2 -> 1 MLP, and with ReLU some fresh initialisations pass no gradient at all. ``"paper"``
   keeps the paper's widths (and its ReLU) reachable from config;
 - LeakyReLU(0.2) between layers, so no unit is ever dead;
-- input normalisation ``log_softmax``: both sides become log-distributions, which is what the similarity
-  loss compares; raw logits differ by an arbitrary per-sample shift a discriminator would learn instead,
-  and cached teacher outputs (already log-probabilities) stay unchanged by it, so both paths compare like
-  with like;
+- input normalisation ``auto``: ``log_softmax`` for the logits block (both sides become log-distributions,
+  which is what the similarity loss compares; raw logits differ by an arbitrary per-sample shift a
+  discriminator would learn instead, and cached teacher outputs, already log-probabilities, stay
+  unchanged by it, so both paths compare like with like) and ``standardize`` for a stage block: its
+  aligned vector (channel means at L pooled positions) varies by a few hundredths around its mean, so
+  its log-softmax is nearly flat and a discriminator on it needs hundreds of steps to grow weights large
+  enough to see anything (it stayed at chance in every benchmark);
 - optional spectral normalisation of every layer (a Lipschitz bound that keeps D from overpowering the
   student; Miyato et al., 2018);
 - conditioned on the teacher's predicted class (``num_classes`` set): a projection discriminator
@@ -47,6 +50,13 @@ def paper_widths(dim: int) -> list[int]:
     return [max(1, dim // 2), max(1, dim // 4)]
 
 
+def block_input_norm(kind: str, index: int | str) -> str:
+    """The normalisation a block's discriminator uses: ``auto`` resolved for a stage index or "logits"."""
+    if kind != "auto":
+        return kind
+    return "log_softmax" if index == "logits" else "standardize"
+
+
 def normalize_input(x: torch.Tensor, kind: str) -> torch.Tensor:
     """What a discriminator sees of a (B, d) vector."""
     x = x.float()
@@ -64,7 +74,7 @@ class Discriminator(nn.Module):
         self,
         dim: int,
         widths: Sequence[int] | str | None = None,
-        input_norm: str = "log_softmax",
+        input_norm: str = "log_softmax",  # one kind; "auto" is resolved per block by block_input_norm
         spectral_norm: bool = False,
         activation: str | None = None,
         num_classes: int | None = None,

@@ -29,7 +29,7 @@ from torch import nn
 
 from distill.align import Aligner
 from distill.blocks import BlockIndex, extract_blocks
-from distill.discriminator import Discriminator, bce
+from distill.discriminator import Discriminator, bce, block_input_norm
 from distill.grl import grad_reverse
 from distill.losses import similarity, soft_cross_entropy, teacher_probs
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
@@ -225,7 +225,7 @@ class MealTask(DistillTaskBase):
         adversarial: bool = True,
         mode: str = "alternating",
         disc_widths: Sequence[int] | str | None = None,
-        disc_input_norm: str = "log_softmax",
+        disc_input_norm: str = "auto",
         disc_spectral_norm: bool = False,
         disc_lr: float = 1e-3,
         disc_weight_decay: float = 0.0,
@@ -286,9 +286,15 @@ class MealTask(DistillTaskBase):
         cond_classes = num_classes if self.conditional else None
         self.discriminators = nn.ModuleList(
             [
-                Discriminator(d, disc_widths, disc_input_norm, disc_spectral_norm, num_classes=cond_classes)
+                Discriminator(
+                    d,
+                    disc_widths,
+                    block_input_norm(disc_input_norm, index),
+                    disc_spectral_norm,
+                    num_classes=cond_classes,
+                )
                 for _ in range(self._sets)
-                for d in dims
+                for d, index in zip(dims, self.student_indices, strict=True)
             ]
             if adversarial
             else []

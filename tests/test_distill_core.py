@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 from distill.align import align
 from distill.blocks import extract_blocks, num_blocks, resolve_index
-from distill.discriminator import Discriminator, accuracy, bce, discriminator_loss, is_inert
+from distill.discriminator import (
+    Discriminator,
+    accuracy,
+    bce,
+    block_input_norm,
+    discriminator_loss,
+    is_inert,
+    normalize_input,
+)
 from distill.grl import grad_reverse
 from distill.losses import kl_divergence, similarity, soft_cross_entropy, teacher_probs
 from distill.tasks import CETask, KDTask, MealTask, SoftTargets
@@ -193,6 +201,19 @@ def test_discriminator_input_normalisation_compares_distributions():
     assert torch.allclose(d(z), d(torch.log_softmax(z, -1)), atol=1e-5)
     raw = Discriminator(10, input_norm="none")
     assert not torch.allclose(raw(z), raw(z + 7.0), atol=1e-3)
+
+
+def test_stage_block_discriminators_see_standardised_vectors_by_default():
+    """A stage block's aligned vector (channel means at pooled positions) varies by hundredths: its
+    log-softmax is nearly flat, standardising it gives D unit-scale inputs; logits stay log-probabilities."""
+    assert block_input_norm("auto", "logits") == "log_softmax"
+    assert block_input_norm("auto", 2) == "standardize"
+    assert block_input_norm("none", 2) == "none"
+    task = make_meal("alternating")  # blocks [2, "logits"], input_norm left at its default
+    assert [d.input_norm for d in task.discriminators] == ["standardize", "log_softmax"]
+    v = 0.5 + 0.01 * torch.randn(4, 16)
+    assert float(torch.log_softmax(v, -1).std(-1).max()) < 0.05  # what log_softmax would show D
+    assert torch.allclose(normalize_input(v, "standardize").std(-1), torch.ones(4), atol=1e-5)
 
 
 def test_spectral_norm_bounds_every_layer():

@@ -27,16 +27,20 @@ class AdversarialConfig(Section):
     mode: Literal["alternating", "grl", "joint"] = "alternating"
     # hidden widths; default max(64, d/2), max(32, d/4) with LeakyReLU; "paper": d/2, d/4 with ReLU
     widths: list[int] | Literal["paper"] | None = None
-    input_norm: Literal["log_softmax", "standardize", "none"] = "log_softmax"
+    # auto: log_softmax for the logits block, standardize for a stage block (distill/discriminator.py)
+    input_norm: Literal["auto", "log_softmax", "standardize", "none"] = "auto"
     spectral_norm: bool = False
-    lr: float = Field(1e-3, gt=0)  # the discriminators' own base lr, scheduled like the student's
+    # the discriminators' own base lr, scheduled like the student's. 1e-2 with the student's adversarial
+    # weight 0.1: D separates early and drifts toward chance as the student catches up; at 1e-3 it stayed
+    # near chance, and at weight 1 a D that learns tore the student down (docs/BENCHMARKS.md)
+    lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     # alternating mode only (D has its own optimiser there). auto: adam in alternating mode, the student's
     # optimiser otherwise; "same" = the student's recipe optimiser (SGD at lr 1e-3 never leaves chance)
     optimizer: Literal["auto", "same", "sgd", "adam", "adamw"] = "auto"
     betas: tuple[float, float] = (0.5, 0.999)  # for adam/adamw
     grl_lambda: float = Field(1.0, gt=0)
-    weight: float = Field(1.0, ge=0)  # scale of the student's adversarial loss
+    weight: float = Field(0.1, ge=0)  # scale of the student's adversarial loss (see lr)
     d_steps: int = Field(1, ge=1)  # alternating: discriminator updates per student step (GANs' n_critic)
     # one discriminator per block AND teacher when one teacher is drawn per step (random/weighted)
     per_teacher: bool = False
