@@ -376,7 +376,9 @@ def main() -> None:
     p.add_argument("--train-per-class", type=int, default=2500)
     p.add_argument("--val-per-class", type=int, default=1000)
     p.add_argument("--extra-per-class", type=int, default=2500, help="unlabelled train images per class")
-    p.add_argument("--teachers", default="resnet18:32,resnet10t:32,regnety_008:32", help="arch:input_size,...")
+    p.add_argument(
+        "--teachers", default="resnet18:32,resnet10t:32,regnety_008:32", help="arch:input_size,..."
+    )
     p.add_argument("--student", default="resnet10t")
     p.add_argument("--student-kwargs", default='{"channels": [32, 64, 128, 256]}', help="timm kwargs, JSON")
     p.add_argument("--teacher-epochs", type=int, default=30)
