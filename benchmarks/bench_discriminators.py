@@ -29,9 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> overrides of imat's default discriminator settings
 SETTINGS: dict[str, list[str]] = {
-    "default": [],  # conditioned on the teacher's class (adversarial.condition: teacher_class)
-    "unconditional": ["distill.adversarial.condition=none"],  # the defaults before 2026-12-03
-    "paper": [  # MEAL's own discriminator: d/2, d/4 with ReLU, raw inputs, the student's optimiser
+    "default": [],  # conditioned on the teacher's class, Adam lr 1e-2, student weight 0.1, input_norm auto
+    "unconditional": ["distill.adversarial.condition=none"],
+    # MEAL's own discriminator (d/2, d/4 with ReLU, raw inputs, unconditional) on the student's optimiser
+    # (SGD) at the default D lr and weight
+    "paper": [
         "distill.adversarial.condition=none",
         "distill.adversarial.widths=paper",
         "distill.adversarial.input_norm=none",
@@ -39,32 +41,39 @@ SETTINGS: dict[str, list[str]] = {
     ],
     "no_discriminators": ["distill.adversarial.enabled=false"],
     "per_teacher": ["distill.adversarial.per_teacher=true"],
-    "d_steps3": ["distill.adversarial.d_steps=3"],
-    "lr2e4": ["distill.adversarial.lr=2e-4"],
-    "lr3e3": ["distill.adversarial.lr=3e-3"],
-    "lr1e2": ["distill.adversarial.lr=1e-2"],
-    "lr1e2_w01": ["distill.adversarial.lr=1e-2", "distill.adversarial.weight=0.1"],
-    "d_steps3_w01": ["distill.adversarial.d_steps=3", "distill.adversarial.weight=0.1"],
-    "lr3e3_w03": ["distill.adversarial.lr=3e-3", "distill.adversarial.weight=0.3"],
-    "lr1e2_w01_auto": [
-        "distill.adversarial.lr=1e-2",
-        "distill.adversarial.weight=0.1",
-        "distill.adversarial.input_norm=auto",
-    ],
-    "w01_auto": ["distill.adversarial.weight=0.1", "distill.adversarial.input_norm=auto"],
-    "lr1e2_d3_w01_auto": [
-        "distill.adversarial.lr=1e-2",
-        "distill.adversarial.d_steps=3",
-        "distill.adversarial.weight=0.1",
-        "distill.adversarial.input_norm=auto",
-    ],
-    "lr1e2_w003_auto": [
-        "distill.adversarial.lr=1e-2",
-        "distill.adversarial.weight=0.03",
-        "distill.adversarial.input_norm=auto",
-    ],
-    "weight01": ["distill.adversarial.weight=0.1"],
     "spectral_norm": ["distill.adversarial.spectral_norm=true"],
+    "d_steps3": ["distill.adversarial.d_steps=3"],
+}
+
+
+def _explored(
+    lr: float, weight: float, norm: str = "log_softmax", d_steps: int = 1, cond: str = "teacher_class"
+):
+    return [
+        f"distill.adversarial.lr={lr}",
+        f"distill.adversarial.weight={weight}",
+        f"distill.adversarial.input_norm={norm}",
+        f"distill.adversarial.d_steps={d_steps}",
+        f"distill.adversarial.condition={cond}",
+    ]
+
+
+# The search that chose the defaults (2026-12-03), every value spelled out so it reproduces whatever the
+# defaults become: D lr, the student's adversarial weight, the stage block's input, n_critic.
+SETTINGS |= {
+    "x_lr1e-3_w1": _explored(1e-3, 1.0),  # the defaults before, conditioned
+    "x_lr1e-3_w1_uncond": _explored(1e-3, 1.0, cond="none"),  # the defaults before
+    "x_lr3e-3_w1": _explored(3e-3, 1.0),
+    "x_lr1e-2_w1": _explored(1e-2, 1.0),
+    "x_lr1e-3_w1_d3": _explored(1e-3, 1.0, d_steps=3),
+    "x_lr1e-3_w0.1": _explored(1e-3, 0.1),
+    "x_lr3e-3_w0.3": _explored(3e-3, 0.3),
+    "x_lr1e-2_w0.1": _explored(1e-2, 0.1),
+    "x_lr1e-3_w0.1_d3": _explored(1e-3, 0.1, d_steps=3),
+    "x_lr1e-3_w0.1_auto": _explored(1e-3, 0.1, "auto"),
+    "x_lr1e-2_w0.1_auto": _explored(1e-2, 0.1, "auto"),  # = the new default
+    "x_lr1e-2_w0.1_auto_d3": _explored(1e-2, 0.1, "auto", d_steps=3),
+    "x_lr1e-2_w0.03_auto": _explored(1e-2, 0.03, "auto"),
 }
 
 
