@@ -158,7 +158,7 @@ def check_method(dcfg: DistillConfig) -> None:
             f"distill.adversarial.optimizer: {adv.optimizer!r} needs mode alternating (the discriminators "
             f"have their own optimiser only there), not {adv.mode!r}"
         )
-    if adv.enabled and adv.mode == "joint" and adv.weight != 1.0:
+    if adv.enabled and adv.mode == "joint" and adv.weight not in (None, 1.0):
         raise ImatError(
             f"distill.adversarial.weight: joint mode adds the discriminators' loss as it is (the official "
             f"code); weight {adv.weight} applies to alternating and grl"
@@ -257,7 +257,7 @@ def build_task(
         disc_spectral_norm=adv.spectral_norm,
         disc_lr=adv.lr,
         disc_weight_decay=adv.weight_decay,
-        adv_weight=adv.weight,
+        adv_weight=adv.student_weight(),
         grl_lambda=adv.grl_lambda,
         label_smoothing=smoothing,
         disc_optimizer=disc_opt,

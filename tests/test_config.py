@@ -115,3 +115,17 @@ def test_demo_config_ships_inside_the_package() -> None:
     shipped = demo_config_path()
     assert shipped.is_file()
     assert load_config(shipped) == load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides,weight",
+    [
+        ([], 0.1),
+        (["distill.adversarial.mode=grl"], 0.1),
+        (["distill.adversarial.mode=joint"], 1.0),  # the official code adds D's loss as it is
+        (["distill.adversarial.weight=0.3"], 0.3),
+    ],
+)
+def test_adversarial_weight_depends_on_the_mode_unless_set(tmp_path: Path, overrides, weight) -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", overrides)
+    assert cfg.distill.adversarial.student_weight() == pytest.approx(weight)

@@ -151,8 +151,8 @@ def test_default_space_when_the_config_declares_none():
         "distill.train.lr": {"type": "loguniform", "low": pytest.approx(0.01), "high": pytest.approx(0.3)},
         "distill.adversarial.lr": {
             "type": "loguniform",
-            "low": pytest.approx(1e-4),
-            "high": pytest.approx(1e-2),
+            "low": pytest.approx(1e-3),
+            "high": pytest.approx(1e-1),
         },
         "distill.blocks.1.gamma": {"type": "loguniform", "low": 0.25, "high": 4.0},
     }

@@ -40,7 +40,9 @@ class AdversarialConfig(Section):
     optimizer: Literal["auto", "same", "sgd", "adam", "adamw"] = "auto"
     betas: tuple[float, float] = (0.5, 0.999)  # for adam/adamw
     grl_lambda: float = Field(1.0, gt=0)
-    weight: float = Field(0.1, ge=0)  # scale of the student's adversarial loss (see lr)
+    # scale of the student's adversarial loss (see lr); unset: 0.1, and 1 in joint mode, which adds the
+    # discriminators' loss as it is (the official code) so any other weight is refused there
+    weight: float | None = Field(None, ge=0)
     d_steps: int = Field(1, ge=1)  # alternating: discriminator updates per student step (GANs' n_critic)
     # one discriminator per block AND teacher when one teacher is drawn per step (random/weighted)
     per_teacher: bool = False
@@ -48,6 +50,12 @@ class AdversarialConfig(Section):
     # discriminator); none: the paper's unconditional D, which a student fools with confident-looking
     # outputs from the first epoch (distill/discriminator.py)
     condition: Literal["teacher_class", "none"] = "teacher_class"
+
+    def student_weight(self) -> float:
+        """The weight actually used: the configured one, else 1 in joint mode and 0.1 otherwise."""
+        if self.weight is not None:
+            return self.weight
+        return 1.0 if self.mode == "joint" else 0.1
 
 
 class CacheConfig(Section):
