@@ -9,6 +9,7 @@ Modules (nothing is imported here, so ``imat --help`` stays instant):
 - ``distill.teachers_runtime``: frozen teachers with their own mean/std/size; random | mean selection.
 - ``distill.tasks``: ``MealTask`` (modes alternating | grl | joint), ``KDTask``, ``CETask``.
 - ``distill.cache``: offline top-k teacher logits (exact soft labels at any stored T) per image and crop view.
+- ``distill.cache_build``: builds that cache with the teachers and trains on its views.
 - ``distill.train``: ``distill(cfg)``, the checks and the engine run behind ``imat distill``.
 - ``distill.audit``: ``audit(pool_dir, cfg)`` behind ``imat data audit``.
 

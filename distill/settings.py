@@ -1,6 +1,6 @@
 """Settings derived from a run's config that both the training step and the teacher cache read: where
 the teacher pool is and how teachers are picked per batch. Kept apart from :mod:`distill.train` so
-:mod:`distill.cache` needs nothing from it (train uses the cache, never the reverse)."""
+:mod:`distill.cache_build` needs nothing from it (train uses the cache, never the reverse)."""
 
 from __future__ import annotations
 

@@ -433,7 +433,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> p
     train_df = with_extra_images(cfg, df, train_df, val_df, root)
     cache = None
     if dcfg.cache.enabled and needs_teachers:
-        from distill.cache import prepare_cache
+        from distill.cache_build import prepare_cache
 
         cache, train_loader, val_loader = prepare_cache(
             cfg, teachers, data_cfg, train_df, val_df, root, out_dir

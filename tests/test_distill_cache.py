@@ -18,15 +18,8 @@ import yaml
 from safetensors.torch import save_file
 from test_distill_cli import make_run, run_dir
 
-from distill.cache import (
-    CachedViewDataset,
-    TeacherCache,
-    build_cache,
-    collate_cached,
-    load_cache,
-    save_cache,
-    topk_entries,
-)
+from distill.cache import TeacherCache, load_cache, save_cache, topk_entries
+from distill.cache_build import CachedViewDataset, build_cache, collate_cached
 from distill.discriminator import Discriminator, discriminator_loss
 from distill.tasks import MealTask, SoftTargets
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
