@@ -6,14 +6,15 @@ Stages (``--stages``, each resumable with ``--resume``; the run directories live
   the CIFAR reference recipe (``crop`` preset: reflect-pad + random crop + flip, label smoothing 0.1, SGD
   cosine), then ``imat teachers eval`` on the validation split (each teacher, the ensembles and the
   greedy selection recorded in pool.json).
-- ``tune``: an ``imat tune`` ASHA sweep of MEAL v1 (discriminator lr and spectral norm, the stage block's
-  gamma, the temperature, the hard-label weight) on a ``--tune-per-class`` subset; its winner is what the
-  ``meal-tuned`` student uses. Table: ``benchmarks/results/distill_tune_cifar10.csv``.
+- ``tune``: an ``imat tune`` ASHA sweep of MEAL v1 (discriminator lr, adversarial weight, spectral norm,
+  the stage block's gamma, the temperature, the hard-label weight) on a ``--tune-per-class`` subset; its
+  winner is what the ``meal-tuned`` student uses. Table: ``benchmarks/results/distill_tune_cifar10.csv``.
 - ``students``: the same student architecture with equal epochs and augmentation for every method:
-  CE, KD, MEAL v1 (defaults), MEAL v1 tuned, MEAL v1 without discriminators, MEAL v1 with teachers
-  drawn by validation accuracy (``selection: weighted``), MEAL v2, and the
+  CE, KD, MEAL v1 (defaults: teachers drawn by validation accuracy), MEAL v1 tuned, MEAL v1 without
+  discriminators, MEAL v1 with the paper's uniform teacher draw, MEAL v2, and the
   ``--best`` method again with consistent teaching (mixup + cutmix, teachers score the mixed image) and
-  with the other CIFAR-10 training images as extra unlabelled data; ``--seeds`` for CE, KD and ``--best``.
+  with the other CIFAR-10 training images as extra unlabelled data; ``--seeds`` for CE, KD and ``--best``
+  (every method's first seed is trained before any second seed).
 
 Validation is the whole 10,000-image test split (``--val-per-class 1000``). The table
 ``benchmarks/results/distill_cifar10.csv`` has one row per model (teachers and the ensemble too):
@@ -160,6 +161,11 @@ def students(args: argparse.Namespace, tuned: list[str]) -> list[Student]:
         "meal-noD": Student(
             "meal-noD", "meal v1, no discriminators", MEAL + ["distill.adversarial.enabled=false"]
         ),
+        # the default draw is weighted by validation accuracy (pool.json); the paper's is uniform
+        "meal-uniform": Student(
+            "meal-uniform", "meal v1, uniform teacher draw", MEAL + ["distill.selection=random"]
+        ),
+        # = "meal" since weighted became the default; kept so the 2026-12-02 reduced run reproduces
         "meal-weighted": Student(
             "meal-weighted",
             "meal v1, weighted selection",
@@ -179,7 +185,8 @@ def students(args: argparse.Namespace, tuned: list[str]) -> list[Student]:
         f"{best.method}, + unlabelled images",
         best.overrides + [f"distill.extra_images={args.out_path / 'extra.parquet'}"],
     )
-    wanted = [m for m in args.methods.split(",") if m] if args.methods else list(table)
+    default = [m for m in table if m != "meal-weighted"]
+    wanted = [m for m in args.methods.split(",") if m] if args.methods else default
     unknown = [m for m in wanted if m not in table]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(table)}")
@@ -299,38 +306,41 @@ def stage_students(
 
     raw = base_config(args.out_path / POOL_TAG, images, args)
     rows = []
-    for st in students(args, tuned_overrides(args.out_path)):
-        for seed in st.seeds:
-            student_raw = copy.deepcopy(raw)
-            student_raw["run_dir"] = str(args.out_path / "students" / f"{st.name}-s{seed}")
-            student_raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
-            for o in [*st.overrides, f"distill.train.seed={seed}"]:
-                apply_override(student_raw, o)
-            scfg = validate(student_raw, st.name)
-            done = scfg.run_path / "student" / "summary.csv"
-            if done.is_file() and not args.resume:
-                raise SystemExit(f"{done} exists: pass --resume to continue or reuse it")
-            t1 = time.perf_counter()
-            summary = distill(scfg, resume=True, progress=False)
-            last = summary.iloc[-1]
-            d_first, d_last = last_d_acc(summary)
-            rows.append(
-                {
-                    "model": f"student {st.name}",
-                    "method": st.method,
-                    "seed": seed,
-                    "top1_err": 1 - float(last["val_top1"]),
-                    "top3_err": 1 - float(last["val_top3"]),
-                    "epochs": int(len(summary)),
-                    "s_per_epoch": float(summary["train_time_s"].mean()),
-                    "wall_s_this_sitting": time.perf_counter() - t1,
-                    "d_acc_first": d_first,
-                    "d_acc_last": d_last,
-                    "adversarial": str(last.get("adversarial", "")),
-                }
-            )
-            print(rows[-1], flush=True)
-            publish(rows)
+    roster = students(args, tuned_overrides(args.out_path))
+    # every method's first seed before any second seed: a sitting cut short still compares them all
+    order = sorted(((seed, i) for i, st in enumerate(roster) for seed in st.seeds))
+    for seed, i in order:
+        st = roster[i]
+        student_raw = copy.deepcopy(raw)
+        student_raw["run_dir"] = str(args.out_path / "students" / f"{st.name}-s{seed}")
+        student_raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
+        for o in [*st.overrides, f"distill.train.seed={seed}"]:
+            apply_override(student_raw, o)
+        scfg = validate(student_raw, st.name)
+        done = scfg.run_path / "student" / "summary.csv"
+        if done.is_file() and not args.resume:
+            raise SystemExit(f"{done} exists: pass --resume to continue or reuse it")
+        t1 = time.perf_counter()
+        summary = distill(scfg, resume=True, progress=False)
+        last = summary.iloc[-1]
+        d_first, d_last = last_d_acc(summary)
+        rows.append(
+            {
+                "model": f"student {st.name}",
+                "method": st.method,
+                "seed": seed,
+                "top1_err": 1 - float(last["val_top1"]),
+                "top3_err": 1 - float(last["val_top3"]),
+                "epochs": int(len(summary)),
+                "s_per_epoch": float(summary["train_time_s"].mean()),
+                "wall_s_this_sitting": time.perf_counter() - t1,
+                "d_acc_first": d_first,
+                "d_acc_last": d_last,
+                "adversarial": str(last.get("adversarial", "")),
+            }
+        )
+        print(rows[-1], flush=True)
+        publish(rows)
     return rows
 
 
