@@ -64,6 +64,11 @@ def run_dir(cfg: Path) -> Path:
         ("meal", ["distill.adversarial.mode=joint"]),
         ("meal", ["distill.adversarial.optimizer=adam", "distill.adversarial.lr=2e-4"]),
         ("meal", ["distill.adversarial.condition=none"]),
+        # consistent teaching with blocks: teachers score the mixed image (bench_distill's +consistent)
+        (
+            "meal",
+            ["distill.train.aug.mixup=0.2", "distill.train.aug.cutmix=1.0", "distill.train.aug.mix_prob=1.0"],
+        ),
         ("meal-v2", ["distill.blocks=[{index: logits}]"]),
         ("kd", ["distill.temperature=2"]),
         ("ce", []),
