@@ -1,0 +1,127 @@
+"""Shared by the MEAL unit tests: tiny timm nets, a batch, the slice of the engine's ctx a task uses,
+and a MealTask with one or more teachers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import timm
+import torch
+
+from distill.discriminator import discriminator_loss
+from distill.tasks import MealTask
+from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
+class Ctx:
+    """The slice of the engine's ctx a task uses, with plain SGD optimisers."""
+
+    device = torch.device("cpu")
+    epoch = 0
+    step = 0
+
+    def __init__(self, task, lr: float = 0.05) -> None:
+        self.opts = {
+            name: torch.optim.SGD(groups, lr=lr, momentum=0.0) for name, groups in task.param_groups().items()
+        }
+        self.calls: list[str] = []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def optimize(self, name: str, loss: torch.Tensor) -> None:
+        self.calls.append(name)
+        opt = self.opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def run(self, task, batch) -> dict:
+        """One engine step: manual tasks optimise themselves, others get backward + step of every optimiser."""
+        if task.manual_optimization:
+            return task.step(batch, self)
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
+        out = task.step(batch, self)
+        out["loss"].backward()
+        for opt in self.opts.values():
+            opt.step()
+        return out
+
+
+def tiny(seed: int, classes: int = 5, arch: str = "resnet10t") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(arch, pretrained=False, num_classes=classes)
+
+
+def batch(n: int = 4, size: int = 32, classes: int = 5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(n, 3, size, size, generator=g),
+        "label": torch.randint(classes, (n,), generator=g),
+        "index": torch.arange(n),
+    }
+
+
+def make_meal(
+    mode: str,
+    teachers: int = 1,
+    gamma: float = 1.0,
+    adversarial: bool = True,
+    train_mode=False,
+    condition: str = "none",
+):
+    student = tiny(100)
+    ts = [
+        FrozenTeacher(f"t{i}", tiny(i, arch="resnet18"), 40, MEAN, STD, train_mode) for i in range(teachers)
+    ]
+    ens = TeacherEnsemble(ts, "random" if teachers > 1 else "mean", seed=0)
+    blocks = [2, "logits"]
+    return MealTask(
+        student,
+        ens,
+        blocks,
+        [blocks] * teachers,
+        lengths=[20, None],
+        gammas=[gamma, gamma],
+        etas=[1.0, 1.0],
+        dims=[20, 5],
+        student_mean=MEAN,
+        student_std=STD,
+        adversarial=adversarial,
+        mode=mode,
+        disc_lr=0.05,
+        disc_condition=condition,
+        num_classes=5,
+    )
+
+
+def capture_vectors(task):
+    seen = []
+    orig = task.vectors
+
+    def wrapped(b, c):
+        out = orig(b, c)
+        seen.append(out)
+        return out
+
+    task.vectors = wrapped
+    return seen
+
+
+def d_loss_on(discs, t_raw, s_vecs, cls=None) -> float:
+    with torch.no_grad():
+        return sum(
+            float(discriminator_loss(d, t.detach(), s.detach(), cls))
+            for d, t, s in zip(discs, t_raw, s_vecs, strict=True)
+        )
+
+
+def d_student_logit(discs, s_vecs, cls=None) -> float:
+    """Mean D logit on student vectors: higher = D calls them teacher more = larger D error."""
+    with torch.no_grad():
+        return sum(float(d(s.detach(), cls).mean()) for d, s in zip(discs, s_vecs, strict=True))
