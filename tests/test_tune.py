@@ -98,7 +98,15 @@ def test_sweep_restores_after_driver_is_killed(tmp_path):
     cfg = make_run(
         tmp_path,
         n_train=48,
-        extra={"tune.metric": "val_loss", "tune.scheduler": "fifo", "distill.train.epochs": epochs},
+        # every checkpoint kept: with epochs (0.5 s) faster than the experiment snapshots (1 s), rotating
+        # them can delete the one the last snapshot names before the kill, and Ray then cannot restore
+        # that trial. Real sweeps snapshot every 10 s or more and keep 2 of epochs that take minutes.
+        extra={
+            "tune.metric": "val_loss",
+            "tune.scheduler": "fifo",
+            "tune.keep_checkpoints": epochs,
+            "distill.train.epochs": epochs,
+        },
     )
     st = storage(cfg)
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -131,7 +139,7 @@ def test_sweep_restores_after_driver_is_killed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "restored and finished" in proc.stdout
     trials = pd.read_csv(st / "trials.csv")
-    assert len(trials) == 2 and (trials["epochs"] == epochs).all()
+    assert len(trials) == 2 and (trials["epochs"] == epochs).all(), trials.to_string()
     after = _iterations(first)
     # the killed trial continued from its checkpoint: its iterations carry on, never start again at 1
     assert after[-1] == epochs and after.count(1) == 1, after
