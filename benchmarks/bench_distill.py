@@ -18,8 +18,9 @@ Stages (``--stages``, each resumable with ``--resume``; the run directories live
 
 Validation is the whole 10,000-image test split (``--val-per-class 1000``). The table
 ``benchmarks/results/distill_cifar10.csv`` has one row per model (teachers and the ensemble too):
-``model, method, seed, top1_err, top3_err, ratio_to_ce, gap_closed`` plus wall time, seconds per epoch and
-the discriminators' first/last balanced accuracy. ``gap_closed = (CE - student) / (CE - ensemble)`` on
+``model, method, seed, top1_err, top3_err, ratio_to_ce, gap_closed`` plus wall time, seconds per epoch
+(the median: a sitting paused mid-epoch does not skew it) and the discriminators' first/last balanced
+accuracy. ``gap_closed = (CE - student) / (CE - ensemble)`` on
 top-1 error, CE being the mean over CE seeds. Student figures are the LAST epoch's (nothing picked on the
 validation split).
 
@@ -241,7 +242,7 @@ def stage_teachers(args: argparse.Namespace, images: Path) -> list[dict]:
                 "seed": 0,
                 "top1_err": 1 - r["top1"],
                 "top3_err": 1 - r["top3"],
-                "s_per_epoch": float(pd.read_csv(summ)["train_time_s"].mean())
+                "s_per_epoch": float(pd.read_csv(summ)["train_time_s"].median())
                 if summ.is_file()
                 else float("nan"),
             }
@@ -332,7 +333,7 @@ def stage_students(
                 "top1_err": 1 - float(last["val_top1"]),
                 "top3_err": 1 - float(last["val_top3"]),
                 "epochs": int(len(summary)),
-                "s_per_epoch": float(summary["train_time_s"].mean()),
+                "s_per_epoch": float(summary["train_time_s"].median()),
                 "wall_s_this_sitting": time.perf_counter() - t1,
                 "d_acc_first": d_first,
                 "d_acc_last": d_last,
