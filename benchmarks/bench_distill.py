@@ -20,12 +20,11 @@ Validation is the whole 10,000-image test split (``--val-per-class 1000``). The 
 ``benchmarks/results/distill_cifar10.csv`` has one row per model (teachers and the ensemble too):
 ``model, method, seed, top1_err, top3_err, ratio_to_ce, gap_closed`` plus wall time, seconds per epoch
 (the median: a sitting paused mid-epoch does not skew it) and the discriminators' first/last balanced
-accuracy. ``gap_closed = (CE - student) / (CE - ensemble)`` on
-top-1 error, CE being the mean over CE seeds. Student figures are the LAST epoch's (nothing picked on the
-validation split).
+accuracy. ``gap_closed = (CE - student) / (CE - ensemble)`` on top-1 error, CE being the mean over CE
+seeds. Student figures are the LAST epoch's (nothing picked on the validation split).
 
     .venv/bin/python benchmarks/bench_distill.py --resume --out benchmarks/out/distill_c10 \\
-        --publish distill_cifar10                                                 # full size, ~5 h on 2 cores
+        --publish distill_cifar10                                                 # full size, ~10 h on 2 cores
     .venv/bin/python benchmarks/bench_distill.py --out /tmp/dsmall --train-per-class 20 --val-per-class 10 \\
         --extra-per-class 10 --teacher-epochs 1 --student-epochs 1 --tune-samples 2 --tune-epochs 1 \\
         --tune-per-class 10 --teachers resnet18:32,regnety_008:32            # a smoke run, minutes
