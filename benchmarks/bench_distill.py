@@ -372,6 +372,58 @@ def finish_table(rows: list[dict], val_images: int) -> pd.DataFrame:
     return df[first + [c for c in df.columns if c not in first]]
 
 
+def method_means(df: pd.DataFrame, val_images: int) -> pd.DataFrame:
+    """One row per student method: top-1/top-3 error averaged over its seeds, with the seeds' spread,
+    ratio to CE and gap closed of the mean, and the ±95% interval of one evaluation (the seeds share the
+    validation images, so averaging them does not shrink that part of the noise)."""
+    st = df[df["model"].astype(str).str.startswith("student ")]
+    if st.empty:
+        return pd.DataFrame()
+    g = st.groupby("model", sort=False)
+    out = g.agg(
+        method=("method", "first"),
+        seeds=("seed", "nunique"),
+        top1_err=("top1_err", "mean"),
+        top1_err_min=("top1_err", "min"),
+        top1_err_max=("top1_err", "max"),
+        top3_err=("top3_err", "mean"),
+    ).reset_index()
+    ce = out.loc[out["model"] == "student ce", "top1_err"]
+    ens = df.loc[df["model"] == "ensemble_mean", "top1_err"]
+    ce_err = float(ce.iloc[0]) if len(ce) else float("nan")
+    ens_err = float(ens.iloc[0]) if len(ens) else float("nan")
+    out["ratio_to_ce"] = out["top1_err"] / ce_err
+    out["gap_closed"] = (ce_err - out["top1_err"]) / (ce_err - ens_err)
+    p = out["top1_err"]
+    out["top1_ci95"] = 1.96 * np.sqrt(p * (1 - p) / val_images)
+    return out
+
+
+def aim_check(means: pd.DataFrame, val_images: int) -> str:
+    """The issue's aim for the best MEAL student (lowest mean top-1 error): at most 0.85x CE's error,
+    below KD, at least 75% of the CE-to-ensemble gap closed."""
+    if means.empty:
+        return ""
+    meal = means[means["method"].astype(str).str.startswith("meal")]
+    kd = means.loc[means["model"] == "student kd", "top1_err"]
+    if meal.empty or kd.empty:
+        return ""
+    best = meal.loc[meal["top1_err"].idxmin()]
+    pb, pk = float(best["top1_err"]), float(kd.iloc[0])
+    half = 1.96 * math.sqrt(pb * (1 - pb) / val_images + pk * (1 - pk) / val_images)
+
+    def mark(ok: bool) -> str:
+        return "reached" if ok else "NOT reached"
+
+    return (
+        f"aim, best MEAL = {best['model']} ({best['seeds']} seed(s), top-1 error {100 * pb:.2f}%): "
+        f"ratio to CE {best['ratio_to_ce']:.3f} (<= 0.85: {mark(best['ratio_to_ce'] <= 0.85)}); "
+        f"KD - best {100 * (pk - pb):+.2f} points, ±{100 * half:.2f} at 95% (below KD: {mark(pb < pk)}"
+        f"{', outside the interval' if pk - pb > half else ', inside the interval'}); "
+        f"gap closed {100 * best['gap_closed']:.0f}% (>= 75%: {mark(best['gap_closed'] >= 0.75)})"
+    )
+
+
 def discriminator_ablation(df: pd.DataFrame, val_images: int) -> str:
     """MEAL with minus without discriminators (defaults, and tuned), each with the ±95% interval of an
     unpaired difference of two error rates on the same validation images."""
@@ -426,7 +478,8 @@ def main() -> None:
     p.add_argument(
         "--publish",
         default="",
-        help="write the tables as benchmarks/results/NAME.csv and NAME_tune.csv (default: beside the runs)",
+        help="write the tables as benchmarks/results/NAME.csv, NAME_methods.csv (means over seeds) and "
+        "NAME_tune.csv (default: beside the runs)",
     )
     args = p.parse_args()
     args.out_path = Path(args.out).resolve()
@@ -442,6 +495,10 @@ def main() -> None:
         # --publish NAME writes the table under benchmarks/results/; other runs keep it beside their runs
         df = finish_table(rows + student_rows, val_images)
         write_csv(RESULTS / f"{args.publish}.csv" if args.publish else args.out_path / "results.csv", df)
+        means = method_means(df, val_images)
+        if not means.empty:
+            name = f"{args.publish}_methods.csv"
+            write_csv(RESULTS / name if args.publish else args.out_path / "results_methods.csv", means)
         return df
 
     if "teachers" in stages or "students" in stages:
@@ -461,6 +518,11 @@ def main() -> None:
     print(header)
     print(df.to_string(index=False))
     print(discriminator_ablation(df, val_images))
+    means = method_means(df, val_images)
+    if not means.empty:
+        print("mean over seeds:")
+        print(means.to_string(index=False))
+        print(aim_check(means, val_images))
 
 
 if __name__ == "__main__":

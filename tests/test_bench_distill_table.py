@@ -1,0 +1,82 @@
+"""The distillation benchmark's own tables: means over seeds and the aim check, on a synthetic table
+(no benchmark data: the real run takes hours)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "bench_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _table(bench, rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
+    raw = [{"model": m, "method": k, "seed": s, "top1_err": e, "top3_err": e / 4} for m, k, s, e in rows]
+    return bench.finish_table(raw, 10_000)
+
+
+def test_means_average_seeds_and_measure_against_the_mean_ce(bench):
+    df = _table(
+        bench,
+        [
+            ("ensemble_mean", "ensemble", 0, 0.16),
+            ("student ce", "ce", 0, 0.19),
+            ("student ce", "ce", 1, 0.21),
+            ("student kd", "kd", 0, 0.19),
+            ("student meal-tuned", "meal v1 (tuned)", 0, 0.17),
+            ("student meal-tuned", "meal v1 (tuned)", 1, 0.18),
+        ],
+    )
+    means = bench.method_means(df, 10_000).set_index("model")
+    assert list(means.index) == ["student ce", "student kd", "student meal-tuned"]
+    tuned = means.loc["student meal-tuned"]
+    assert tuned["seeds"] == 2
+    assert tuned["top1_err"] == pytest.approx(0.175)
+    assert (tuned["top1_err_min"], tuned["top1_err_max"]) == pytest.approx((0.17, 0.18))
+    assert tuned["ratio_to_ce"] == pytest.approx(0.175 / 0.20)
+    assert tuned["gap_closed"] == pytest.approx((0.20 - 0.175) / (0.20 - 0.16))
+    assert means.loc["student ce", "gap_closed"] == pytest.approx(0.0)
+
+
+def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
+    base = [("ensemble_mean", "ensemble", 0, 0.16), ("student ce", "ce", 0, 0.20)]
+    reached = bench.aim_check(
+        bench.method_means(
+            _table(bench, [*base, ("student kd", "kd", 0, 0.19), ("student m", "meal v1", 0, 0.165)]), 10_000
+        ),
+        10_000,
+    )
+    assert "student m " in reached and "NOT" not in reached and "outside the interval" in reached
+    missed = bench.aim_check(
+        bench.method_means(
+            _table(
+                bench,
+                [
+                    *base,
+                    ("student kd", "kd", 0, 0.185),
+                    ("student a", "meal v1", 0, 0.19),
+                    ("student b", "meal v2", 0, 0.188),
+                ],
+            ),
+            10_000,
+        ),
+        10_000,
+    )
+    assert "student b " in missed  # the lower of the two MEAL students
+    assert missed.count("NOT reached") == 3
+    assert bench.aim_check(bench.method_means(_table(bench, base), 10_000), 10_000) == ""
