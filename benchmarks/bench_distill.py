@@ -153,7 +153,8 @@ NO_D = ["distill.adversarial.enabled=false"]
 CONSISTENT = ["distill.train.aug.mixup=0.2", "distill.train.aug.cutmix=1.0", "distill.train.aug.mix_prob=0.5"]
 
 
-def students(args: argparse.Namespace, tuned: list[str]) -> list[Student]:
+def students(args: argparse.Namespace, tuned: list[str], everyone: bool = False) -> list[Student]:
+    """The students ``--methods`` asks for (every one with ``everyone``), in the roster's order."""
     seeds = tuple(range(args.seeds))
     table = {
         "ce": Student("ce", "ce", ["distill.method=ce"], seeds),
@@ -195,7 +196,7 @@ def students(args: argparse.Namespace, tuned: list[str]) -> list[Student]:
     first = ["ce", "kd", "meal", best.name, "meal-noD", "meal-tuned-noD"]
     first += [f"{best.name}+extra", f"{best.name}+consistent", "meal-v2"]
     default = list(dict.fromkeys([*first, *(m for m in table if m != "meal-weighted")]))
-    wanted = [m for m in args.methods.split(",") if m] if args.methods else default
+    wanted = [m for m in args.methods.split(",") if m] if args.methods and not everyone else default
     unknown = [m for m in wanted if m not in table]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(table)}")
@@ -305,17 +306,54 @@ def last_d_acc(summary: pd.DataFrame) -> tuple[float, float]:
     return float(summary[cols].iloc[0].max()), float(summary[cols].iloc[-1].max())
 
 
+def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float) -> dict:
+    last = summary.iloc[-1]
+    d_first, d_last = last_d_acc(summary)
+    return {
+        "model": f"student {st.name}",
+        "method": st.method,
+        "seed": seed,
+        "top1_err": 1 - float(last["val_top1"]),
+        "top3_err": 1 - float(last["val_top3"]),
+        "epochs": int(len(summary)),
+        "s_per_epoch": float(summary["train_time_s"].median()),
+        "wall_s_this_sitting": wall_s,
+        "d_acc_first": d_first,
+        "d_acc_last": d_last,
+        "adversarial": str(last.get("adversarial", "")),
+    }
+
+
 def stage_students(
     args: argparse.Namespace, images: Path, publish: Callable[[list[dict]], None]
 ) -> list[dict]:
-    """Trains every student (finished ones are read back with --resume); ``publish`` gets the rows after
-    each one, so a sitting cut short still leaves its table."""
+    """Trains the ``--methods`` students (finished ones are read back with --resume); ``publish`` gets
+    the rows after each one, so a sitting cut short still leaves its table. Finished students outside
+    ``--methods`` stay in the table (read from their summary.csv, never trained), so a run that adds
+    one student does not drop the others."""
     from distill.train import distill
     from imat.config import apply_override, validate
 
     raw = base_config(args.out_path / POOL_TAG, images, args)
-    rows = []
-    roster = students(args, tuned_overrides(args.out_path))
+    tuned = tuned_overrides(args.out_path)
+    roster = students(args, tuned)
+    everyone = students(args, tuned, everyone=True)
+    rank = {(st.name, seed): k for k, (seed, st) in enumerate((sd, st) for st in everyone for sd in st.seeds)}
+    rows: dict[tuple[str, int], dict] = {}
+
+    def table() -> list[dict]:
+        return [rows[k] for k in sorted(rows, key=lambda k: rank.get(k, len(rank)))]
+
+    asked = {st.name for st in roster}
+    for st in everyone:
+        if st.name in asked:
+            continue
+        for seed in st.seeds:
+            done = args.out_path / "students" / f"{st.name}-s{seed}" / "student" / "summary.csv"
+            if done.is_file():
+                summary = pd.read_csv(done)
+                if len(summary) >= args.student_epochs:
+                    rows[(st.name, seed)] = student_row(st, seed, summary, 0.0)
     # every method's first seed before any second seed: a sitting cut short still compares them all
     order = sorted(((seed, i) for i, st in enumerate(roster) for seed in st.seeds))
     for seed, i in order:
@@ -331,26 +369,10 @@ def stage_students(
             raise SystemExit(f"{done} exists: pass --resume to continue or reuse it")
         t1 = time.perf_counter()
         summary = distill(scfg, resume=True, progress=False)
-        last = summary.iloc[-1]
-        d_first, d_last = last_d_acc(summary)
-        rows.append(
-            {
-                "model": f"student {st.name}",
-                "method": st.method,
-                "seed": seed,
-                "top1_err": 1 - float(last["val_top1"]),
-                "top3_err": 1 - float(last["val_top3"]),
-                "epochs": int(len(summary)),
-                "s_per_epoch": float(summary["train_time_s"].median()),
-                "wall_s_this_sitting": time.perf_counter() - t1,
-                "d_acc_first": d_first,
-                "d_acc_last": d_last,
-                "adversarial": str(last.get("adversarial", "")),
-            }
-        )
-        print(rows[-1], flush=True)
-        publish(rows)
-    return rows
+        rows[(st.name, seed)] = student_row(st, seed, summary, time.perf_counter() - t1)
+        print(rows[(st.name, seed)], flush=True)
+        publish(table())
+    return table()
 
 
 # --- the table -----------------------------------------------------------------------------------------

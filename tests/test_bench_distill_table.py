@@ -80,3 +80,39 @@ def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
     assert "student b " in missed  # the lower of the two MEAL students
     assert missed.count("NOT reached") == 3
     assert bench.aim_check(bench.method_means(_table(bench, base), 10_000), 10_000) == ""
+
+
+def _summary(epochs: int, top1: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"epoch": range(epochs), "val_top1": top1, "val_top3": 0.95, "train_time_s": 10.0, "d_acc_b0": 0.5}
+    )
+
+
+def test_a_methods_run_keeps_the_finished_students_it_was_not_asked_for(bench, tmp_path, monkeypatch):
+    import argparse
+
+    import distill.train
+
+    args = argparse.Namespace(
+        teachers="resnet18:32", batch_size=8, lr=0.1, precision="fp32", channels_last=False, device="cpu",
+        aug="crop", label_smoothing=0.1, workers=0, teacher_epochs=1, student="resnet10t",
+        student_kwargs="{}", student_epochs=4, seeds=1, best="meal-tuned", methods="meal-v2",
+        out_path=tmp_path, resume=True,
+    )  # fmt: skip
+    for name, epochs in (("kd", 4), ("meal", 2)):  # kd finished, meal cut mid-run
+        path = tmp_path / "students" / f"{name}-s0" / "student" / "summary.csv"
+        path.parent.mkdir(parents=True)
+        _summary(epochs, 0.8).to_csv(path, index=False)
+    trained = []
+
+    def fake_distill(cfg, resume, progress):
+        trained.append(cfg.run_path.name)
+        return _summary(4, 0.9)
+
+    monkeypatch.setattr(distill.train, "distill", fake_distill)
+    published = []
+    rows = bench.stage_students(args, tmp_path / "images", lambda r: published.append(list(r)))
+    assert trained == ["meal-v2-s0"]  # only what --methods asks for is trained
+    assert [r["model"] for r in rows] == ["student kd", "student meal-v2"]  # roster order; meal unfinished
+    assert rows[0]["top1_err"] == pytest.approx(0.2) and rows[1]["top1_err"] == pytest.approx(0.1)
+    assert published[-1] == rows
