@@ -37,7 +37,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import platform
 import tarfile
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from distill_tables import aim_check, discriminator_ablation, finish_table, method_means
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
@@ -306,6 +306,10 @@ def last_d_acc(summary: pd.DataFrame) -> tuple[float, float]:
     return float(summary[cols].iloc[0].max()), float(summary[cols].iloc[-1].max())
 
 
+def student_dir(args: argparse.Namespace, st: Student, seed: int) -> Path:
+    return args.out_path / "students" / f"{st.name}-s{seed}"
+
+
 def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float) -> dict:
     last = summary.iloc[-1]
     d_first, d_last = last_d_acc(summary)
@@ -325,7 +329,7 @@ def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float) ->
 
 
 def stage_students(
-    args: argparse.Namespace, images: Path, publish: Callable[[list[dict]], None]
+    args: argparse.Namespace, images: Path, publish: Callable[[list[dict]], object]
 ) -> list[dict]:
     """Trains the ``--methods`` students (finished ones are read back with --resume); ``publish`` gets
     the rows after each one, so a sitting cut short still leaves its table. Finished students outside
@@ -338,7 +342,8 @@ def stage_students(
     tuned = tuned_overrides(args.out_path)
     roster = students(args, tuned)
     everyone = students(args, tuned, everyone=True)
-    rank = {(st.name, seed): k for k, (seed, st) in enumerate((sd, st) for st in everyone for sd in st.seeds)}
+    keys = [(st.name, seed) for st in everyone for seed in st.seeds]
+    rank = {key: k for k, key in enumerate(keys)}
     rows: dict[tuple[str, int], dict] = {}
 
     def table() -> list[dict]:
@@ -349,7 +354,7 @@ def stage_students(
         if st.name in asked:
             continue
         for seed in st.seeds:
-            done = args.out_path / "students" / f"{st.name}-s{seed}" / "student" / "summary.csv"
+            done = student_dir(args, st, seed) / "student" / "summary.csv"
             if done.is_file():
                 summary = pd.read_csv(done)
                 if len(summary) >= args.student_epochs:
@@ -359,7 +364,7 @@ def stage_students(
     for seed, i in order:
         st = roster[i]
         student_raw = copy.deepcopy(raw)
-        student_raw["run_dir"] = str(args.out_path / "students" / f"{st.name}-s{seed}")
+        student_raw["run_dir"] = str(student_dir(args, st, seed))
         student_raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
         for o in [*st.overrides, f"distill.train.seed={seed}"]:
             apply_override(student_raw, o)
@@ -373,95 +378,6 @@ def stage_students(
         print(rows[(st.name, seed)], flush=True)
         publish(table())
     return table()
-
-
-# --- the table -----------------------------------------------------------------------------------------
-
-
-def finish_table(rows: list[dict], val_images: int) -> pd.DataFrame:
-    """Adds ratio_to_ce and gap_closed (top-1) and the ±95% binomial half-width of each top-1 error."""
-    df = pd.DataFrame(rows)
-    students_ = df["model"].astype(str).str.startswith("student ")
-    ce = df.loc[df["model"] == "student ce", "top1_err"].mean()
-    ens = df.loc[df["model"] == "ensemble_mean", "top1_err"]
-    ens_err = float(ens.iloc[0]) if len(ens) else float("nan")
-    df["ratio_to_ce"] = df["top1_err"] / ce if math.isfinite(ce) else float("nan")
-    df["gap_closed"] = (ce - df["top1_err"]) / (ce - ens_err) if math.isfinite(ce - ens_err) else float("nan")
-    df.loc[~students_, ["ratio_to_ce", "gap_closed"]] = float("nan")
-    p = df["top1_err"]
-    df["top1_ci95"] = 1.96 * np.sqrt(p * (1 - p) / val_images)
-    first = ["model", "method", "seed", "top1_err", "top3_err", "ratio_to_ce", "gap_closed"]
-    return df[first + [c for c in df.columns if c not in first]]
-
-
-def method_means(df: pd.DataFrame, val_images: int) -> pd.DataFrame:
-    """One row per student method: top-1/top-3 error averaged over its seeds, with the seeds' spread,
-    ratio to CE and gap closed of the mean, and the ±95% interval of one evaluation (the seeds share the
-    validation images, so averaging them does not shrink that part of the noise)."""
-    st = df[df["model"].astype(str).str.startswith("student ")]
-    if st.empty:
-        return pd.DataFrame()
-    g = st.groupby("model", sort=False)
-    out = g.agg(
-        method=("method", "first"),
-        seeds=("seed", "nunique"),
-        top1_err=("top1_err", "mean"),
-        top1_err_min=("top1_err", "min"),
-        top1_err_max=("top1_err", "max"),
-        top3_err=("top3_err", "mean"),
-    ).reset_index()
-    ce = out.loc[out["model"] == "student ce", "top1_err"]
-    ens = df.loc[df["model"] == "ensemble_mean", "top1_err"]
-    ce_err = float(ce.iloc[0]) if len(ce) else float("nan")
-    ens_err = float(ens.iloc[0]) if len(ens) else float("nan")
-    out["ratio_to_ce"] = out["top1_err"] / ce_err
-    out["gap_closed"] = (ce_err - out["top1_err"]) / (ce_err - ens_err)
-    p = out["top1_err"]
-    out["top1_ci95"] = 1.96 * np.sqrt(p * (1 - p) / val_images)
-    return out
-
-
-def aim_check(means: pd.DataFrame, val_images: int) -> str:
-    """The issue's aim for the best MEAL student (lowest mean top-1 error): at most 0.85x CE's error,
-    below KD, at least 75% of the CE-to-ensemble gap closed."""
-    if means.empty:
-        return ""
-    meal = means[means["method"].astype(str).str.startswith("meal")]
-    kd = means.loc[means["model"] == "student kd", "top1_err"]
-    if meal.empty or kd.empty:
-        return ""
-    best = meal.loc[meal["top1_err"].idxmin()]
-    pb, pk = float(best["top1_err"]), float(kd.iloc[0])
-    half = 1.96 * math.sqrt(pb * (1 - pb) / val_images + pk * (1 - pk) / val_images)
-
-    def mark(ok: bool) -> str:
-        return "reached" if ok else "NOT reached"
-
-    return (
-        f"aim, best MEAL = {best['model']} ({best['seeds']} seed(s), top-1 error {100 * pb:.2f}%): "
-        f"ratio to CE {best['ratio_to_ce']:.3f} (<= 0.85: {mark(best['ratio_to_ce'] <= 0.85)}); "
-        f"KD - best {100 * (pk - pb):+.2f} points, ±{100 * half:.2f} at 95% (below KD: {mark(pb < pk)}"
-        f"{', outside the interval' if pk - pb > half else ', inside the interval'}); "
-        f"gap closed {100 * best['gap_closed']:.0f}% (>= 75%: {mark(best['gap_closed'] >= 0.75)})"
-    )
-
-
-def discriminator_ablation(df: pd.DataFrame, val_images: int) -> str:
-    """MEAL with minus without discriminators (defaults, and tuned), each with the ±95% interval of an
-    unpaired difference of two error rates on the same validation images."""
-    lines = []
-    for with_d, label in (("meal", "defaults"), ("meal-tuned", "tuned")):
-        a = df.loc[df["model"] == f"student {with_d}", "top1_err"]
-        b = df.loc[df["model"] == f"student {with_d}-noD", "top1_err"]
-        if a.empty or b.empty:
-            continue
-        pa, pb = float(a.mean()), float(b.mean())
-        half = 1.96 * math.sqrt(pa * (1 - pa) / val_images + pb * (1 - pb) / val_images)
-        lines.append(
-            f"discriminator ablation ({label}): top-1 error with - without = {100 * (pa - pb):+.2f} points "
-            f"(±{100 * half:.2f} at 95%)"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -513,15 +429,15 @@ def main() -> None:
     val_images = int((manifest["split"] == "val").sum())
     from imat.io import write_csv
 
-    def publish(student_rows: list[dict]) -> pd.DataFrame:
-        # --publish NAME writes the table under benchmarks/results/; other runs keep it beside their runs
+    def publish(student_rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        # --publish NAME writes the tables under benchmarks/results/; other runs keep them beside their runs
         df = finish_table(rows + student_rows, val_images)
-        write_csv(RESULTS / f"{args.publish}.csv" if args.publish else args.out_path / "results.csv", df)
         means = method_means(df, val_images)
+        base = RESULTS / args.publish if args.publish else args.out_path / "results"
+        write_csv(f"{base}.csv", df)
         if not means.empty:
-            name = f"{args.publish}_methods.csv"
-            write_csv(RESULTS / name if args.publish else args.out_path / "results_methods.csv", means)
-        return df
+            write_csv(f"{base}_methods.csv", means)
+        return df, means
 
     if "teachers" in stages or "students" in stages:
         rows += stage_teachers(args, images)
@@ -529,7 +445,7 @@ def main() -> None:
     if "tune" in stages:
         stage_tune(args, images, manifest, classes)
     student_rows = stage_students(args, images, publish) if "students" in stages else []
-    df = publish(student_rows)
+    df, means = publish(student_rows)
     header = (
         f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train (+{args.extra_per_class}/class unlabelled), "
         f"{val_images} val; teachers {args.teachers} x {args.teacher_epochs} ep; student {args.student} "
@@ -540,7 +456,6 @@ def main() -> None:
     print(header)
     print(df.to_string(index=False))
     print(discriminator_ablation(df, val_images))
-    means = method_means(df, val_images)
     if not means.empty:
         print("mean over seeds:")
         print(means.to_string(index=False))

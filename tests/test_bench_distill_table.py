@@ -1,5 +1,6 @@
-"""The distillation benchmark's own tables: means over seeds and the aim check, on a synthetic table
-(no benchmark data: the real run takes hours)."""
+"""The distillation benchmark's own tables (benchmarks/distill_tables.py: means over seeds, the aim check)
+and its students stage, on synthetic tables and a fake distill (no benchmark data: the real run takes
+hours)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
+    """benchmarks/bench_distill.py as a module, with benchmarks/ importable as it is for the script."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "bench_distill.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
@@ -23,6 +26,8 @@ def bench():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+        sys.modules.pop("distill_tables", None)
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _table(bench, rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
