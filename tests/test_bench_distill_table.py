@@ -76,6 +76,7 @@ def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
                     ("student kd", "kd", 0, 0.185),
                     ("student a", "meal v1", 0, 0.19),
                     ("student b", "meal v2", 0, 0.188),
+                    ("student c", "meal v1, no discriminators", 0, 0.10),  # an ablation, not MEAL
                 ],
             ),
             10_000,
@@ -85,6 +86,19 @@ def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
     assert "student b " in missed  # the lower of the two MEAL students
     assert missed.count("NOT reached") == 3
     assert bench.aim_check(bench.method_means(_table(bench, base), 10_000), 10_000) == ""
+
+
+def test_gap_closed_is_undefined_without_a_gap(bench):
+    df = _table(
+        bench,
+        [
+            ("ensemble_mean", "ensemble", 0, 0.20),
+            ("student ce", "ce", 0, 0.20),
+            ("student kd", "kd", 0, 0.19),
+        ],
+    )
+    assert df["gap_closed"].isna().all()
+    assert df.loc[df["model"] == "student kd", "ratio_to_ce"].item() == pytest.approx(0.95)
 
 
 def _summary(epochs: int, top1: float) -> pd.DataFrame:
