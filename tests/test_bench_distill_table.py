@@ -35,6 +35,10 @@ def _table(bench, rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
     return bench.finish_table(raw, 10_000)
 
 
+def _aim(bench, rows: list[tuple[str, str, int, float]]) -> str:
+    return bench.aim_check(bench.method_means(_table(bench, rows), 10_000), 10_000)
+
+
 def test_means_average_seeds_and_measure_against_the_mean_ce(bench):
     df = _table(
         bench,
@@ -60,32 +64,21 @@ def test_means_average_seeds_and_measure_against_the_mean_ce(bench):
 
 def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
     base = [("ensemble_mean", "ensemble", 0, 0.16), ("student ce", "ce", 0, 0.20)]
-    reached = bench.aim_check(
-        bench.method_means(
-            _table(bench, [*base, ("student kd", "kd", 0, 0.19), ("student m", "meal v1", 0, 0.165)]), 10_000
-        ),
-        10_000,
-    )
+    reached = _aim(bench, [*base, ("student kd", "kd", 0, 0.19), ("student m", "meal v1", 0, 0.165)])
     assert "student m " in reached and "NOT" not in reached and "outside the interval" in reached
-    missed = bench.aim_check(
-        bench.method_means(
-            _table(
-                bench,
-                [
-                    *base,
-                    ("student kd", "kd", 0, 0.185),
-                    ("student a", "meal v1", 0, 0.19),
-                    ("student b", "meal v2", 0, 0.188),
-                    ("student c", "meal v1, no discriminators", 0, 0.10),  # an ablation, not MEAL
-                ],
-            ),
-            10_000,
-        ),
-        10_000,
+    missed = _aim(
+        bench,
+        [
+            *base,
+            ("student kd", "kd", 0, 0.185),
+            ("student a", "meal v1", 0, 0.19),
+            ("student b", "meal v2", 0, 0.188),
+            ("student c", "meal v1, no discriminators", 0, 0.10),  # an ablation, not MEAL
+        ],
     )
     assert "student b " in missed  # the lower of the two MEAL students
     assert missed.count("NOT reached") == 3
-    assert bench.aim_check(bench.method_means(_table(bench, base), 10_000), 10_000) == ""
+    assert _aim(bench, base) == ""
 
 
 def test_gap_closed_is_undefined_without_a_gap(bench):
