@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
+import math
 import platform
 import tarfile
 import time
@@ -203,11 +205,52 @@ def students(args: argparse.Namespace, tuned: list[str], everyone: bool = False)
     return [table[m] for m in wanted]
 
 
-def tuned_overrides(out: Path) -> list[str]:
+def tuned_overrides(out: Path, publish: str = "") -> list[str]:
+    """The sweep's winner as overrides: tune/winner.json, else the published sweep table's first row
+    (best first), so a run directory lost with its machine does not need the sweep again."""
     path = out / "tune" / "winner.json"
-    if not path.is_file():
+    table = RESULTS / f"{publish}_tune.csv"
+    if path.is_file():
+        winner = json.loads(path.read_text())
+    elif publish and table.is_file():
+        best = pd.read_csv(table).iloc[0]
+        winner = {k: best[k].item() for k in best.index if k.startswith("distill.")}
+    else:
         return []
-    return [f"{k}={json.dumps(v)}" for k, v in json.loads(path.read_text()).items()]
+    return [f"{k}={json.dumps(v)}" for k, v in winner.items()]
+
+
+def pool_id(pool_dir: Path) -> str:
+    """A short name for a trained pool: the SHA-256 of its teachers' weights (content, not path)."""
+    from distill.cache import file_sha256
+
+    h = hashlib.sha256()
+    for w in sorted(pool_dir.glob("*/best.safetensors")):
+        h.update(f"{w.parent.name}|{file_sha256(w)}\n".encode())
+    return h.hexdigest()[:8]
+
+
+def carried_rows(args: argparse.Namespace) -> list[dict]:
+    """With --keep-published: the published table's rows that this run directory cannot rebuild (a
+    machine that lost --out): other pools' teachers and ensembles, and students whose run directory is
+    gone. Their ratio and gap are recomputed; a row from before the pool column gets pool "unrecorded"."""
+    path = RESULTS / f"{args.publish}.csv"
+    if not (args.keep_published and args.publish and path.is_file()):
+        return []
+    df = pd.read_csv(path).drop(columns=["ratio_to_ce", "gap_closed", "top1_ci95"], errors="ignore")
+    df["pool"] = df["pool"].fillna("unrecorded") if "pool" in df else "unrecorded"
+    keep = []
+    for row in df.to_dict("records"):
+        model = str(row["model"])
+        if model.startswith("student "):
+            seed = int(row["seed"])
+            row["seed"] = seed
+            done = args.out_path / "students" / f"{model.removeprefix('student ')}-s{seed}"
+            if not (done / "student" / "summary.csv").is_file():
+                keep.append(row)
+        elif row["pool"] != args.pool:
+            keep.append(row)
+    return [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in keep]
 
 
 # --- stages --------------------------------------------------------------------------------------------
@@ -237,6 +280,7 @@ def stage_teachers(args: argparse.Namespace, images: Path) -> list[dict]:
     t0 = time.perf_counter()
     train_pool(cfg, resume=True)
     wall = time.perf_counter() - t0
+    args.pool = pool_id(cfg.pool_dir)
     ev = evaluate_pool(cfg.pool_dir, split="val", batch_size=256, device=args.device, metric="top1")
     rows = []
     for _, r in ev.table.iterrows():
@@ -249,6 +293,7 @@ def stage_teachers(args: argparse.Namespace, images: Path) -> list[dict]:
                 "model": model,
                 "method": r["kind"],
                 "seed": 0,
+                "pool": args.pool,
                 "top1_err": 1 - r["top1"],
                 "top3_err": 1 - r["top3"],
                 "s_per_epoch": float(pd.read_csv(summ)["train_time_s"].median())
@@ -256,7 +301,9 @@ def stage_teachers(args: argparse.Namespace, images: Path) -> list[dict]:
                 else float("nan"),
             }
         )
-    rows.append({"model": "(teacher pool training this sitting)", "method": "", "wall_s": wall})
+    rows.append(
+        {"model": "(teacher pool training this sitting)", "method": "", "pool": args.pool, "wall_s": wall}
+    )
     return rows
 
 
@@ -310,13 +357,14 @@ def student_dir(args: argparse.Namespace, st: Student, seed: int) -> Path:
     return args.out_path / "students" / f"{st.name}-s{seed}"
 
 
-def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float) -> dict:
+def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float, pool: str) -> dict:
     last = summary.iloc[-1]
     d_first, d_last = last_d_acc(summary)
     return {
         "model": f"student {st.name}",
         "method": st.method,
         "seed": seed,
+        "pool": pool,
         "top1_err": 1 - float(last["val_top1"]),
         "top3_err": 1 - float(last["val_top3"]),
         "epochs": int(len(summary)),
@@ -329,22 +377,28 @@ def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float) ->
 
 
 def stage_students(
-    args: argparse.Namespace, images: Path, publish: Callable[[list[dict]], object]
+    args: argparse.Namespace,
+    images: Path,
+    publish: Callable[[list[dict]], object],
+    carried: list[dict] | None = None,
 ) -> list[dict]:
     """Trains the ``--methods`` students (finished ones are read back with --resume); ``publish`` gets
     the rows after each one, so a sitting cut short still leaves its table. Finished students outside
     ``--methods`` stay in the table (read from their summary.csv, never trained), so a run that adds
-    one student does not drop the others."""
+    one student does not drop the others; ``carried`` students (published rows whose run directory
+    is gone, see carried_rows) count as finished and are not trained again."""
     from distill.train import distill
     from imat.config import apply_override, validate
 
     raw = base_config(args.out_path / POOL_TAG, images, args)
-    tuned = tuned_overrides(args.out_path)
+    tuned = tuned_overrides(args.out_path, args.publish)
     roster = students(args, tuned)
     everyone = students(args, tuned, everyone=True)
     keys = [(st.name, seed) for st in everyone for seed in st.seeds]
     rank = {key: k for k, key in enumerate(keys)}
-    rows: dict[tuple[str, int], dict] = {}
+    rows: dict[tuple[str, int], dict] = {
+        (str(r["model"]).removeprefix("student "), int(r["seed"])): r for r in carried or []
+    }
 
     def table() -> list[dict]:
         return [rows[k] for k in sorted(rows, key=lambda k: rank.get(k, len(rank)))]
@@ -358,11 +412,13 @@ def stage_students(
             if done.is_file():
                 summary = pd.read_csv(done)
                 if len(summary) >= args.student_epochs:
-                    rows[(st.name, seed)] = student_row(st, seed, summary, 0.0)
+                    rows[(st.name, seed)] = student_row(st, seed, summary, 0.0, args.pool)
     # every method's first seed before any second seed: a sitting cut short still compares them all
     order = sorted(((seed, i) for i, st in enumerate(roster) for seed in st.seeds))
     for seed, i in order:
         st = roster[i]
+        if (st.name, seed) in rows:  # carried from the published table
+            continue
         student_raw = copy.deepcopy(raw)
         student_raw["run_dir"] = str(student_dir(args, st, seed))
         student_raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
@@ -374,7 +430,7 @@ def stage_students(
             raise SystemExit(f"{done} exists: pass --resume to continue or reuse it")
         t1 = time.perf_counter()
         summary = distill(scfg, resume=True, progress=False)
-        rows[(st.name, seed)] = student_row(st, seed, summary, time.perf_counter() - t1)
+        rows[(st.name, seed)] = student_row(st, seed, summary, time.perf_counter() - t1, args.pool)
         print(rows[(st.name, seed)], flush=True)
         publish(table())
     return table()
@@ -414,6 +470,12 @@ def main() -> None:
     p.add_argument("--tune-per-class", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--keep-published",
+        action="store_true",
+        help="keep the published table's rows this --out cannot rebuild (its run directories lost): other "
+        "pools' teachers, students whose run directory is gone (not trained again); each row names its pool",
+    )
+    p.add_argument(
         "--publish",
         default="",
         help="write the tables as benchmarks/results/NAME.csv, NAME_methods.csv (means over seeds) and "
@@ -421,6 +483,7 @@ def main() -> None:
     )
     args = p.parse_args()
     args.out_path = Path(args.out).resolve()
+    args.pool = ""  # set by stage_teachers: the trained pool's id
     logging.basicConfig(level=logging.WARNING)
     stages = [s for s in args.stages.split(",") if s]
     start = time.perf_counter()
@@ -441,10 +504,16 @@ def main() -> None:
 
     if "teachers" in stages or "students" in stages:
         rows += stage_teachers(args, images)
-        publish([])
+    carried = carried_rows(args)
+    rows += [r for r in carried if not str(r["model"]).startswith("student ")]
+    carried_students = [r for r in carried if str(r["model"]).startswith("student ")]
+    if "teachers" in stages or "students" in stages:
+        publish(carried_students)
     if "tune" in stages:
         stage_tune(args, images, manifest, classes)
-    student_rows = stage_students(args, images, publish) if "students" in stages else []
+    student_rows = (
+        stage_students(args, images, publish, carried_students) if "students" in stages else carried_students
+    )
     df, means = publish(student_rows)
     header = (
         f"CIFAR-10 (JPEG q75), {args.train_per_class}/class train (+{args.extra_per_class}/class unlabelled), "

@@ -21,15 +21,20 @@ def diff_ci95(pa: float, pb: float, n: int) -> float:
 
 
 def finish_table(rows: list[dict], val_images: int) -> pd.DataFrame:
-    """Adds ratio_to_ce and gap_closed (top-1) and the ±95% binomial half-width of each top-1 error."""
+    """Adds ratio_to_ce and gap_closed (top-1) and the ±95% binomial half-width of each top-1 error.
+
+    CE is the mean over CE rows (it needs no teachers). A student's gap is to the ensemble of its own
+    ``pool`` (rows of several trained pools can share a table); without one, to the ensembles' mean."""
     df = pd.DataFrame(rows)
     students_ = df["model"].astype(str).str.startswith("student ")
     ce = df.loc[df["model"] == "student ce", "top1_err"].mean()
-    ens = df.loc[df["model"] == "ensemble_mean", "top1_err"]
-    ens_err = float(ens.iloc[0]) if len(ens) else float("nan")
+    pool = df["pool"] if "pool" in df else pd.Series(float("nan"), index=df.index)
+    ens = df["model"] == "ensemble_mean"
+    by_pool = df.loc[ens, "top1_err"].groupby(pool[ens]).mean()
+    ens_err = pool.map(by_pool).fillna(df.loc[ens, "top1_err"].mean())
     df["ratio_to_ce"] = df["top1_err"] / ce if math.isfinite(ce) else float("nan")
     gap = ce - ens_err  # no gap (or an ensemble worse than CE) leaves nothing to close: undefined
-    df["gap_closed"] = (ce - df["top1_err"]) / gap if math.isfinite(gap) and gap > 0 else float("nan")
+    df["gap_closed"] = ((ce - df["top1_err"]) / gap).where(gap > 0)
     df.loc[~students_, ["ratio_to_ce", "gap_closed"]] = float("nan")
     df["top1_ci95"] = ci95(df["top1_err"], val_images)
     first = ["model", "method", "seed", "top1_err", "top3_err", "ratio_to_ce", "gap_closed"]
@@ -55,6 +60,7 @@ def method_means(df: pd.DataFrame, val_images: int) -> pd.DataFrame:
             top3_err=("top3_err", "mean"),
             ratio_to_ce=("ratio_to_ce", "mean"),
             gap_closed=("gap_closed", "mean"),
+            **({"pools": ("pool", "nunique")} if "pool" in st else {}),
         )
         .reset_index()
     )

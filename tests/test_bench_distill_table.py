@@ -81,6 +81,24 @@ def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
     assert _aim(bench, base) == ""
 
 
+def test_each_student_closes_the_gap_to_its_own_pools_ensemble(bench):
+    raw = [
+        {"model": "ensemble_mean", "method": "mean", "seed": 0, "pool": "a", "top1_err": 0.16},
+        {"model": "ensemble_mean", "method": "mean", "seed": 0, "pool": "b", "top1_err": 0.12},
+        {"model": "student ce", "method": "ce", "seed": 0, "pool": "a", "top1_err": 0.20},
+        {"model": "student kd", "method": "kd", "seed": 0, "pool": "a", "top1_err": 0.18},
+        {"model": "student kd", "method": "kd", "seed": 1, "pool": "b", "top1_err": 0.16},
+        {"model": "student x", "method": "kd", "seed": 0, "top1_err": 0.18},  # no pool: the mean ensemble
+    ]
+    df = bench.finish_table([{**r, "top3_err": 0.03} for r in raw], 10_000).set_index(["model", "seed"])
+    assert df.loc[("student kd", 0), "gap_closed"] == pytest.approx(0.02 / 0.04)
+    assert df.loc[("student kd", 1), "gap_closed"] == pytest.approx(0.04 / 0.08)  # CE needs no pool
+    assert df.loc[("student x", 0), "gap_closed"] == pytest.approx(0.02 / 0.06)
+    means = bench.method_means(df.reset_index(), 10_000).set_index("model")
+    assert means.loc["student kd", "pools"] == 2
+    assert means.loc["student kd", "gap_closed"] == pytest.approx(0.5)
+
+
 def test_gap_closed_is_undefined_without_a_gap(bench):
     df = _table(
         bench,
@@ -94,6 +112,18 @@ def test_gap_closed_is_undefined_without_a_gap(bench):
     assert df.loc[df["model"] == "student kd", "ratio_to_ce"].item() == pytest.approx(0.95)
 
 
+def _args(out: Path, **kw):
+    import argparse
+
+    base = dict(
+        teachers="resnet18:32", batch_size=8, lr=0.1, precision="fp32", channels_last=False, device="cpu",
+        aug="crop", label_smoothing=0.1, workers=0, teacher_epochs=1, student="resnet10t",
+        student_kwargs="{}", student_epochs=4, seeds=2, best="meal-tuned", methods="", out_path=out,
+        resume=True, publish="", keep_published=False, pool="p0",
+    )  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
 def _summary(epochs: int, top1: float) -> pd.DataFrame:
     return pd.DataFrame(
         {"epoch": range(epochs), "val_top1": top1, "val_top3": 0.95, "train_time_s": 10.0, "d_acc_b0": 0.5}
@@ -101,16 +131,9 @@ def _summary(epochs: int, top1: float) -> pd.DataFrame:
 
 
 def test_a_methods_run_keeps_the_finished_students_it_was_not_asked_for(bench, tmp_path, monkeypatch):
-    import argparse
-
     import distill.train
 
-    args = argparse.Namespace(
-        teachers="resnet18:32", batch_size=8, lr=0.1, precision="fp32", channels_last=False, device="cpu",
-        aug="crop", label_smoothing=0.1, workers=0, teacher_epochs=1, student="resnet10t",
-        student_kwargs="{}", student_epochs=4, seeds=1, best="meal-tuned", methods="meal-v2",
-        out_path=tmp_path, resume=True,
-    )  # fmt: skip
+    args = _args(tmp_path, methods="meal-v2", seeds=1)
     for name, epochs in (("kd", 4), ("meal", 2)):  # kd finished, meal cut mid-run
         path = tmp_path / "students" / f"{name}-s0" / "student" / "summary.csv"
         path.parent.mkdir(parents=True)
@@ -124,7 +147,77 @@ def test_a_methods_run_keeps_the_finished_students_it_was_not_asked_for(bench, t
     monkeypatch.setattr(distill.train, "distill", fake_distill)
     published = []
     rows = bench.stage_students(args, tmp_path / "images", lambda r: published.append(list(r)))
+    assert {r["pool"] for r in rows} == {"p0"}
     assert trained == ["meal-v2-s0"]  # only what --methods asks for is trained
     assert [r["model"] for r in rows] == ["student kd", "student meal-v2"]  # roster order; meal unfinished
     assert rows[0]["top1_err"] == pytest.approx(0.2) and rows[1]["top1_err"] == pytest.approx(0.1)
     assert published[-1] == rows
+
+
+def test_keep_published_carries_what_a_lost_run_directory_cannot_rebuild(bench, tmp_path, monkeypatch):
+    import distill.train
+
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(bench, "RESULTS", results)
+    old = [  # a table from before the pool column, its run directories gone
+        ("teacher resnet18", "teacher", 0, 0.20),
+        ("ensemble_mean", "mean", 0, 0.16),
+        ("student ce", "ce", 0, 0.20),
+        ("student ce", "ce", 1, 0.21),
+        ("student kd", "kd", 0, 0.19),
+    ]
+    _table(bench, old).to_csv(results / "t.csv", index=False)
+    out = tmp_path / "out"
+    path = out / "students" / "ce-s1" / "student" / "summary.csv"  # in this run: not carried
+    path.parent.mkdir(parents=True)
+    _summary(4, 0.7).to_csv(path, index=False)
+
+    assert bench.carried_rows(_args(out, publish="t")) == []  # only when asked
+    carried = bench.carried_rows(_args(out, publish="t", keep_published=True))
+    assert [(r["model"], r["seed"]) for r in carried] == [
+        ("teacher resnet18", 0),
+        ("ensemble_mean", 0),
+        ("student ce", 0),
+        ("student kd", 0),
+    ]
+    assert {r["pool"] for r in carried} == {"unrecorded"}
+    assert not any("gap_closed" in r or "ratio_to_ce" in r for r in carried)
+
+    trained = []
+
+    def fake_distill(cfg, resume, progress):
+        trained.append(cfg.run_path.name)
+        return _summary(4, 0.9)
+
+    monkeypatch.setattr(distill.train, "distill", fake_distill)
+    students = [r for r in carried if r["model"].startswith("student ")]
+    rows = bench.stage_students(_args(out, methods="ce,kd", publish="t"), tmp_path, lambda r: None, students)
+    assert trained == ["ce-s1", "kd-s1"]  # ce-s0 and kd-s0 carried; ce-s1 resumed here
+    got = {(r["model"], r["seed"]): (r["pool"], round(r["top1_err"], 3)) for r in rows}
+    assert got == {
+        ("student ce", 0): ("unrecorded", 0.2),
+        ("student ce", 1): ("p0", 0.1),
+        ("student kd", 0): ("unrecorded", 0.19),
+        ("student kd", 1): ("p0", 0.1),
+    }
+
+
+def test_the_tuned_student_reads_the_published_sweep_when_winner_json_is_gone(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    pd.DataFrame(
+        {
+            "trial": ["t1", "t2"],
+            "distill.adversarial.spectral_norm": [True, False],
+            "distill.temperature": [4.0, 1.0],
+            "best_val_top1_err": [0.45, 0.47],
+        }
+    ).to_csv(tmp_path / "x_tune.csv", index=False)
+    assert bench.tuned_overrides(tmp_path / "out") == []
+    assert bench.tuned_overrides(tmp_path / "out", "x") == [
+        "distill.adversarial.spectral_norm=true",
+        "distill.temperature=4.0",
+    ]
+    (tmp_path / "out" / "tune").mkdir(parents=True)
+    (tmp_path / "out" / "tune" / "winner.json").write_text('{"distill.temperature": 2.0}')
+    assert bench.tuned_overrides(tmp_path / "out", "x") == ["distill.temperature=2.0"]
