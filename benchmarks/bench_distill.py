@@ -220,6 +220,12 @@ def tuned_overrides(out: Path, publish: str = "") -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in winner.items()]
 
 
+def sweep_done(args: argparse.Namespace) -> bool:
+    """With --resume, a chosen winner is a finished sweep (with --keep-published, the published one):
+    running it again would replace the winner the finished tuned students were trained with."""
+    return args.resume and bool(tuned_overrides(args.out_path, args.publish if args.keep_published else ""))
+
+
 def pool_id(pool_dir: Path) -> str:
     """A short name for a trained pool: the SHA-256 of its teachers' weights (content, not path)."""
     from distill.cache import file_sha256
@@ -245,7 +251,7 @@ def carried_rows(args: argparse.Namespace) -> list[dict]:
         if model.startswith("student "):
             seed = int(row["seed"])
             row["seed"] = seed
-            done = args.out_path / "students" / f"{model.removeprefix('student ')}-s{seed}"
+            done = student_dir(args, model.removeprefix("student "), seed)
             if not (done / "student" / "summary.csv").is_file():
                 keep.append(row)
         elif row["pool"] != args.pool:
@@ -353,8 +359,8 @@ def last_d_acc(summary: pd.DataFrame) -> tuple[float, float]:
     return float(summary[cols].iloc[0].max()), float(summary[cols].iloc[-1].max())
 
 
-def student_dir(args: argparse.Namespace, st: Student, seed: int) -> Path:
-    return args.out_path / "students" / f"{st.name}-s{seed}"
+def student_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
+    return args.out_path / "students" / f"{name}-s{seed}"
 
 
 def student_row(st: Student, seed: int, summary: pd.DataFrame, wall_s: float, pool: str) -> dict:
@@ -408,7 +414,7 @@ def stage_students(
         if st.name in asked:
             continue
         for seed in st.seeds:
-            done = student_dir(args, st, seed) / "student" / "summary.csv"
+            done = student_dir(args, st.name, seed) / "student" / "summary.csv"
             if done.is_file():
                 summary = pd.read_csv(done)
                 if len(summary) >= args.student_epochs:
@@ -420,7 +426,7 @@ def stage_students(
         if (st.name, seed) in rows:  # carried from the published table
             continue
         student_raw = copy.deepcopy(raw)
-        student_raw["run_dir"] = str(student_dir(args, st, seed))
+        student_raw["run_dir"] = str(student_dir(args, st.name, seed))
         student_raw["distill"]["pool"] = str(args.out_path / POOL_TAG / "teachers")
         for o in [*st.overrides, f"distill.train.seed={seed}"]:
             apply_override(student_raw, o)
@@ -510,7 +516,10 @@ def main() -> None:
     if "teachers" in stages or "students" in stages:
         publish(carried_students)
     if "tune" in stages:
-        stage_tune(args, images, manifest, classes)
+        if sweep_done(args):
+            print("tune: the sweep's winner is already chosen; skipped (--resume)", flush=True)
+        else:
+            stage_tune(args, images, manifest, classes)
     student_rows = (
         stage_students(args, images, publish, carried_students) if "students" in stages else carried_students
     )

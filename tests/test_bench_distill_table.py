@@ -218,6 +218,11 @@ def test_the_tuned_student_reads_the_published_sweep_when_winner_json_is_gone(be
         "distill.adversarial.spectral_norm=true",
         "distill.temperature=4.0",
     ]
-    (tmp_path / "out" / "tune").mkdir(parents=True)
-    (tmp_path / "out" / "tune" / "winner.json").write_text('{"distill.temperature": 2.0}')
-    assert bench.tuned_overrides(tmp_path / "out", "x") == ["distill.temperature=2.0"]
+    out = tmp_path / "out"
+    assert not bench.sweep_done(_args(out, publish="x"))  # the published winner counts only when kept
+    assert bench.sweep_done(_args(out, publish="x", keep_published=True))
+    assert not bench.sweep_done(_args(out, publish="x", keep_published=True, resume=False))
+    (out / "tune").mkdir(parents=True)
+    (out / "tune" / "winner.json").write_text('{"distill.temperature": 2.0}')
+    assert bench.tuned_overrides(out, "x") == ["distill.temperature=2.0"]
+    assert bench.sweep_done(_args(out))
