@@ -26,6 +26,9 @@ seeds. Student figures are the LAST epoch's (nothing picked on the validation sp
 
     .venv/bin/python benchmarks/bench_distill.py --resume --out benchmarks/out/distill_c10 \\
         --publish distill_cifar10                                                 # full size, ~10 h on 2 cores
+    # on a machine that lost --out: keep the published rows, retrain the pool, distil only what is missing
+    .venv/bin/python benchmarks/bench_distill.py --resume --keep-published --out benchmarks/out/distill_c10 \
+        --publish distill_cifar10
     .venv/bin/python benchmarks/bench_distill.py --out /tmp/dsmall --train-per-class 20 --val-per-class 10 \\
         --extra-per-class 10 --teacher-epochs 1 --student-epochs 1 --tune-samples 2 --tune-epochs 1 \\
         --tune-per-class 10 --teachers resnet18:32,regnety_008:32            # a smoke run, minutes
