@@ -511,12 +511,13 @@ def main() -> None:
             write_csv(f"{base}_methods.csv", means)
         return df, means
 
-    if "teachers" in stages or "students" in stages:
+    needs_pool = "teachers" in stages or "students" in stages
+    if needs_pool:
         rows += stage_teachers(args, images)
-    carried = carried_rows(args)
+    carried = carried_rows(args)  # after the pool: what it carries depends on the pool's id
     rows += [r for r in carried if not str(r["model"]).startswith("student ")]
     carried_students = [r for r in carried if str(r["model"]).startswith("student ")]
-    if "teachers" in stages or "students" in stages:
+    if needs_pool:
         publish(carried_students)
     if "tune" in stages:
         if sweep_done(args):
