@@ -21,13 +21,17 @@ class AuditConfig(Section):
     is where the fold pools go (default RUN_DIR/audit/folds)."""
 
     folds: int = Field(2, ge=2)
-    seed: int = 0  # fold assignment
+    """K: each training image is scored by teachers trained on the other K-1 folds."""
+    seed: int = 0
+    """Seed of the fold assignment."""
     teachers: TeachersConfig = TeachersConfig()
-    # cleanlab: how labels are scored (get_label_quality_scores) and which are issues (find_label_issues)
+    """The audit's own pool (defaults + pool) of cheap teachers; empty: the teachers.pool recipes."""
     method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+    """How cleanlab scores each label's quality (get_label_quality_scores)."""
     filter_by: Literal[
         "prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"
     ] = "prune_by_noise_rate"
+    """Which labels cleanlab calls issues (find_label_issues)."""
 
     @model_validator(mode="after")
     def _defaults_need_a_pool(self) -> AuditConfig:

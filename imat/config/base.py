@@ -1,4 +1,8 @@
-"""The base every config section derives from: unknown keys are errors, assignments are validated."""
+"""The base every config section derives from: unknown keys are errors, assignments are validated.
+
+Each field's docstring (the string literal right below it) is its description: pydantic reads it
+(``use_attribute_docstrings``) and ``python -m imat.config.doc`` writes docs/CONFIG.md from it, so a
+new key is documented where it is declared."""
 
 from __future__ import annotations
 
@@ -6,4 +10,6 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), use_attribute_docstrings=True
+    )

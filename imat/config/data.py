@@ -13,8 +13,11 @@ class LabelNoise(Section):
     """Corrupt a fraction of training labels, for noisy-label experiments (seeded, reproducible)."""
 
     fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of training labels to corrupt (0 leaves them as they are)."""
     kind: Literal["symmetric", "pair"] = "symmetric"
+    """symmetric: a wrong class drawn uniformly; pair: each class flips to one fixed other class."""
     seed: int = 0
+    """Seed of the corruption: the same seed flips the same labels."""
 
 
 class CleanConfig(Section):
@@ -28,9 +31,13 @@ class CleanConfig(Section):
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
     from_: str | None = Field(None, alias="from")
+    """An audit CSV, or `audit` for this run's own audit; unset: no cleaning."""
     action: Literal["drop", "relabel", "downweight"] = "drop"
+    """What happens to a flagged label: dropped, relabelled to the suggested class, or sampled less often."""
     top: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    weight: float = Field(0.1, gt=0.0, lt=1.0)  # downweight: a flagged image is sampled this much as often
+    """Which labels are flagged: the N lowest label qualities, or `auto` for cleanlab's label issues."""
+    weight: float = Field(0.1, gt=0.0, lt=1.0)
+    """downweight: a flagged image is sampled this much as often as the others."""
 
     @property
     def enabled(self) -> bool:
@@ -38,15 +45,27 @@ class CleanConfig(Section):
 
 
 class DataConfig(Section):
-    train: str | None = None  # any input format of DESIGN.md
+    """Where the competition's files and images are, and how they are read."""
+
+    train: str | None = None
+    """The training split: a competition file, a CSV, an ImageFolder or ImageNet folder (any supported format)."""
     val: str | None = None
+    """The validation split, in any supported format; unset: no validation."""
     test: str | None = None
-    images: str | None = None  # where the images are, or where `imat data download` puts them
-    solution: str | None = None  # solution CSV with the test labels, for `imat score`
+    """The test split to predict and submit, in any supported format."""
+    images: str | None = None
+    """Where the images are, or where `imat data download` puts them."""
+    solution: str | None = None
+    """A solution CSV with the test labels, for `imat score`."""
     format: Literal[
         "auto", "furniture2018", "fashion2018", "product2019", "coco", "imagenet", "imagefolder", "csv"
     ] = "auto"
+    """The input format; auto detects it from the files' keys and layout."""
     decoder: Literal["cv2", "pil"] = "cv2"
+    """The JPEG/PNG decoder (cv2 measured faster; docs/BENCHMARKS.md, Data loader)."""
     num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank (0: decode in the training process)."""
     label_noise: LabelNoise = LabelNoise()
+    """Corrupt training labels on purpose, for noisy-label experiments."""
     clean: CleanConfig = CleanConfig()
+    """Repair training labels from a label audit, for teachers and student alike."""

@@ -16,15 +16,26 @@ from imat.config.teachers import TeachersConfig
 
 
 class RunConfig(Section):
+    """One run: every command reads the sections it needs."""
+
     run_dir: str = "runs/default"
+    """Every output of the run goes under this folder."""
     data: DataConfig = DataConfig()
+    """The competition's files and images."""
     teachers: TeachersConfig = TeachersConfig()
+    """The teacher pool."""
     distill: DistillConfig = DistillConfig()
+    """The student and the distillation."""
     tune: TuneConfig = TuneConfig()
+    """The Ray Tune sweep of the distillation."""
     export: ExportConfig = ExportConfig()
+    """ONNX export and its verification."""
     submit: SubmitConfig = SubmitConfig()
+    """Inference and the submission file."""
     pipeline: PipelineConfig = PipelineConfig()
+    """What `imat pipeline` runs beyond the required steps."""
     audit: AuditConfig = AuditConfig()
+    """The label audit's cross-fitted teachers."""
 
     @model_validator(mode="after")
     def _clean_needs_uniform_loader(self) -> RunConfig:

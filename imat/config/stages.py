@@ -10,51 +10,89 @@ from imat.config.base import Section
 
 
 class TuneConfig(Section):
-    # dotted config key -> {type: loguniform|uniform|quniform|randint|choice, low/high/q or values};
-    # empty: the default space (distill.tune_space.default_space: the student's lr, MEAL's D lr and gamma)
+    """`imat tune`: a Ray Tune sweep of the distillation (docs/SCALING.md)."""
+
     space: dict[str, Any] = {}
+    """Dotted config key -> {type: loguniform|uniform|quniform|randint|choice, low/high/q or values}; empty: the student's lr, MEAL's D lr and logits gamma."""
     samples: int = Field(4, ge=1)
+    """Number of trials."""
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    search: Literal["random", "optuna"] = "random"  # optuna: TPE through Ray Tune's OptunaSearch
-    max_failures: int = Field(1, ge=-1)  # retries of a failed trial (-1: unlimited), from its checkpoint
-    # > 1: each trial is a TorchTrainer of this many data-parallel workers (Ray Train inside Tune)
+    """Trial scheduler: asha stops poor trials early, pbt perturbs the best, fifo runs every trial to the end."""
+    search: Literal["random", "optuna"] = "random"
+    """How trials are proposed: random, or optuna (TPE through Ray Tune's OptunaSearch)."""
+    max_failures: int = Field(1, ge=-1)
+    """Retries of a failed trial from its last checkpoint (-1: unlimited)."""
     workers_per_trial: int = Field(1, ge=1)
-    metric: str = "val_top3_err"  # any numeric column of the student's summary.csv
+    """More than 1: each trial is a Ray Train TorchTrainer of this many data-parallel workers."""
+    metric: str = "val_top3_err"
+    """The metric the sweep optimises: any numeric column of the student's summary.csv."""
     mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(1, ge=1)  # asha: epochs every trial gets before it can be stopped
-    reduction_factor: float = Field(2.0, gt=1)  # asha
-    perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
-    keep_checkpoints: int = Field(2, ge=1)  # per trial, the most recent ones (pbt: at least 3)
-    cpus_per_trial: float | None = Field(None, gt=0)  # per worker when workers_per_trial > 1
-    gpus_per_trial: float | None = Field(None, ge=0)  # fractions share a GPU; per worker likewise
+    """Whether the metric is minimised or maximised."""
+    grace_period: int = Field(1, ge=1)
+    """asha: epochs every trial gets before it can be stopped."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """asha: the factor by which each rung cuts the trials."""
+    perturbation_interval: int = Field(1, ge=1)
+    """pbt: epochs between exploit/explore steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept per trial, the most recent ones (pbt: at least 3)."""
+    cpus_per_trial: float | None = Field(None, gt=0)
+    """CPUs per trial (per worker when workers_per_trial > 1); unset: Ray's default."""
+    gpus_per_trial: float | None = Field(None, ge=0)
+    """GPUs per trial (per worker likewise); fractions pack several trials on one GPU."""
     max_concurrent: int | None = Field(None, ge=1)
-    storage: str | None = None  # default RUN_DIR/tune
-    address: str | None = None  # Ray cluster; default RAY_ADDRESS or a local Ray
+    """At most this many trials at once; unset: as many as the resources allow."""
+    storage: str | None = None
+    """Where Ray Tune keeps the sweep; unset: RUN_DIR/tune (shared storage on a cluster)."""
+    address: str | None = None
+    """Ray cluster address; unset: RAY_ADDRESS, or a local Ray."""
 
 
 class ExportConfig(Section):
+    """`imat export`: the student to ONNX, verified against PyTorch."""
+
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    # where the model will run: int8 is U8S8 for the CPU provider, symmetric S8S8 for TensorRT/CUDA
+    """Weights and arithmetic of the exported model."""
     target: Literal["cpu", "gpu"] = "cpu"
-    opset: int = Field(18, ge=11)  # the dynamo exporter needs >= 18 and raises it to 18 when lower
-    exporter: Literal["auto", "dynamo", "legacy"] = "auto"  # auto: dynamo, falling back to legacy
+    """Where the model will run: int8 is U8S8 for the CPU provider, symmetric S8S8 for TensorRT and CUDA."""
+    opset: int = Field(18, ge=11)
+    """ONNX opset (the dynamo exporter needs 18 and raises a lower one to it)."""
+    exporter: Literal["auto", "dynamo", "legacy"] = "auto"
+    """torch.onnx exporter; auto: dynamo, falling back to the legacy one."""
     with_softmax: bool = False
+    """Put a softmax in the graph: the model outputs probabilities instead of logits."""
     topk_in_graph: int | None = Field(None, ge=1)
-    calibration_images: int = Field(256, ge=1)  # int8: training images for static quantisation
+    """Also output the top k scores and class indices from the graph."""
+    calibration_images: int = Field(256, ge=1)
+    """int8: training images for static quantisation."""
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    quantize_head: bool = False  # int8: also quantise the final classifier (default: keep it float)
-    verify_images: int = Field(256, ge=1)  # validation images compared against PyTorch
-    min_top3_agreement: float = Field(0.99, ge=0, le=1)  # same top-3 set as PyTorch; below: refuse
+    """int8: onnxruntime's calibration method."""
+    quantize_head: bool = False
+    """int8: also quantise the final classifier (default: keep it in float)."""
+    verify_images: int = Field(256, ge=1)
+    """Validation images on which the exported model is compared with PyTorch."""
+    min_top3_agreement: float = Field(0.99, ge=0, le=1)
+    """Share of verification images whose top-3 set must equal PyTorch's; below it nothing is written."""
 
 
 class SubmitConfig(Section):
+    """`imat predict` and `imat submit`: inference and the leaderboard file."""
+
     format: Literal["product2019", "furniture2018", "coco"] = "product2019"
+    """The submission file's layout."""
     topk: int = Field(3, ge=1)
+    """Labels per test image in the submission."""
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    """onnxruntime execution provider; auto: TensorRT, then CUDA, then CPU, whichever is available."""
     batch_size: int = Field(64, ge=1)
+    """Inference batch size."""
     tta_flip: bool = False
+    """Average each image's scores with its horizontal flip's."""
     prior_correction: bool = False
-    sample_submission: str | None = None  # id order and header to follow, when the competition has one
-    # the validation metric that picks the submitted student (pipeline.submit_model=best); default the
-    # format's leaderboard metric: top3 for product2019 and coco, top1 for furniture2018 and coco topk=1
+    """Correct the scores for the training set's class frequencies (toward a uniform test prior)."""
+    sample_submission: str | None = None
+    """The competition's sample submission, whose id order and header the file follows."""
+    # default: the format's leaderboard metric: top3 for product2019 and coco, top1 for furniture2018 and
+    # coco with topk 1
     select_by: Literal["top1", "top3"] | None = None
+    """The validation metric that picks the submitted student (pipeline.submit_model best); unset: the format's."""

@@ -24,15 +24,25 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 class TeacherSpec(ModelSpec):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # also the teacher's folder name in the pool
+    """One teacher of the pool: a network (a model spec) and its own recipe."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """The teacher's name, also its folder in the pool (letters, digits, `_`, `.`, `-`)."""
     train: TrainConfig = TrainConfig()
+    """This teacher's recipe: only what differs from teachers.defaults."""
 
 
 class TeachersConfig(Section):
-    dir: str | None = None  # the pool directory; default RUN_DIR/teachers
-    defaults: TrainConfig = TrainConfig()  # recipe every teacher starts from
+    """The teacher pool: one entry per teacher, each with its own recipe on top of shared defaults."""
+
+    dir: str | None = None
+    """The pool directory; unset: RUN_DIR/teachers."""
+    defaults: TrainConfig = TrainConfig()
+    """The recipe every teacher starts from."""
     pool: list[TeacherSpec] = []
-    tta_flip: bool = False  # `imat teachers eval`: average with the horizontally flipped image
+    """The teachers, one entry each."""
+    tta_flip: bool = False
+    """`imat teachers eval`: average each image's scores with its horizontal flip's."""
 
     @model_validator(mode="before")
     @classmethod
