@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_CSV]          # default benchmarks/results/gpu_check.csv
 #   bash benchmarks/gpu_check.sh --dry-run [OUT_CSV]  # the same steps on the CPU at toy sizes
 #
-# Runs from a copy of the checkout with ../shared absent and no network. Needs python with torch,
+# Runs from a copy of the checkout alone, with no network. Needs python with torch,
 # torchvision, timm, onnxruntime-gpu and pandas. It also needs `onnx` (export, fp16 and int8
 # conversion): when it is missing, it is installed from the wheels in .whl/ (git-ignored), which
 # `bash benchmarks/gpu_wheels.sh PYTHON_VERSION` fills beforehand on a machine with network.

@@ -13,7 +13,7 @@ Modules (nothing is imported here, so ``imat --help`` stays instant):
 - ``distill.train``: ``distill(cfg)``, the checks and the engine run behind ``imat distill``.
 - ``distill.audit``: ``audit(pool_dir, cfg)`` behind ``imat data audit``.
 
-Decisions where the papers and the official code disagree (see /work/shared/reference/meal.md):
+Decisions where the papers and the official code disagree (docs/MEAL.md):
 the default adversarial mode is ``alternating`` (the paper's game: D learns teacher=1/student=0, the
 student is rewarded for being called teacher); ``joint`` reproduces the official code, where the student
 also minimises D's loss. Discriminators end in one logit without a final ReLU. Teachers run in eval mode

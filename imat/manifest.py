@@ -1,6 +1,6 @@
 """The manifest: one row per image, the hand-off between reading a competition and everything after.
 
-Columns (DESIGN.md): ``image_id`` (str), ``split`` (train/val/test), ``path`` (str, relative to the
+Columns (docs/ARCHITECTURE.md, File formats): ``image_id`` (str), ``split`` (train/val/test), ``path`` (str, relative to the
 images root or absolute), ``label`` (0-based int, -1 when unknown), ``source_label`` (the competition's
 own id as a string, "" when unknown), ``url`` (str, "" when none). The class map travels with it as
 ``classes.json``: index i <-> the competition's label ``source_labels[i]``.

@@ -1,6 +1,6 @@
 """The teacher pool on disk: one folder per teacher and ``pool.json``, the index everything else reads.
 
-Layout (DESIGN.md)::
+Layout (docs/ARCHITECTURE.md, File formats)::
 
     POOL/pool.json                 every teacher: arch, input pipeline, class count, val top-1/top-3, weights
     POOL/<name>/config.yaml        resolved config the teacher was trained with

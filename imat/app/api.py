@@ -43,7 +43,7 @@ def load_config(path: PathLike, overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def demo_config_path() -> Path:
-    """The demo config shipped inside the package (configs/demo.yaml in the repository links to it)."""
+    """The demo config shipped inside the package (a copy of the repository's configs/demo.yaml)."""
     from importlib import resources
 
     return Path(str(resources.files("imat") / "configs" / "demo.yaml"))

@@ -6,7 +6,7 @@ up where it stopped (and the step that was running resumes from its own checkpoi
 makes every later step run too, since their inputs may have changed (a new baseline changes the choice
 of the submitted model; training steps that finished resume as no-ops). ``--force STEP`` reruns that
 step and every step after it. The stage packages are imported lazily, step by step:
-``imat`` itself imports none of them (DESIGN.md).
+``imat`` itself imports none of them (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

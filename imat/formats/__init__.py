@@ -1,4 +1,4 @@
-"""Competition-format readers: every input of DESIGN.md becomes manifest rows.
+"""Competition-format readers: every supported input (docs/ARCHITECTURE.md, File formats) becomes manifest rows.
 
 Formats (``data.format``; ``auto`` detects them): ``furniture2018``, ``fashion2018``, ``product2019``
 (:mod:`imat.formats.imaterialist`), ``coco`` (:mod:`imat.formats.coco`), ``imagenet``
