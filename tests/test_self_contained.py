@@ -36,6 +36,20 @@ def repository_files() -> list[Path]:
     ]
 
 
+def test_no_file_points_outside_the_repository() -> None:
+    found = []
+    for path in repository_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # binary files
+        for lineno, line in enumerate(text.splitlines(), 1):
+            for pattern, what in OUTSIDE:
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{lineno}: {what}: {line.strip()[:100]}")
+    assert not found, "paths outside the repository:\n" + "\n".join(found)
+
+
 def test_the_patterns_catch_what_they_are_for() -> None:
     caught = [
         "see ../shared/DESIGN.md",
