@@ -198,7 +198,7 @@ def test_cache_with_stage_blocks_is_one_line_error(run_cfg, capsys):
     assert code == 2 and "final outputs only (kd, meal-v2), not meal" in err
 
 
-# -- issue 11: the cache's soft labels, discriminator inputs, refusals and fingerprint -----------------
+# -- the cache's soft labels, discriminator inputs, refusals and fingerprint -----------------
 
 
 def test_topk_rebuild_is_exact_for_the_topk_classes_at_any_temperature():
