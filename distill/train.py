@@ -386,6 +386,8 @@ def build_loaders(
         images=root,
         decoder=cfg.data.decoder,
         num_workers=cfg.data.num_workers,
+        max_pixels=cfg.data.max_pixels,
+        draft=cfg.data.draft,
     )
 
 

@@ -1,9 +1,11 @@
 """``imat data inspect``: what is in a data set and which image files are unusable.
 
 Counts images per split and per class, and checks every image file: missing, empty (0 bytes),
-corrupt (neither OpenCV nor PIL fully decodes it; truncated JPEGs fail both) and placeholder-sized
-(a side under ``min_side`` px: dead links of URL-only competitions often come back as 1x1 or tiny
-"not available" images). Problems are reported, never fatal: the point is to see them before training.
+too large (its header declares more than ``max_pixels`` pixels: it is not decoded, and training skips
+it too), corrupt (neither OpenCV nor PIL fully decodes it; truncated JPEGs fail both) and
+placeholder-sized (a side under ``min_side`` px: dead links of URL-only competitions often come back as
+1x1 or tiny "not available" images). Problems are reported, never fatal: the point is to see them
+before training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from imat.data.decode import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels, read_header
 from imat.errors import ImatError
 from imat.formats.build import build_manifest, read_source, rebase_paths, resolve_path
 from imat.io import write_csv, write_json
@@ -39,6 +42,7 @@ class InspectReport:
     checked: int = 0  # distinct files checked; 0 when the check was skipped
     problems: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROBLEM_COLUMNS))
     note: str = ""
+    max_pixels: int | None = None  # the config's data.max_pixels, when the input is a config
 
     def split_counts(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.df["split"].value_counts(sort=False).items()}
@@ -139,7 +143,7 @@ def load_for_inspection(
         df, classes = build_manifest(cfg.data)
         root = str(images) if images is not None else cfg.data.images
         names = dict(zip(classes.source_labels, classes.names, strict=False))
-        return InspectReport(str(p), "config", df, names, root)
+        return InspectReport(str(p), "config", df, names, root, max_pixels=cfg.data.max_pixels)
     if p.is_file() and p.suffix.lower() == ".parquet":
         df, classes = load_manifest(p)
         names = dict(zip(classes.source_labels, classes.names, strict=False))
@@ -153,8 +157,11 @@ def load_for_inspection(
     return _inspect_sources(p, {guess_split(p): p}, images_dir)
 
 
-def check_image(path: str, min_side: int = 10) -> tuple[str, str]:
-    """``(problem, detail)`` for one file; problem is ``ok`` for a usable image."""
+def check_image(
+    path: str, min_side: int = 10, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[str, str]:
+    """``(problem, detail)`` for one file; problem is ``ok`` for a usable image. An image of more than
+    ``max_pixels`` (by its header) is ``too large`` and never decoded."""
     try:
         size = os.stat(path).st_size
     except OSError:
@@ -167,6 +174,10 @@ def check_image(path: str, min_side: int = 10) -> tuple[str, str]:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         return "corrupt", f"unreadable: {exc.strerror or exc}"
+    try:
+        check_pixels(read_header(data.tobytes()), max_pixels)
+    except ImageTooLargeError as exc:
+        return "too large", str(exc)
     shape = _decode_shape(data)
     if isinstance(shape, str):
         return "corrupt", shape
@@ -197,7 +208,11 @@ def _decode_shape(data: np.ndarray) -> tuple[int, int] | str:
 
 
 def check_images(
-    paths: Sequence[str], min_side: int = 10, workers: int | None = None, progress: bool = True
+    paths: Sequence[str],
+    min_side: int = 10,
+    workers: int | None = None,
+    progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[tuple[str, str]]:
     """Check files in threads (decoding releases the GIL); results in the order of ``paths``."""
     workers = workers or min(16, 4 * (os.cpu_count() or 1))
@@ -209,7 +224,7 @@ def check_images(
     ):
         for start in range(0, len(paths), chunk * workers):
             window = paths[start : start + chunk * workers]
-            for result in pool.map(lambda p: check_image(p, min_side), window):
+            for result in pool.map(lambda p: check_image(p, min_side, max_pixels), window):
                 results.append(result)
                 bar.update(1)
     return results
@@ -222,8 +237,10 @@ def inspect_input(
     min_side: int = 10,
     workers: int | None = None,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> InspectReport:
-    """Counts for ``path`` and, when ``check``, every image file's state."""
+    """Counts for ``path`` and, when ``check``, every image file's state. ``max_pixels`` (default: a
+    config's ``data.max_pixels``, else the decoders' default) flags larger images as ``too large``."""
     report = load_for_inspection(path, images)
     if not check or report.df.empty:
         return report
@@ -235,7 +252,8 @@ def inspect_input(
         )
         return report
     unique = list(dict.fromkeys(files))
-    results = dict(zip(unique, check_images(unique, min_side, workers, progress), strict=True))
+    limit = max_pixels or report.max_pixels or DEFAULT_MAX_PIXELS
+    results = dict(zip(unique, check_images(unique, min_side, workers, progress, limit), strict=True))
     report.checked = len(unique)
     outcome = files.map(results)
     bad = (outcome.map(lambda r: r[0]) != OK).to_numpy()

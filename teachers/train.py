@@ -190,6 +190,8 @@ def train_teacher(
         images=cfg.data.images,
         decoder=cfg.data.decoder,
         num_workers=cfg.data.num_workers,
+        max_pixels=cfg.data.max_pixels,
+        draft=cfg.data.draft,
     )
     if is_main_rank():
         save_resolved(cfg, out_dir / "config.yaml")

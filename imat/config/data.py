@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field
 
 from imat.config.base import Section
+from imat.data.decode import DEFAULT_MAX_PIXELS
 
 
 class LabelNoise(Section):
@@ -63,6 +64,12 @@ class DataConfig(Section):
     """The input format; auto detects it from the files' keys and layout."""
     decoder: Literal["cv2", "pil"] = "cv2"
     """The JPEG/PNG decoder (cv2 measured faster; docs/BENCHMARKS.md, Data loader)."""
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, le=2 * DEFAULT_MAX_PIXELS)
+    """Larger images (by their header) are skipped and counted, never decoded (PIL refuses over 2x)."""
+    draft: bool = True
+    """Decode big JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling), keeping the detail the crops use."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """gpu: the training device decodes, crops, flips and normalises JPEG batches (light/none presets)."""
     num_workers: int = Field(2, ge=0)
     """DataLoader worker processes per rank (0: decode in the training process)."""
     label_noise: LabelNoise = LabelNoise()

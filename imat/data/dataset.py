@@ -1,8 +1,9 @@
 """A map-style dataset over manifest rows that survives bad files.
 
-Web-scraped competitions always contain some images that are missing, truncated or not images at all.
-Crashing an epoch for one of them wastes hours, so an unreadable image becomes ``None`` (warned once
-per file, counted) and the loader's collate drops it and reports how many it dropped."""
+Web-scraped competitions always contain some images that are missing, truncated or not images at all,
+and now and then one that declares more pixels than memory holds. Crashing an epoch for one of them
+wastes hours, so an unreadable or too-large image becomes ``None`` (warned once per file, counted) and
+the loader's collate drops it and reports how many it dropped."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from imat.data.decode import DECODERS, ImageDecodeError, decode_image
+from imat.data.decode import DECODERS, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from imat.errors import ImatError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,11 @@ class ImageDataset(Dataset):
     ``index`` is the row position in ``df`` (stable across epochs and workers), which is how cached
     teacher outputs and per-image predictions find their row again. ``label`` is -1 when the manifest
     has no label (test split). ``skipped`` counts None returns in *this* process; with worker
-    processes the per-batch ``skipped`` of the collate is the number to sum."""
+    processes the per-batch ``skipped`` of the collate is the number to sum.
+
+    ``max_pixels``: images whose header declares more pixels are skipped without being decoded.
+    ``min_side``: JPEGs are decoded at 1/2, 1/4 or 1/8 scale while their shorter side stays >= it
+    (None: full size; see :func:`imat.data.transforms.decode_side`)."""
 
     def __init__(
         self,
@@ -62,6 +67,8 @@ class ImageDataset(Dataset):
         images_root: str | os.PathLike[str] | None = None,
         transform: Callable[..., Any] | None = None,
         decoder: str = "cv2",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
     ) -> None:
         if decoder not in DECODERS:
             raise ImatError(f"unknown decoder {decoder!r} (choose from {', '.join(DECODERS)})")
@@ -72,6 +79,8 @@ class ImageDataset(Dataset):
             self.labels = np.full(len(df), -1, dtype=np.int64)
         self.transform = transform
         self.decoder = decoder
+        self.max_pixels = max_pixels
+        self.min_side = min_side
         self.skipped = 0
         self.bad_files: set[str] = set()
 
@@ -79,15 +88,16 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def load(self, index: int) -> np.ndarray | None:
-        """Decoded RGB uint8 pixels of row ``index``, or None (warned once, counted) when unreadable."""
+        """Decoded RGB uint8 pixels of row ``index``, or None (warned once, counted) when unreadable or
+        too large."""
         path = self.paths[index]
         try:
-            return decode_image(path, self.decoder)
+            return decode_image(path, self.decoder, self.max_pixels, self.min_side)
         except ImageDecodeError as exc:
             self.skipped += 1
             if path not in self.bad_files:
                 self.bad_files.add(path)
-                log.warning("skipping unreadable image: %s", exc)
+                log.warning("skipping image: %s", exc)
             return None
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:

@@ -8,8 +8,9 @@ import pandas as pd
 
 from imat.config.train import TrainConfig
 from imat.data.dataset import ImageDataset
+from imat.data.decode import DEFAULT_MAX_PIXELS
 from imat.data.loader import balanced_sampler, build_loader, weighted_sampler
-from imat.data.transforms import build_eval_transform, build_train_transform
+from imat.data.transforms import build_eval_transform, build_train_transform, decode_side
 
 
 def recipe_loaders(
@@ -22,6 +23,8 @@ def recipe_loaders(
     decoder: str,
     num_workers: int,
     device_normalize: bool | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
 ) -> tuple[Any, Any]:
     """``(train_loader, val_loader)``: the recipe's augmentation, batch size and sampler on the train rows,
     the eval transform (resize + centre crop) on the val rows; ``val_loader`` is None without val rows.
@@ -29,7 +32,10 @@ def recipe_loaders(
     ``data_cfg`` holds the model's ``input_size``, ``mean``, ``std`` and ``crop_pct``. With
     ``device_normalize`` (default: when the recipe trains on CUDA) the loaders yield uint8 images from
     pinned memory and carry ``device_normalize = (mean, std)``, which the engine applies on the GPU after
-    a non-blocking copy: a quarter of the bytes of float32 batches cross the bus."""
+    a non-blocking copy: a quarter of the bytes of float32 batches cross the bus.
+
+    ``max_pixels``: larger images are skipped and counted, never decoded. ``draft``: JPEGs are decoded at
+    the DCT scale that keeps the detail the transform uses (:func:`imat.data.transforms.decode_side`)."""
     size, mean, std, crop = (data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct"))
     if device_normalize is None:
         from imat.engine.runtime import resolve_device
@@ -38,7 +44,12 @@ def recipe_loaders(
     norm = not device_normalize
     stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
     train_ds = ImageDataset(
-        train_df, images, build_train_transform(recipe.aug, size, mean, std, crop, normalize=norm), decoder
+        train_df,
+        images,
+        build_train_transform(recipe.aug, size, mean, std, crop, normalize=norm),
+        decoder,
+        max_pixels,
+        decode_side(recipe.aug.preset, size, crop) if draft else None,
     )
     sampler = None
     # data.clean's downweighting: a `weight` column, honoured by sampling rather than by each task's loss
@@ -59,7 +70,14 @@ def recipe_loaders(
     )
     val_loader = None
     if not val_df.empty:
-        val_ds = ImageDataset(val_df, images, build_eval_transform(size, mean, std, crop, norm), decoder)
+        val_ds = ImageDataset(
+            val_df,
+            images,
+            build_eval_transform(size, mean, std, crop, norm),
+            decoder,
+            max_pixels,
+            decode_side(None, size, crop) if draft else None,
+        )
         val_loader = build_loader(
             val_ds,
             recipe.eval_batch_size or recipe.batch_size,

@@ -59,6 +59,21 @@ def build_normalize_transform(
     return A.Compose([A.Normalize(mean=m, std=s), ToTensorV2()])
 
 
+def decode_side(preset: str | None, input_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """The shorter side an image needs for ``preset`` (None: evaluation) to lose no detail at input_size.
+
+    Evaluation and ``none`` resize the shorter side to input_size / crop_pct and ``crop`` to input_size;
+    a random-resized crop of the smallest area fraction ``a`` spans about sqrt(a) of the shorter side, so
+    an image with a shorter side of input_size / sqrt(a) still gives it input_size pixels across. A JPEG
+    is decoded at the DCT scale that keeps this side (:func:`imat.data.decode.dct_scale`)."""
+    size = _check_size(input_size)
+    if preset is None or preset == "none":
+        return int(math.floor(size / crop_pct))
+    if preset == "crop":
+        return size
+    return int(math.ceil(size / math.sqrt(CROP_SCALE[preset][0])))
+
+
 def _eval_geometry(input_size: int, crop_pct: float) -> list[Any]:
     if not 0 < crop_pct <= 1:
         raise ImatError(f"crop_pct must be in (0, 1], got {crop_pct!r}")

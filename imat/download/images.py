@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from imat.data.decode import dct_scale, draft_pil
 from imat.download.settings import DownloadConfig, FetchError
 
 
@@ -47,7 +48,7 @@ def encode_image(data: bytes, cfg: DownloadConfig) -> tuple[bytes, int, int, int
             if cfg.max_side and im.format == "JPEG" and max(src_w, src_h) > cfg.max_side:
                 # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= max_side (much less work).
                 scale = cfg.max_side / max(src_w, src_h)
-                im.draft("RGB", (max(1, int(src_w * scale)), max(1, int(src_h * scale))))
+                draft_pil(im, dct_scale(src_w, src_h, int(src_w * scale), int(src_h * scale)))
             im.load()  # decodes everything: a truncated image raises here
             im = ImageOps.exif_transpose(im) or im
             im = _to_rgb(im)

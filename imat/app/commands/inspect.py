@@ -1,4 +1,4 @@
-"""``imat data inspect PATH``: counts per split and class, and missing/corrupt/tiny image files.
+"""``imat data inspect PATH``: counts per split and class, and missing/corrupt/too large/tiny image files.
 
 PATH is a competition file or folder, a ``manifest.parquet`` (with its ``classes.json``) or a config
 YAML (its ``data`` section). Problems are reported (and written with ``--out``) but exit code is 0;
@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-check", action="store_true", help="counts only; do not open the image files")
     parser.add_argument("--min-side", type=int, default=10, help="smaller images are flagged as placeholders")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="larger images are flagged too large, not decoded (default: data.max_pixels, 89478485)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="threads for the file check")
     add_progress_argument(parser)
 
@@ -34,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         check=not args.no_check,
         min_side=args.min_side,
         workers=args.workers,
+        max_pixels=args.max_pixels,
         progress=not args.no_progress,
     )
     print(format_report(report))
