@@ -2,8 +2,9 @@
 
 Decoding and the eval transform (imat.data, identical to training's evaluation) run in DataLoader
 worker processes, so JPEG decoding of the next batches overlaps with inference of the current one.
-An image that cannot be read still gets a row, flagged ``missing`` with empty lists, so the
-submission writer can give it a documented fallback instead of the run crashing."""
+An image that cannot be read, or whose header declares more than ``max_pixels`` pixels (never decoded),
+still gets a row, flagged ``missing`` with empty lists, so the submission writer can give it a
+documented fallback instead of the run crashing."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from imat.data.decode import DEFAULT_MAX_PIXELS
 from imat.errors import ImatError, require_file
 from imat.io import write_with
 from imat.manifest import ClassMap
@@ -60,16 +62,20 @@ def predict(
     threads: int | None = None,
     decoder: str = "cv2",
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
 ) -> pd.DataFrame:
     """Predict the top-``topk`` classes of every image of ``source``; write Parquet to ``out`` if given.
 
     Returns the predictions frame: ``image_id``, ``topk_labels`` (the competition's own labels),
     ``topk_scores`` (probabilities), ``missing`` and, with ``save_probs``, ``probs`` (every class, in
     class-map order; needed for prior correction). The Parquet's metadata (key ``imat``) records the
-    model, the class map, the active provider and the options."""
+    model, the class map, the active provider, the options and how many rows are ``missing`` (of which
+    ``too_large``: over ``max_pixels``). ``draft``: big JPEGs are decoded at a DCT scale that keeps the
+    eval resize's detail, as training's validation does."""
     from tqdm.auto import tqdm
 
-    from imat.data import ImageDataset, build_eval_transform, build_loader
+    from imat.data import ImageDataset, build_eval_transform, build_loader, decode_side
 
     model = require_file(model, "model")
     if topk < 1:
@@ -83,10 +89,11 @@ def predict(
     session, active = create_session(model, provider, threads=threads, description=desc, max_batch=batch_size)
     runner = Runner(session, active)
     probs_out = bool(desc.get("softmax_in_graph"))
-    transform = build_eval_transform(
-        int(desc["input_size"]), desc["mean"], desc["std"], float(desc.get("crop_pct", 0.875))
+    size, crop = int(desc["input_size"]), float(desc.get("crop_pct", 0.875))
+    transform = build_eval_transform(size, desc["mean"], desc["std"], crop)
+    dataset = ImageDataset(
+        rows, None, transform, decoder, max_pixels, decode_side(None, size, crop) if draft else None
     )
-    dataset = ImageDataset(rows, None, transform, decoder)
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=workers)
 
     n = len(rows)
@@ -116,8 +123,15 @@ def predict(
         bar.update(len(index) + int(batch["skipped"]))
     bar.close()
     missing = ~seen
+    too_large = 0
     if missing.any():
-        log.warning("%d of %d images could not be read; flagged missing", int(missing.sum()), n)
+        too_large = count_too_large([dataset.paths[i] for i in np.flatnonzero(missing)], max_pixels)
+        log.warning(
+            "%d of %d images could not be read (%d too large); flagged missing",
+            int(missing.sum()),
+            n,
+            too_large,
+        )
 
     labels = [
         [classes.to_source(i) for i in row] if ok else [] for row, ok in zip(top_idx, seen, strict=True)
@@ -142,6 +156,7 @@ def predict(
         "tta_flip": tta_flip,
         "images": n,
         "missing": int(missing.sum()),
+        "too_large": too_large,
         "classes": classes.to_dict(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -150,6 +165,22 @@ def predict(
         write_predictions(out, frame, info)
     log.info("predicted %d images with provider %s (%d missing)", n, active, info["missing"])
     return frame
+
+
+def count_too_large(paths: list[str], max_pixels: int | None) -> int:
+    """How many of ``paths`` declare more than ``max_pixels`` pixels (headers only: cheap per file)."""
+    from imat.data.decode import ImageTooLargeError, check_pixels, read_header
+
+    count = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                check_pixels(read_header(fh.read()), max_pixels)
+        except ImageTooLargeError:
+            count += 1
+        except OSError:
+            pass
+    return count
 
 
 def _label_type(classes: dict[str, Any]) -> Any:

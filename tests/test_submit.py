@@ -437,3 +437,35 @@ def test_submit_refuses_bad_inputs(kit: dict, tmp_path: Path, capsys: pytest.Cap
     )
     assert "not an imat predictions file" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_predict_gives_a_bomb_a_fallback_row_without_decoding_it(
+    kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import cv2
+    from bomb_kit import write_bomb_png
+
+    import imat.data.decode as decode_mod
+
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for i in (1, 2):
+        shutil.copy(kit["images"] / f"{i}.jpg", folder / f"{i}.jpg")
+    write_bomb_png(folder / "bomb.png")
+    real = cv2.imdecode
+
+    def imdecode(buf, flags):  # noqa: ANN001, ANN202
+        assert b"IHDR\x00\x00u0" not in bytes(np.asarray(buf, np.uint8)[:32]), "the bomb was decoded"
+        return real(buf, flags)
+
+    monkeypatch.setattr(decode_mod.cv2, "imdecode", imdecode)
+    preds = tmp_path / "predictions.parquet"
+    args = ["predict", str(kit["onnx"]), str(folder), "--out", str(preds), "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    assert "1 missing, 1 of them too large: fallback rows" in capsys.readouterr().out
+    df, info = read_predictions(preds)
+    assert info["missing"] == 1 and info["too_large"] == 1
+    missing = df.set_index("image_id")["missing"]
+    assert missing.sum() == 1 and missing[[i for i in missing.index if "bomb" in i]].all()

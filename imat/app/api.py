@@ -179,6 +179,8 @@ def predict(
         save_probs=cfg.submit.prior_correction,
         decoder=cfg.data.decoder,
         progress=_progress(cfg, progress),
+        max_pixels=cfg.data.max_pixels,
+        draft=cfg.data.draft,
     )
 
 

@@ -98,6 +98,8 @@ def _onnx_row(cfg: RunConfig, images: int) -> dict[str, Any] | None:
         workers=cfg.data.num_workers,
         decoder=cfg.data.decoder,
         progress=False,
+        max_pixels=cfg.data.max_pixels,
+        draft=cfg.data.draft,
     )
     truth = (
         pd.read_parquet(manifest).query("split == 'val'").set_index("image_id")["source_label"].astype(str)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from imat.data.decode import DEFAULT_MAX_PIXELS
 from submit.commands._common import setup_logging
 
 
@@ -38,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--address", default=None, help="with --ray: Ray cluster (default RAY_ADDRESS or local)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images (by their header) are not decoded: fallback rows (default %(default)s)",
     )
     parser.add_argument("--actors", type=int, default=2, help="with --ray: number of inference actors")
 
@@ -84,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
             save_probs=args.save_probs,
             threads=args.threads,
             progress=not args.no_progress,
+            max_pixels=args.max_pixels,
         )
     info = frame.attrs["imat"]
+    large = f", {info['too_large']} of them too large" if info.get("too_large") else ""
     print(
-        f"wrote {args.out}: {info['images']} images ({info['missing']} missing), top-{info['topk']}, "
+        f"wrote {args.out}: {info['images']} images ({info['missing']} missing{large}: fallback rows), "
+        f"top-{info['topk']}, "
         f"provider {info['provider']}{', flip TTA' if args.tta_flip else ''}"
     )
     return 0
