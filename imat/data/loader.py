@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
@@ -44,8 +45,9 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    # Note: no cv2.setNumThreads() here. In a forked worker it can deadlock (OpenCV 5 waits for the
-    # parent's pool threads, which fork did not copy) once the parent has run a parallel cv2 op.
+    # One OpenCV thread per worker: N workers x all-cores pools would oversubscribe the node. Safe in a
+    # forked worker only because SkipLoader forks with the parent's pool at one thread (see below).
+    cv2.setNumThreads(1)
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if hasattr(transform, "set_random_seed"):
@@ -62,6 +64,19 @@ class SkipLoader(DataLoader):
     epoch_skipped: int = 0
     # (mean, std) when the dataset yields uint8 images that the engine normalises on the device
     device_normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def _get_iterator(self) -> Any:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        # Workers fork here. OpenCV's setNumThreads joins its pool's threads, which a forked child does
+        # not have: it waits forever once the parent has run a parallel op. Forking while the parent's
+        # pool is at one thread (no pool threads) lets each worker set its own count safely.
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super()._get_iterator()
+        finally:
+            cv2.setNumThreads(threads)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         carry = 0
