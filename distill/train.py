@@ -388,6 +388,7 @@ def build_loaders(
         num_workers=cfg.data.num_workers,
         max_pixels=cfg.data.max_pixels,
         draft=cfg.data.draft,
+        decode=cfg.data.decode,
     )
 
 

@@ -192,6 +192,7 @@ def train_teacher(
         num_workers=cfg.data.num_workers,
         max_pixels=cfg.data.max_pixels,
         draft=cfg.data.draft,
+        decode=cfg.data.decode,
     )
     if is_main_rank():
         save_resolved(cfg, out_dir / "config.yaml")

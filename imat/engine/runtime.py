@@ -95,8 +95,17 @@ def batch_to_device(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """:func:`move_to_device` for a batch dict; a uint8 ``image`` is normalised on the device with
-    ``normalize = (mean, std)`` (loaders built with ``device_normalize``, see imat.data.recipe)."""
-    out = move_to_device(batch, device, channels_last)
+    ``normalize = (mean, std)`` (loaders built with ``device_normalize``, see imat.data.recipe). A batch
+    of encoded JPEGs (``data.decode: gpu``) is decoded and cropped on the device first."""
+    if batch.get("decode") is not None:  # data.decode: gpu - JPEG bytes, decoded and cropped on the device
+        from imat.data.device_decode import ENCODED_KEYS, decode_on_device
+
+        rest = {k: v for k, v in batch.items() if k not in ENCODED_KEYS}
+        out = decode_on_device(
+            {**move_to_device(rest, device), **{k: batch[k] for k in ENCODED_KEYS}}, device
+        )
+    else:
+        out = move_to_device(batch, device, channels_last)
     image = out.get("image")
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
         if normalize is None:

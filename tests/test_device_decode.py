@@ -1,0 +1,123 @@
+"""data.decode: gpu on the CPU: JPEG batches decoded, oriented, cropped and normalised by the device code
+give what the CPU pipeline gives (shapes, normalisation, geometry), and bad files are skipped and counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from bomb_kit import write_bomb_png
+from PIL import Image
+
+from imat.config.train import TrainConfig
+from imat.data import ImageDataset, build_eval_transform, build_loader, recipe_loaders
+from imat.data.device_decode import DeviceDecode, EncodedCollate, EncodedDataset
+from imat.engine.runtime import batch_to_device
+from imat.errors import ImatError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _smooth(path: Path, width: int, height: int, exif_orientation: int | None = None) -> Path:
+    """A smooth colour gradient (interpolation methods agree on it) saved as JPEG q95 or PNG."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height) + 64], -1)
+    im = Image.fromarray(img.astype(np.uint8))
+    if path.suffix == ".png":
+        im.save(path)
+    elif exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        im.save(path, quality=95, exif=exif)
+    else:
+        im.save(path, quality=95)
+    return path
+
+
+def _frame(paths: list[Path]) -> pd.DataFrame:
+    return pd.DataFrame({"path": [str(p) for p in paths], "label": list(range(len(paths)))})
+
+
+def _device_batches(
+    df: pd.DataFrame, spec: DeviceDecode, batch_size: int = 8, workers: int = 0
+) -> list[dict]:
+    loader = build_loader(
+        EncodedDataset(df, None, spec), batch_size, False, workers, collate_fn=EncodedCollate(spec)
+    )
+    loader.device_normalize = (MEAN, STD)
+    out = [batch_to_device(b, torch.device("cpu"), False, loader.device_normalize) for b in loader]
+    loader.total_skipped = loader.epoch_skipped  # type: ignore[attr-defined]
+    return out
+
+
+def test_eval_crop_matches_the_cpu_pipeline(tmp_path: Path) -> None:
+    paths = [
+        _smooth(tmp_path / "wide.jpg", 120, 80),
+        _smooth(tmp_path / "tall.jpg", 70, 110),
+        _smooth(tmp_path / "rotated.jpg", 120, 80, exif_orientation=6),  # shown 80 wide, 120 tall
+        _smooth(tmp_path / "lossless.png", 90, 90),  # not a JPEG: decoded by the worker
+    ]
+    df = _frame(paths)
+    batches = _device_batches(df, DeviceDecode(32, None, 0.875))
+    assert len(batches) == 1
+    got = batches[0]["image"]
+    cpu = ImageDataset(df, None, build_eval_transform(32, MEAN, STD, 0.875))
+    want = torch.stack([cpu[i]["image"] for i in range(len(df))])
+    assert got.shape == want.shape == (4, 3, 32, 32) and got.dtype == want.dtype == torch.float32
+    assert batches[0]["label"].tolist() == [0, 1, 2, 3] and batches[0]["skipped"] == 0
+    # same geometry and normalisation: differences are interpolation only (a few grey levels)
+    err = (got - want).abs().mean(dim=(1, 2, 3)) * 255 * 0.225
+    assert err.max() < 3, err
+
+
+def test_train_light_crops_are_seeded_and_normalised(tmp_path: Path) -> None:
+    flat = tmp_path / "flat.jpg"
+    Image.new("RGB", (100, 60), (200, 100, 50)).save(flat, quality=100)
+    df = _frame([flat] * 6)
+    spec = DeviceDecode(24, "light", 0.875)
+    a, b = _device_batches(df, spec, 3), _device_batches(df, spec, 3)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x["image"], y["image"])  # seeded: the same crops again
+        assert x["image"].shape == (3, 3, 24, 24)
+    want = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    got = torch.cat([x["image"] for x in a]).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(got, want, atol=0.03, rtol=0)
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    good = _smooth(tmp_path / "good.jpg", 64, 48)
+    broken = tmp_path / "broken.jpg"  # a valid JPEG header, then garbage: only the decoder finds out
+    data = good.read_bytes()
+    broken.write_bytes(data[:400] + b"\x00" * 50)
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    missing = tmp_path / "missing.jpg"
+    df = _frame([good, broken, bomb, missing, good])
+    spec = DeviceDecode(16, None)
+    batches = _device_batches(df, spec, batch_size=5)
+    kept = [int(i) for b in batches for i in b["index"]]
+    skipped = sum(int(b["skipped"]) for b in batches)
+    assert 0 in kept and 4 in kept and 2 not in kept and 3 not in kept
+    assert skipped + len(kept) == 5
+    assert all(b["image"].shape[0] == b["label"].numel() for b in batches)
+
+
+def test_recipe_loaders_decode_gpu(tmp_path: Path) -> None:
+    paths = [_smooth(tmp_path / f"{i}.jpg", 64 + i, 48) for i in range(6)]
+    df = _frame(paths)
+    df["label"] = [0, 1] * 3
+    data_cfg = {"input_size": 16, "mean": MEAN, "std": STD, "crop_pct": 0.875}
+    recipe = TrainConfig.model_validate({"batch_size": 3, "device": "cpu", "aug": {"preset": "light"}})
+    train, val = recipe_loaders(
+        recipe, data_cfg, df, df, images=None, decoder="cv2", num_workers=1, decode="gpu"
+    )
+    assert train.device_normalize == val.device_normalize == (MEAN, STD)
+    for loader in (train, val):
+        batches = [batch_to_device(b, torch.device("cpu"), True, loader.device_normalize) for b in loader]
+        assert sum(b["label"].numel() for b in batches) == 6
+        assert all(b["image"].shape == (3, 3, 16, 16) and b["image"].dtype == torch.float32 for b in batches)
+    heavy = TrainConfig.model_validate({"device": "cpu", "aug": {"preset": "heavy"}})
+    with pytest.raises(ImatError, match="aug.preset"):
+        recipe_loaders(heavy, data_cfg, df, df, images=None, decoder="cv2", num_workers=0, decode="gpu")
