@@ -1,17 +1,23 @@
 """Training checks for one GPU: the rows `benchmarks/gpu_check.sh` adds to its table.
 
-Each check runs the real engine on synthetic uint8 images held in memory (no decoding, no
-albumentations, nothing downloaded): the loader pins them, the engine copies them non-blocking and
-normalises on the device, as `imat teachers train` / `imat distill` do on a GPU. Checks:
+Each check runs the real engine (nothing downloaded): the loader pins the batches, the engine copies
+them non-blocking and normalises on the device, as `imat teachers train` / `imat distill` do on a GPU.
+Checks:
 
 - ``teacher_epoch`` fp16 and bf16, channels-last: a timm teacher (ClassificationTask); fp16 steps through
   the GradScaler, bf16 without one;
 - ``meal_alternating`` fp16: MEAL's alternating discriminator/student steps (two optimisers, two
   backward passes per step) with the GradScaler, a frozen teacher and a stage block + the logits;
-- ``torchrun_1proc``: the teacher epoch again, launched by ``torchrun --nproc_per_node 1`` (launcher,
-  environment and device binding; one rank, so no gradient all-reduce).
+- ``kd_epoch`` bf16: Hinton KD from a frozen teacher (``imat distill`` with ``method: kd``);
+- ``torchrun_teachers``, ``torchrun_kd``, ``torchrun_meal``: each task again, launched by
+  ``torchrun --nproc_per_node 1`` (launcher, environment, process group and device binding; one rank,
+  so no gradient all-reduce);
+- ``decode_gpu``: ``data.decode: gpu`` - a teacher epoch on generated JPEG files through the real
+  loaders (``recipe_loaders``: workers read bytes, the device decodes, crops, flips and normalises),
+  and the device's decode of one batch against the same code on the CPU (nvJPEG vs libjpeg). Needs
+  imat.data's packages (albumentations, OpenCV); without them the row says so.
 
-Each trains ``--epochs`` epochs of ``--steps`` steps and reports the last epoch's images/s (the first
+Every check but ``decode_gpu`` runs on synthetic uint8 images held in memory. Each trains ``--epochs`` epochs of ``--steps`` steps and reports the last epoch's images/s (the first
 includes cuDNN's autotuning). A row is ok when every loss and weight is finite and the precision
 machinery did what it should (a scaler for fp16, channels-last weights). Rows are APPENDED to ``--out``
 (columns: check, arch, engine, precision, batch, images_per_s, top1_agreement, top3_agreement, ok,
@@ -19,6 +25,8 @@ note); the agreement columns stay empty here.
 
     python benchmarks/gpu_check_train.py --out benchmarks/results/gpu_check.csv          # on a GPU, ~1 min
     python benchmarks/gpu_check_train.py --out /tmp/check.csv --device cpu --tiny       # CPU smoke test
+
+``GPU_CHECK_DRY_RUN=1`` in the environment (gpu_check.sh --dry-run) means ``--device cpu --tiny``.
 
 Needs torch, timm, pandas and pydantic (imat's configs); without pydantic it installs it offline from
 ``.whl/`` when that folder holds its wheels (``pip download pydantic -d .whl`` on a connected machine).
@@ -121,10 +129,11 @@ def loader(args: argparse.Namespace, device: str) -> Any:
     return dl
 
 
-def recipe(args: argparse.Namespace, device: str, precision: str) -> Any:
-    from imat.config.train import TrainConfig
+def recipe(args: argparse.Namespace, device: str, precision: str, preset: str = "medium") -> Any:
+    from imat.config.train import AugConfig, TrainConfig
 
     return TrainConfig(
+        aug=AugConfig(preset=preset),
         epochs=args.epochs,
         batch_size=args.batch,
         lr=0.01,
@@ -197,15 +206,10 @@ def teacher_epoch(args: argparse.Namespace, device: str, precision: str, out_dir
 
 
 def meal_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: Path) -> dict[str, Any]:
-    import timm
-
     from distill.tasks import MealTask
-    from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
     from imat.engine import Engine
 
-    teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.classes)
-    student = timm.create_model(args.student, pretrained=False, num_classes=args.classes)
-    ens = TeacherEnsemble([FrozenTeacher("t0", teacher, args.size, MEAN, STD)], "mean", seed=0)
+    _, student, ens = _teacher_and_student(args)
     blocks = [-2, "logits"]
     task = MealTask(
         student,
@@ -242,8 +246,124 @@ def meal_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: P
     }
 
 
-def torchrun_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: Path) -> dict[str, Any]:
-    """The teacher epoch in a ``torchrun --nproc_per_node 1`` child (``--worker``), its result as JSON."""
+def _teacher_and_student(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    import timm
+
+    from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+
+    teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.classes)
+    student = timm.create_model(args.student, pretrained=False, num_classes=args.classes)
+    ens = TeacherEnsemble([FrozenTeacher("t0", teacher, args.size, MEAN, STD)], "mean", seed=0)
+    return teacher, student, ens
+
+
+def kd_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: Path) -> dict[str, Any]:
+    from distill.tasks import KDTask, SoftTargets
+    from imat.engine import Engine
+
+    _, student, ens = _teacher_and_student(args)
+    task = KDTask(student, SoftTargets(ens, MEAN, STD), alpha=0.9, temperature=4.0)
+    engine = Engine(
+        task,
+        recipe(args, device, precision),
+        out_dir,
+        loader(args, device),
+        None,
+        progress=False,
+        tensorboard=False,
+    )
+    df = engine.fit()
+    ok, note = _verdict(engine, df, precision)
+    return {
+        "arch": f"{args.student}<-{args.teacher}",
+        "images_per_s": float(df["images_per_s"].iloc[-1]),
+        "ok": ok,
+        "note": note,
+    }
+
+
+def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """Photo-sized JPEGs (500x375 and portrait, quality 90) of smooth colour fields, with PIL only."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = (500, 375) if i % 4 else (375, 500)
+        coarse = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8))
+        img = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+        img = img + rng.integers(-12, 13, img.shape, dtype=np.int16)  # sensor-like texture
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def decode_gpu_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: Path) -> dict[str, Any]:
+    """A teacher epoch with ``data.decode: gpu`` on JPEG files, and the device decode vs the CPU's."""
+    import pandas as pd
+    import timm
+    import torch
+
+    try:
+        from imat.data import recipe_loaders
+        from imat.data.device_decode import ENCODED_KEYS, decode_on_device
+    except ImportError as exc:  # albumentations / OpenCV absent on this machine
+        return {"arch": args.teacher, "ok": False, "note": f"imat.data unavailable ({exc}): wheels in .whl/"}
+    from imat.engine import ClassificationTask, Engine
+
+    n = args.batch * args.steps
+    files = write_jpegs(out_dir / "images", min(n, 256))
+    df = pd.DataFrame(
+        {"path": [files[i % len(files)] for i in range(n)], "label": [i % args.classes for i in range(n)]}
+    )
+    data_cfg = {"input_size": args.size, "mean": MEAN, "std": STD, "crop_pct": 0.875}
+    rec = recipe(args, device, precision, preset="light")
+    train, val = recipe_loaders(
+        rec,
+        data_cfg,
+        df,
+        df.iloc[: args.batch],
+        images=None,
+        decoder="pil",
+        num_workers=args.workers,
+        decode="gpu",
+    )
+    # nvJPEG against libjpeg on one eval batch: the same crops, a few grey levels apart at most
+    batch = next(iter(val))
+    rest = {k: v for k, v in batch.items() if k not in ENCODED_KEYS}
+    enc = {k: batch[k] for k in ENCODED_KEYS}
+    on_device = decode_on_device(
+        {**{k: v.to(device) if torch.is_tensor(v) else v for k, v in rest.items()}, **enc},
+        torch.device(device),
+    )
+    on_cpu = decode_on_device({**rest, **{k: batch[k] for k in ENCODED_KEYS}}, torch.device("cpu"))
+    diff = float((on_device["image"].cpu().float() - on_cpu["image"].float()).abs().mean())
+    model = timm.create_model(args.teacher, pretrained=False, num_classes=args.classes)
+    engine = Engine(
+        ClassificationTask(model), rec, out_dir / "run", train, None, progress=False, tensorboard=False
+    )
+    df_fit = engine.fit()
+    ok, note = _verdict(engine, df_fit, precision)
+    ok = ok and diff < 3.0 and tuple(on_device["image"].shape) == (args.batch, 3, args.size, args.size)
+    note = f"{note}; {args.workers} loader workers, light preset; device vs CPU decode: mean |diff| {diff:.2f} grey levels"
+    return {
+        "arch": args.teacher,
+        "images_per_s": float(df_fit["images_per_s"].iloc[-1]),
+        "ok": ok,
+        "note": note,
+    }
+
+
+TASKS = {"teacher": teacher_epoch, "kd": kd_epoch, "meal": meal_epoch}
+
+
+def torchrun_epoch(
+    args: argparse.Namespace, device: str, precision: str, out_dir: Path, task: str = "teacher"
+) -> dict[str, Any]:
+    """``task``'s epoch in a ``torchrun --nproc_per_node 1`` child (``--worker``), its result as JSON."""
     result = out_dir / "torchrun.json"
     cmd = [
         sys.executable,
@@ -255,6 +375,10 @@ def torchrun_epoch(args: argparse.Namespace, device: str, precision: str, out_di
         str(Path(__file__).resolve()),
         "--worker",
         str(result),
+        "--task",
+        task,
+        "--precision",
+        precision,
         "--device",
         device,
         *(["--tiny"] if args.tiny else []),
@@ -265,7 +389,7 @@ def torchrun_epoch(args: argparse.Namespace, device: str, precision: str, out_di
     if proc.returncode != 0 or not result.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {
-            "arch": args.teacher,
+            "arch": args.teacher if task == "teacher" else f"{args.student}<-{args.teacher}",
             "images_per_s": float("nan"),
             "ok": False,
             "note": f"torchrun: {tail[0][:200]}",
@@ -280,11 +404,19 @@ def _sizes(args: argparse.Namespace) -> list[str]:
     return [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
 
 
+def _torchrun(task: str) -> Any:
+    return lambda args, device, precision, out_dir: torchrun_epoch(args, device, precision, out_dir, task)
+
+
 CHECKS = [
     ("teacher_epoch", "fp16", teacher_epoch),
     ("teacher_epoch", "bf16", teacher_epoch),
     ("meal_alternating", "fp16", meal_epoch),
-    ("torchrun_1proc", "bf16", torchrun_epoch),
+    ("kd_epoch", "bf16", kd_epoch),
+    ("torchrun_teachers", "bf16", _torchrun("teacher")),
+    ("torchrun_kd", "bf16", _torchrun("kd")),
+    ("torchrun_meal", "fp16", _torchrun("meal")),
+    ("decode_gpu", "bf16", decode_gpu_epoch),
 ]
 
 
@@ -322,7 +454,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=300, help="seconds for the torchrun child")
     p.add_argument("--only", nargs="*", help="run only these checks (names as in the table)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # torchrun child: write JSON here
+    p.add_argument("--task", default="teacher", choices=sorted(TASKS), help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if os.environ.get("GPU_CHECK_DRY_RUN") == "1":  # gpu_check.sh --dry-run: the CPU at toy sizes
+        args.device, args.tiny = "cpu", True
     tiny = {"teacher": "resnet10t", "student": "resnet10t", "size": 32, "batch": 4, "steps": 2, "workers": 0}
     full = {
         "teacher": "resnet50",
@@ -346,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_name = f"imat.engine {args.device}"
     if args.worker is not None:  # the torchrun child: one check, result as JSON
         with tempfile.TemporaryDirectory() as tmp:
-            row = teacher_epoch(args, args.device, "bf16", Path(tmp))
+            row = TASKS[args.task](args, args.device, args.precision, Path(tmp))
         args.worker.write_text(json.dumps(row))
         return 0
     if args.device == "cuda":

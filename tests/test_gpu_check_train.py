@@ -82,3 +82,40 @@ def test_a_missing_gpu_is_a_failed_row_not_a_crash(tmp_path, monkeypatch):
         ("teacher_epoch", "False", "no CUDA device"),
         ("teacher_epoch", "False", "no CUDA device"),
     ]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_kd_and_decode_gpu_rows(tmp_path):
+    out = tmp_path / "gpu_check.csv"
+    proc = _run(out, "kd_epoch", "decode_gpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _rows(out)
+    assert [r["check"] for r in rows] == ["kd_epoch", "decode_gpu"]
+    assert all(r["ok"] == "True" and float(r["images_per_s"]) > 0 for r in rows), rows
+    assert rows[0]["arch"] == "resnet10t<-resnet10t"
+    # on the CPU the "device" decode is the CPU one: identical pixels
+    assert "device vs CPU decode: mean |diff| 0.00 grey levels" in rows[1]["note"]
+
+
+def test_each_task_under_torchrun_is_a_row(tmp_path):
+    """One rank per task under torchrun (gloo on the CPU): teachers, KD and MEAL each a line."""
+    import os
+
+    out = tmp_path / "gpu_check.csv"
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "1", "--only"]
+    cmd += ["torchrun_teachers", "torchrun_kd", "torchrun_meal"]
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1"}  # gpu_check.sh --dry-run: CPU, toy sizes
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = _rows(out)
+    assert [(r["check"], r["precision"]) for r in rows] == [
+        ("torchrun_teachers", "bf16"),
+        ("torchrun_kd", "bf16"),
+        ("torchrun_meal", "fp16"),
+    ]
+    assert all(r["ok"] == "True" and "torchrun --nproc_per_node 1" in r["note"] for r in rows), rows
+    assert all(r["engine"] == "imat.engine cpu" for r in rows)
