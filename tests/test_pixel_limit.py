@@ -141,3 +141,11 @@ def test_big_jpegs_decode_at_a_dct_scale_keeping_the_needed_side(tmp_path: Path)
     )
     png = _photo(tmp_path / "big.png", 1600, 1200)
     assert decode_image(png, "cv2", min_side=side).shape == (1200, 1600, 3)  # only JPEGs have a DCT
+
+
+def test_report_thumbnails_skip_a_bomb(tmp_path: Path, no_bomb_decode: list) -> None:
+    from imat.app.report.page import _thumb
+
+    assert _thumb(write_bomb_png(tmp_path / "bomb.png")) is None
+    thumb = _thumb(_photo(tmp_path / "ok.jpg", 640, 480))
+    assert thumb is not None and len(thumb) > 100

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from imat.data.decode import DECODERS, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from imat.data.decode import DECODERS, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image
 from imat.errors import ImatError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class ImageDataset(Dataset):
             self.skipped += 1
             if path not in self.bad_files:
                 self.bad_files.add(path)
-                log.warning("skipping image: %s", exc)
+                kind = "too large" if isinstance(exc, ImageTooLargeError) else "unreadable"
+                log.warning("skipping %s image: %s", kind, exc)
             return None
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:

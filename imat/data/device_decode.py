@@ -150,7 +150,8 @@ class EncodedDataset(Dataset):
         self.skipped += 1
         if path not in self.bad_files:
             self.bad_files.add(path)
-            log.warning("skipping image: %s", exc)
+            kind = "too large" if isinstance(exc, ImageTooLargeError) else "unreadable"
+            log.warning("skipping %s image: %s", kind, exc)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path = self.paths[index]

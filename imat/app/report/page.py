@@ -47,11 +47,11 @@ def _table(df: pd.DataFrame, max_rows: int = 50) -> str:
 
 
 def _thumb(path: Path) -> str | None:
-    try:
-        image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
-    except (OSError, ValueError):
-        return None
-    if image is None:
+    from imat.data.decode import ImageDecodeError, decode_image
+
+    try:  # the pixel limit applies (a bomb gets no thumbnail); a big JPEG decodes at a DCT scale
+        image = decode_image(path, "cv2", min_side=128)[..., ::-1]  # RGB -> BGR for imencode
+    except ImageDecodeError:
         return None
     h, w = image.shape[:2]
     scale = 128 / max(h, w)
@@ -59,7 +59,7 @@ def _thumb(path: Path) -> str | None:
         image = cv2.resize(
             image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
         )
-    ok, png = cv2.imencode(".png", image)
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image))
     return base64.b64encode(png.tobytes()).decode("ascii") if ok else None
 
 
