@@ -149,3 +149,38 @@ def test_report_thumbnails_skip_a_bomb(tmp_path: Path, no_bomb_decode: list) -> 
     assert _thumb(write_bomb_png(tmp_path / "bomb.png")) is None
     thumb = _thumb(_photo(tmp_path / "ok.jpg", 640, 480))
     assert thumb is not None and len(thumb) > 100
+
+
+def test_teachers_train_skips_and_counts_a_bomb(tmp_path: Path, no_bomb_decode: list) -> None:
+    """`imat teachers train` end to end: the bomb in train and val is counted in summary.csv."""
+    import yaml
+
+    from imat.app.cli import main
+
+    for split, per_class in (("train", 4), ("val", 2)):
+        for c, colour in enumerate(((0, 0, 220), (0, 200, 0))):
+            folder = tmp_path / "images" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class - (1 if (split, c) == ("train", 0) else 0)):
+                img = np.full((24, 24, 3), colour, np.uint8)
+                cv2.imwrite(str(folder / f"{i}.png"), img)
+        write_bomb_png(tmp_path / "images" / split / "c0" / "bomb.png")
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "train": str(tmp_path / "images" / "train"),
+            "val": str(tmp_path / "images" / "val"),
+            "images": str(tmp_path / "images"),
+            "num_workers": 0,
+        },
+        "teachers": {
+            "defaults": {"epochs": 1, "batch_size": 4, "device": "cpu", "aug": {"preset": "light"}},
+            "pool": [{"name": "res", "arch": "resnet10t", "input_size": 16, "crop_pct": 1.0}],
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["teachers", "train", str(path)]) == 0
+    summary = pd.read_csv(tmp_path / "run" / "teachers" / "res" / "summary.csv")
+    assert summary["skipped"].tolist() == [2]  # the training bomb and the validation one
+    assert summary["train_images"].tolist() == [7]  # 2 steps of 4, less the bomb
