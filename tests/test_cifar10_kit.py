@@ -199,3 +199,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ImatError, match="no images under train"):
         write_cifar10(tmp_path / "empty", tmp_path / "out2")
     assert main(["data", "kit", "cifar10", "--out", str(tmp_path / "o")]) == 2  # --from is required
+    folder = str(tmp_path / "folder")
+    assert (
+        main(["data", "kit", "cifar10", "--from", folder, "--out", str(tmp_path / "o"), "--limit", "5"]) == 2
+    )
+    assert main(["data", "kit", "digits", "--from", folder, "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()

@@ -19,7 +19,10 @@ from imat.errors import ImatError
 # command words -> (module, one-line help). Order is the order of `imat --help`.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("imat.app.commands.demo", "whole pipeline on the embedded kit, CPU-sized"),
-    ("data", "kit"): ("imat.app.commands.kit", "write a ready competition kit (embedded data sets)"),
+    ("data", "kit"): (
+        "imat.app.commands.kit",
+        "write a ready kit: embedded data sets, or CIFAR-10 from its archive",
+    ),
     ("data", "download"): ("imat.app.commands.download", "fetch a URL-only competition's images (resumable)"),
     ("data", "inspect"): ("imat.app.commands.inspect", "counts per split and class, missing/corrupt images"),
     ("data", "audit"): (

@@ -22,34 +22,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cifar10 only: cifar-10-python.tar.gz, a tar.gz of a {train,test}/<class>/ image folder, or that folder",
     )
     parser.add_argument(
-        "--quality", type=int, default=75, help="cifar10 from the python archive: JPEG quality"
+        "--quality", type=int, default=None, help="cifar10 from the python archive: JPEG quality (75)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="split and id seed (default 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each class for val")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class for test")
-    parser.add_argument("--size", type=int, default=28, help="side of the written images in pixels")
+    # the embedded kits' options; None until given, so cifar10 can refuse them instead of ignoring them
+    parser.add_argument("--seed", type=int, default=None, help="split and id seed (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="share of each class for val (0.1)")
+    parser.add_argument(
+        "--test-fraction", type=float, default=None, help="share of each class for test (0.2)"
+    )
+    parser.add_argument("--size", type=int, default=None, help="side of the written images in pixels (28)")
     parser.add_argument("--limit", type=int, default=None, help="keep a class-balanced subset of N images")
 
 
+EMBEDDED_OPTIONS = {"seed": 0, "val_fraction": 0.1, "test_fraction": 0.2, "size": 28, "limit": None}
+
+
 def run(args: argparse.Namespace) -> int:
+    given = [f"--{k.replace('_', '-')}" for k in EMBEDDED_OPTIONS if getattr(args, k) is not None]
     if args.name == CIFAR10:
         if not args.source:
             raise ImatError(
                 "imat data kit cifar10 needs --from ARCHIVE_OR_FOLDER (e.g. cifar-10-python.tar.gz)"
             )
-        info = write_cifar10(args.source, args.out, quality=args.quality)
+        if given:
+            raise ImatError(
+                f"{', '.join(given)}: options of the embedded kits, not of cifar10 (it keeps every image)"
+            )
+        info = write_cifar10(args.source, args.out, quality=75 if args.quality is None else args.quality)
         print(cifar10_summary(info, args.out))
         return 0
-    if args.source:
-        raise ImatError(f"--from is for the cifar10 kit; {args.name!r} is embedded")
-    paths = write_kit(
-        args.name,
-        args.out,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        size=args.size,
-        limit=args.limit,
-    )
+    if args.source or args.quality is not None:
+        raise ImatError(f"--from and --quality are for the cifar10 kit; {args.name!r} is embedded")
+    options = {
+        k: default if getattr(args, k) is None else getattr(args, k)
+        for k, default in EMBEDDED_OPTIONS.items()
+    }
+    paths = write_kit(args.name, args.out, **options)
     print(kit_summary(paths))
     return 0
