@@ -49,7 +49,6 @@ def _device_batches(
     )
     loader.device_normalize = (MEAN, STD)
     out = [batch_to_device(b, torch.device("cpu"), False, loader.device_normalize) for b in loader]
-    loader.total_skipped = loader.epoch_skipped  # type: ignore[attr-defined]
     return out
 
 
@@ -121,3 +120,25 @@ def test_recipe_loaders_decode_gpu(tmp_path: Path) -> None:
     heavy = TrainConfig.model_validate({"device": "cpu", "aug": {"preset": "heavy"}})
     with pytest.raises(ImatError, match="aug.preset"):
         recipe_loaders(heavy, data_cfg, df, df, images=None, decoder="cv2", num_workers=0, decode="gpu")
+
+
+def test_big_batches_decode_in_chunks_with_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imat.data.device_decode as dd
+
+    df = _frame([_smooth(tmp_path / f"{i}.jpg", 64 + 8 * i, 48) for i in range(5)])
+    spec = DeviceDecode(16, None)
+    whole = _device_batches(df, spec, batch_size=5)[0]["image"]
+    calls: list[int] = []
+    real = dd._decode_all
+
+    def counting(data, device):  # noqa: ANN001, ANN202
+        calls.append(len(data))
+        return real(data, device)
+
+    monkeypatch.setattr(dd, "_decode_all", counting)
+    monkeypatch.setattr(dd, "CHUNK_PIXELS", 2 * 80 * 48)  # two or fewer of these images at once
+    chunked = _device_batches(df, spec, batch_size=5)[0]["image"]
+    assert sum(calls) == 5 and max(calls) <= 2 and len(calls) >= 3
+    torch.testing.assert_close(chunked, whole)

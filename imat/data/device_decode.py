@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 DEVICE_PRESETS: tuple[str, ...] = ("none", "light")
 # the batch keys the device consumes; the engine keeps them on the CPU (decode_jpeg reads CPU bytes)
-ENCODED_KEYS: tuple[str, ...] = ("decode", "jpeg", "orientation", "seed", "pixel_rows", "pixels")
+ENCODED_KEYS: tuple[str, ...] = ("decode", "jpeg", "orientation", "area", "seed", "pixel_rows", "pixels")
+# Full-size decodes held on the device at once: a batch of 256 phone photos would be ~9 GB of uint8,
+# so batches are decoded in chunks of at most this many pixels (~0.8 GB) and cropped before the next.
+CHUNK_PIXELS = 1 << 28
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -171,6 +174,7 @@ class EncodedDataset(Dataset):
         if header is not None and header[0] == "JPEG":
             item["jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             item["orientation"] = _orientation(data)
+            item["area"] = header[1] * header[2]
             return item
         try:  # not a JPEG (or an unknown header): the CPU decoders, then the same crop
             pixels = decode_image(path, self.decoder, self.max_pixels)
@@ -195,6 +199,7 @@ def collate_encoded(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     out.update(
         jpeg=[it.get("jpeg", none) for it in kept],
         orientation=[int(it.get("orientation", 1)) for it in kept],
+        area=[int(it.get("area", 0)) for it in kept],
         seed=[int(it["seed"]) for it in kept],
         pixel_rows=pixel_rows,
         pixels=torch.stack([kept[i]["pixels"] for i in pixel_rows]) if pixel_rows else None,
@@ -241,27 +246,44 @@ def _decode_all(data: list[torch.Tensor], device: torch.device) -> list[torch.Te
         return out
 
 
+def _chunks(rows: list[int], area: list[int]) -> list[list[int]]:
+    """``rows`` in consecutive groups of at most CHUNK_PIXELS declared pixels (at least one row each)."""
+    out: list[list[int]] = []
+    total = CHUNK_PIXELS + 1
+    for row in rows:
+        if total + area[row] > CHUNK_PIXELS:
+            out.append([])
+            total = 0
+        out[-1].append(row)
+        total += area[row]
+    return out
+
+
 def decode_on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Turn an encoded batch (label/index already on ``device``) into ``image``: uint8 N x 3 x S x S on
     ``device``. Rows whose JPEG no decoder reads are dropped from label/index and counted in ``skipped``."""
     spec: DeviceDecode = batch.pop("decode")
     data: list[torch.Tensor] = batch.pop("jpeg")
-    orientation, seeds = batch.pop("orientation"), batch.pop("seed")
+    orientation, area, seeds = batch.pop("orientation"), batch.pop("area"), batch.pop("seed")
     pixel_rows: list[int] = batch.pop("pixel_rows")
     pixels = batch.pop("pixels")
     size = spec.input_size
-    jpeg_rows = [i for i in range(len(data)) if i not in set(pixel_rows)]
-    decoded = _decode_all([data[i] for i in jpeg_rows], device) if jpeg_rows else []
+    from_cpu = set(pixel_rows)
     crops: list[torch.Tensor | None] = [None] * len(data)
-    for row, image in zip(jpeg_rows, decoded, strict=True):
-        if image is None:
-            continue
-        image = orient(image, orientation[row])
-        v = spec.view(int(image.shape[1]), int(image.shape[2]), seeds[row])
-        crop = image[:, v.y0 : v.y1, v.x0 : v.x1].unsqueeze(0).float()
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        crop = crop.round_().clamp_(0, 255).to(torch.uint8)[0]
-        crops[row] = crop.flip(2) if v.flip else crop
+    for chunk in _chunks([i for i in range(len(data)) if i not in from_cpu], area):
+        decoded = _decode_all([data[i] for i in chunk], device)
+        for row, image in zip(chunk, decoded, strict=True):
+            if image is None:
+                continue
+            image = orient(image, orientation[row])
+            v = spec.view(int(image.shape[1]), int(image.shape[2]), seeds[row])
+            crop = image[:, v.y0 : v.y1, v.x0 : v.x1].unsqueeze(0).float()
+            crop = F.interpolate(
+                crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+            crop = crop.round_().clamp_(0, 255).to(torch.uint8)[0]
+            crops[row] = crop.flip(2) if v.flip else crop
+        del decoded
     if pixel_rows:
         on_device = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
         for k, row in enumerate(pixel_rows):
