@@ -142,3 +142,61 @@ def test_big_batches_decode_in_chunks_with_the_same_result(
     chunked = _device_batches(df, spec, batch_size=5)[0]["image"]
     assert sum(calls) == 5 and max(calls) <= 2 and len(calls) >= 3
     torch.testing.assert_close(chunked, whole)
+
+
+def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        IMAT_DIST_BACKEND="gloo",
+    )
+    torch.set_num_threads(1)
+    from torch import nn
+
+    from imat.engine import ClassificationTask, Engine
+    from imat.engine import distributed as d
+
+    df = pd.read_csv(Path(root) / "rows.csv")
+    data_cfg = {"input_size": 16, "mean": MEAN, "std": STD, "crop_pct": 0.875}
+    recipe = TrainConfig.model_validate(
+        {"epochs": 1, "batch_size": 2, "lr": 0.05, "device": "cpu", "aug": {"preset": "light"}}
+    )
+    train, val = recipe_loaders(
+        recipe, data_cfg, df, df, images=None, decoder="cv2", num_workers=0, decode="gpu"
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    engine = Engine(
+        ClassificationTask(model), recipe, Path(root) / "run", train, val, progress=False, tensorboard=False
+    )
+    summary = engine.fit()
+    weights = {k: v.clone() for k, v in engine.task.model.state_dict().items()}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, (weights, summary["train_images"].tolist()))
+    assert all(torch.equal(gathered[0][0][k], g[0][k]) for g in gathered for k in weights)  # ranks agree
+    assert all(g[1] == [8] for g in gathered)  # every image once over the two ranks
+    assert summary["skipped"].tolist() == [0] and summary["val_top1"].notna().all()
+    d.cleanup()
+
+
+def test_decode_gpu_under_two_gloo_ranks(tmp_path: Path) -> None:
+    """Sharded by the engine, the encoded batches still decode on each rank's device; ranks agree."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    paths = [_smooth(tmp_path / f"{i}.jpg", 60 + 4 * i, 48) for i in range(8)]
+    pd.DataFrame({"path": [str(p) for p in paths], "label": [i % 2 for i in range(8)]}).to_csv(
+        tmp_path / "rows.csv", index=False
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
