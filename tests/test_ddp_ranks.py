@@ -94,7 +94,7 @@ def _task(log: list):
                     "epoch": ctx.epoch,
                     "step": ctx.step_in_epoch,
                     "index": batch["index"].tolist(),
-                    "aug": [round(float(a), 6) for a in batch["aug"]],
+                    "aug": [round(float(a), 6) for a in batch.get("aug", torch.zeros(0))],
                     "py": random.random(),
                     "np": float(np.random.rand()),
                     "torch": float(torch.rand(1)),
@@ -223,3 +223,51 @@ def test_two_ranks_accumulating_match_one_process(tmp_path):
         assert set(mine) == set(two)
         for key, value in mine.items():
             assert torch.allclose(value, two[key], atol=1e-5), (manual, key)
+
+
+class _Flipped(torch.utils.data.Dataset):
+    """Images through an albumentations pipeline run in the loading process (num_workers=0)."""
+
+    def __init__(self) -> None:
+        import albumentations as A
+
+        self.transform = A.Compose([A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=1.0)])
+        self.x = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.transform(image=self.x[i])["image"]
+        return {"image": torch.from_numpy(image).permute(2, 0, 1).float() / 255, "label": i % 3, "index": i}
+
+
+def test_in_process_albumentations_stream_is_the_ranks_own(tmp_path, monkeypatch):
+    """With num_workers=0 the dataset's albumentations pipeline runs in the rank's process: the engine
+    seeds it from (seed, rank, epoch), so rank 1 does not replay rank 0's flips and jitter (and the
+    same rank replays its own)."""
+    from imat.config.train import TrainConfig
+    from imat.data.loader import build_loader
+    from imat.engine import Engine
+    from imat.engine import distributed as d
+
+    def images_seen(rank: int, name: str) -> list[torch.Tensor]:
+        monkeypatch.setattr(d, "rank", lambda: rank)
+        seen: list[torch.Tensor] = []
+        task = _task([])
+        step = task.step
+
+        def seeing(batch, ctx):
+            seen.append(batch["image"].clone())
+            return step(batch, ctx)
+
+        task.step = seeing
+        loader = build_loader(_Flipped(), batch_size=8, shuffle=False, num_workers=0, seed=0)
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1, device="cpu", seed=0)
+        Engine(task, cfg, tmp_path / name, loader, progress=False, tensorboard=False).fit()
+        return seen
+
+    rank0, rank0_again, rank1 = images_seen(0, "a"), images_seen(0, "b"), images_seen(1, "c")
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank0_again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
+    assert not torch.equal(rank0[0], rank0[2])  # epoch 2 draws anew: same images, other augmentations
