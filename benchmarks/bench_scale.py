@@ -12,6 +12,14 @@ about accuracy. Every command runs in its own process, as a user would run it.
     .venv/bin/python benchmarks/bench_scale.py [--images 2000] [--epochs 2] [--trials 2]
 
 Prints a Markdown table; writes ``results.csv`` under --out.
+
+``--only lr`` measures accuracy only (no timings, so it may run beside other work): the
+data-parallel distillation over ``--seeds`` seeds, one process against 2 gloo processes with the
+learning rate as written (``train.lr_scale=none``, what the engine did before it scaled the lr) and
+rescaled to the global batch (the default), plus 2 processes at half the batch (the one-process
+global batch). Writes the table to ``--csv`` (e.g. benchmarks/results/scale_lr_cpu.csv).
+
+    .venv/bin/python benchmarks/bench_scale.py --only lr --seeds 3 --csv benchmarks/results/scale_lr_cpu.csv
 """
 
 from __future__ import annotations
@@ -81,16 +89,76 @@ def write_config(out: Path, images: int, epochs: int, trials: int) -> Path:
     return path
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def scaling_note(config: Path) -> dict[str, str]:
+    """The engine's ``# imat.engine scaling:`` note at the end of a run's config.yaml."""
+    text = config.read_text()
+    marker = "# imat.engine scaling:"
+    if marker not in text:
+        return {}
+    lines = text.split(marker, 1)[1].splitlines()[1:]
+    return dict(line[1:].strip().split(": ", 1) for line in lines if line.startswith("#   "))
+
+
+def lr_rows(cfg: Path, out: Path, seeds: int) -> list[dict]:
+    """Val top-1 of the student: 1 process against 2 gloo processes, lr as written or rescaled."""
+    runs = [
+        ("1 process", [], [sys.executable]),
+        ("torchrun, 2 gloo processes, lr as written", ["distill.train.lr_scale=none"], TORCHRUN),
+        ("torchrun, 2 gloo processes, lr scaled (default)", [], TORCHRUN),
+        ("torchrun, 2 gloo processes at half the batch", ["distill.train.batch_size=32"], TORCHRUN),
+    ]
+    rows = []
+    for seed in range(seeds):
+        for label, extra, head in runs:
+            folder = out / f"lr{len(rows)}"
+            cmd = [*head, "-m", "imat.app.cli", "distill", str(cfg), f"run_dir={folder}"]
+            run([*cmd, f"distill.train.seed={seed}", *extra, "--quiet"], {"OMP_NUM_THREADS": "1"})
+            student = folder / "student"
+            summary = pd.read_csv(student / "summary.csv")
+            note = scaling_note(student / "config.yaml")
+            rows.append(
+                {
+                    "benchmark": "distill",
+                    "run": label,
+                    "seed": seed,
+                    "ranks": int(note.get("world_size", 0)),
+                    "global_batch": int(summary["global_batch"].iloc[-1]),
+                    "lr": float(note.get("lr_main", "nan")),
+                    "steps": int(summary["global_step"].iloc[-1]),
+                    "val top-1": float(summary["val_top1"].iloc[-1]),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/scale")
     p.add_argument("--images", type=int, default=2000, help="kit subset (train/val/test 70/10/20)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--trials", type=int, default=2, choices=[1, 2, 3, 4])
+    p.add_argument(
+        "--only", choices=["all", "lr"], default="all", help="lr: the lr-scaling accuracy runs only"
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each --only lr run")
+    p.add_argument("--csv", default=None, help="also write the table here (e.g. under benchmarks/results/)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = write_config(out, args.images, args.epochs, args.trials)
+    if args.only == "lr":
+        run([*IMAT, "pipeline", str(cfg), "--until", "teachers"])
+        df = pd.DataFrame(lr_rows(cfg, out, args.seeds))
+        means = df.groupby("run", sort=False)[["global_batch", "lr", "steps", "val top-1"]].mean()
+        print(means.to_string())
+        if args.csv:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            df.to_csv(args.csv, index=False)
+        return
     run([*IMAT, "pipeline", str(cfg), "--until", "export"])
     rows = []
 
@@ -113,9 +181,8 @@ def main() -> None:
     one = out / "ddp1"
     two = out / "ddp2"
     t1 = run([*IMAT, "distill", str(cfg), f"run_dir={one}", "--quiet"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     t2 = run(
-        [*torchrun, "-m", "imat.app.cli", "distill", str(cfg), f"run_dir={two}", "--quiet"],
+        [*TORCHRUN, "-m", "imat.app.cli", "distill", str(cfg), f"run_dir={two}", "--quiet"],
         {"OMP_NUM_THREADS": "1"},
     )
     for label, folder, total in (("1 process", one, t1), ("torchrun, 2 gloo processes", two, t2)):

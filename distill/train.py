@@ -418,7 +418,7 @@ def student_meta(
 
 def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> pd.DataFrame:
     """Train the student of ``cfg`` into ``RUN_DIR/student/``; returns the engine's per-epoch summary."""
-    from imat.engine import Engine
+    from imat.engine import Engine, seed_everything
 
     dcfg = cfg.distill
     check_method(dcfg)
@@ -428,6 +428,9 @@ def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> p
     if needs_teachers and not (pool_dir / "pool.json").is_file():
         raise ImatError(f"teacher pool not found: {pool_dir / 'pool.json'} (run `imat teachers train` first)")
     df, classes, manifest = run_manifest(cfg, pool_dir)
+    # built after the run's seed (the same on every rank): one seed, one initial student for every
+    # method; the discriminators and heads built later draw from it too
+    seed_everything(dcfg.train.seed)
     student, data_cfg = build_student(dcfg, classes.num_classes)
     teachers = load_frozen_teachers(cfg, pool_dir, classes) if needs_teachers else []
     out_dir.mkdir(parents=True, exist_ok=True)

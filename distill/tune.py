@@ -327,6 +327,22 @@ def trials_table(results: Any, keys: list[str], metric: str, mode: str, epochs: 
     return df.reset_index(drop=True)
 
 
+def record_tuned_batch(raw: dict[str, Any], workers: int) -> str:
+    """Pin ``distill.train.lr_base_batch`` of the config ``raw`` (the batch its learning rates are set
+    for) and return a YAML comment with the global batch the sweep trained at. Replayed on another
+    number of ranks, batch size or accumulation, its learning rates are then rescaled from that base
+    (``train.lr_scale``) instead of used as written."""
+    train = raw["distill"]["train"]
+    base = int(train.get("lr_base_batch") or train["batch_size"])
+    train["lr_base_batch"] = base
+    batch, accum = int(train["batch_size"]), int(train.get("accum_steps") or 1)
+    return (
+        f"# tuned at global batch {batch * workers * accum} ({workers} worker(s) x batch {batch} x "
+        f"{accum} accumulation step(s)); its learning rates are set for batch {base} and rescaled to "
+        "the global batch of the run that replays it"
+    )
+
+
 def tune_distill(
     cfg: RunConfig,
     *,
@@ -342,12 +358,13 @@ def tune_distill(
     errored trials continue from their last checkpoints) unless ``restart`` removes it first.
     ``num_cpus`` caps a local Ray (ignored with an address).
     """
+    import yaml
     from ray import tune
 
     from distill.settings import pool_dir_of
     from distill.train import check_method
     from distill.tune_space import apply_values, check_keys, default_space, parse_space, to_ray
-    from imat.io import write_csv, write_yaml
+    from imat.io import write_csv, write_text
 
     t = cfg.tune
     if t.space:
@@ -434,7 +451,8 @@ def tune_distill(
     best = results.get_best_result(metric=t.metric, mode=t.mode, scope="all", filter_nan_and_inf=True)
     values = {k: (best.config or {}).get(k) for k in keys}
     best_raw = apply_values(cfg.model_dump(mode="json"), values)
-    best_yaml = write_yaml(storage / "best.yaml", best_raw)
+    note = record_tuned_batch(best_raw, t.workers_per_trial)
+    best_yaml = write_text(storage / "best.yaml", f"{note}\n{yaml.safe_dump(best_raw, sort_keys=False)}")
     best_dir = storage / "best"
     best_ckpt = None
     if best.checkpoint is not None:

@@ -172,11 +172,12 @@ def train_teacher(
 ) -> tuple[pd.DataFrame, int]:
     """One engine run for ``spec`` into ``POOL/<name>/``; returns (summary, parameter count)."""
     from imat.data import build_mixup, recipe_loaders
-    from imat.engine import ClassificationTask, Engine
+    from imat.engine import ClassificationTask, Engine, seed_everything
 
     out_dir = cfg.pool_dir / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = resolve_data_config(spec)
+    seed_everything(spec.train.seed)  # the run's seed fixes the initial weights (every rank alike)
     model = create_model(spec, classes.num_classes)
     params = count_params(model)
     recipe = spec.train

@@ -223,7 +223,8 @@ def _engine(out: Path, batch: int, manual: bool, bn: bool):
             return {"loss": loss.detach()}
 
     loader = DataLoader(_Images(), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.1, device="cpu", weight_decay=1e-3)
+    # lr set for the global batch 16 that both the 2 x 8 and the 1 x 16 runs train at
+    cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.1, lr_base_batch=16, device="cpu", weight_decay=1e-3)
     task = TwoSteps(_net(bn)) if manual else ClassificationTask(_net(bn))
     return Engine(task, cfg, out, loader, None, progress=False, tensorboard=False)
 

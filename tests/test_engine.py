@@ -308,5 +308,6 @@ def test_uint8_batches_normalised_on_the_device_equal_the_cpu_pipeline(tmp_path:
         batch_to_device(ub, torch.device("cpu"))
     model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     engine = Engine(ClassificationTask(model), recipe, tmp_path / "run", u_train, u_val, progress=False)
-    assert engine.evaluate(u_val) == engine.evaluate(f_val)
+    # the same metrics, up to float rounding (the two normalisations round differently)
+    assert engine.evaluate(u_val) == pytest.approx(engine.evaluate(f_val), rel=1e-6)
     assert engine.fit()["train_loss"].notna().all()

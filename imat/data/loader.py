@@ -1,4 +1,4 @@
-"""Batching: a collate that drops unreadable samples, a loader that never yields an empty batch,
+"""Batching: a collate that drops unreadable samples, a loader that never yields an empty batch (nor fewer batches),
 seeded workers, and a class-balanced sampler for long-tailed training sets."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def collate_skip(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack the readable items; ``skipped`` says how many of this batch were None.
 
     A batch whose items are all None comes back with ``image`` of shape (0,) and empty label/index
-    tensors; :class:`SkipLoader` swallows such batches so training code never sees one."""
+    tensors; :class:`SkipLoader` replaces such batches so training code never sees one."""
     kept = [it for it in items if it is not None]
     skipped = len(items) - len(kept)
     if not kept:
@@ -55,13 +55,24 @@ def _worker_init(worker_id: int) -> None:
 
 
 class SkipLoader(DataLoader):
-    """A DataLoader whose batches with no readable image are not yielded.
+    """A DataLoader that never yields a batch without a readable image.
 
-    Their ``skipped`` count moves onto the next yielded batch, so summing ``batch["skipped"]`` counts
-    every dropped sample; ``epoch_skipped`` holds the total of the last (or current) pass, including
-    trailing all-unreadable batches that had no later batch to carry their count."""
+    Unreadable samples are dropped from their batch (:func:`collate_skip`). A batch with no readable
+    image at all is dropped, or, with ``replace_unreadable`` (the engine sets it on training loaders),
+    replaced by the samples of the last readable batch of this pass, read again from
+    the dataset (a fresh augmentation of images of the same shard; the first readable batch when
+    none came yet). So every rank of a data-parallel run takes the same number of steps, whatever its
+    share of unreadable images (a rank that ran one step fewer would leave the others waiting in a
+    collective). ``batch["skipped"]`` still counts every unreadable sample once; ``epoch_skipped`` is
+    the total of the last (or current) pass and ``epoch_replaced`` the number of replaced batches.
+    A pass with no readable image at all is an ImatError.
+
+    Re-reading uses each item's ``index`` as its position in the dataset (as :class:`ImageDataset`
+    yields); a batch without ``index`` is repeated as it is."""
 
     epoch_skipped: int = 0
+    epoch_replaced: int = 0
+    replace_unreadable: bool = False  # validation drops empty batches: a replaced one would count twice
     # (mean, std) when the dataset yields uint8 images that the engine normalises on the device
     device_normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -78,20 +89,57 @@ class SkipLoader(DataLoader):
         finally:
             cv2.setNumThreads(threads)
 
+    def _replacement(self, readable: dict[str, Any], skipped: int) -> dict[str, Any]:
+        self.epoch_replaced += 1
+        index = readable.get("index")
+        if isinstance(index, torch.Tensor) and index.numel():
+            items = [self.dataset[int(i)] for i in index.tolist()]
+            batch = self.collate_fn(items)
+            if batch["label"].numel() == 0:  # unreadable now (deleted meanwhile): repeat the batch
+                batch = dict(readable)
+        else:
+            batch = dict(readable)
+        batch["skipped"] = skipped
+        return batch
+
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        carry = 0
         self.epoch_skipped = 0
+        self.epoch_replaced = 0
+        readable: dict[str, Any] | None = None  # only its index is re-read: bounded memory
+        owed: list[int] = []  # skipped counts of empty batches that came before any readable one
+        carry = 0
         for batch in super().__iter__():
             self.epoch_skipped += int(batch["skipped"])
             if batch["label"].numel() == 0:
-                carry += int(batch["skipped"])
+                if not self.replace_unreadable:
+                    carry += int(batch["skipped"])
+                elif readable is None:
+                    owed.append(int(batch["skipped"]))
+                else:
+                    yield self._replacement(readable, int(batch["skipped"]))
                 continue
-            if carry:
+            if carry:  # dropped batches' counts ride on the next yielded one
                 batch["skipped"] = int(batch["skipped"]) + carry
                 carry = 0
+            readable = {k: batch[k] for k in ("index", "label", "image", "skipped") if k in batch}
             yield batch
+            for count in owed:
+                yield self._replacement(readable, count)
+            owed = []
+        if owed:
+            raise ImatError(
+                f"none of the {sum(owed)} images of this loader's pass could be read "
+                "(are the images downloaded, and is data.images right?)"
+            )
         if carry:
             log.warning("%d unreadable image(s) at the end of the pass formed no batch", carry)
+        if self.epoch_replaced:
+            log.warning(
+                "%d batch(es) had no readable image and were replaced by re-read samples (%d unreadable "
+                "image(s) in this pass)",
+                self.epoch_replaced,
+                self.epoch_skipped,
+            )
 
 
 def build_loader(

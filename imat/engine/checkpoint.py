@@ -29,6 +29,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for the stream named by ``(seed, *keys)``, e.g. ``(seed, rank, epoch)``.
+
+    numpy's ``SeedSequence`` hashes the tuple, so neighbouring keys give unrelated streams (``seed +
+    rank`` would make rank 1 of seed 0 replay rank 0 of seed 1)."""
+    words = np.random.SeedSequence([int(seed) % 2**63, *(int(k) for k in keys)]).generate_state(2, np.uint64)
+    return int(words[0] >> np.uint64(1))
+
+
+def rank_epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of rank ``rank``'s own random streams in ``epoch`` (augmentation, dropout, drop-path,
+    mixup, loader workers): different on every rank, a pure function of the three for exact resume."""
+    return derive_seed(seed, 0x52414E4B, rank, epoch)  # 0x52414E4B: a tag, so no other use collides
+
+
 def get_rng_state() -> dict[str, Any]:
     """All global RNG states in a ``weights_only``-loadable form."""
     version, internal, gauss = random.getstate()

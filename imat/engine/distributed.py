@@ -18,7 +18,9 @@ What the engine does when ``world_size() > 1``:
   every epoch end (timm's ``distribute_bn``), or synchronised every step with ``train.sync_bn``
   (``torch.nn.SyncBatchNorm``, CUDA only);
 * the training loader is re-built over a :class:`ShardedSampler` (rank r takes every world-th index of
-  the sampler's order, padded to equal length so every rank runs the same number of steps); the
+  the sampler's order, padded to equal length so every rank runs the same number of steps), with a
+  generator of its own for the workers' seeds: the order is the same on every rank, the augmentation
+  streams are not (:mod:`imat.engine.loop`); the
   validation loader is sharded without padding; ``batch_size`` is per process;
 * epoch sums (losses, images, skipped) and validation counts (hits, loss, n) are summed across ranks,
   so ``summary.csv`` has the same columns and meaning as one process;
@@ -178,8 +180,13 @@ class ShardedSampler(Sampler[int]):
     ``DistributedSampler`` does), so every rank trains the same number of steps.
     """
 
-    def __init__(self, base: Iterable[int], rank: int, world: int, pad: bool = True) -> None:
+    def __init__(
+        self, base: Iterable[int], rank: int, world: int, pad: bool = True, loader_draw: bool = False
+    ) -> None:
         self.base, self.rank, self.world, self.pad = base, rank, world, pad
+        # the unsharded loader drew its workers' base seed from the order's generator before the order
+        # (a DataLoader shuffling with ``generator=``): draw it too, so N ranks split that very order
+        self.loader_draw = loader_draw
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -198,6 +205,8 @@ class ShardedSampler(Sampler[int]):
         return total // self.world if self.pad else len(range(self.rank, total, self.world))
 
     def __iter__(self) -> Iterator[int]:
+        if self.loader_draw and isinstance(self.generator, torch.Generator):
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = list(iter(self.base))
         total = self._total()
         if self.pad and order:
@@ -217,7 +226,13 @@ def shard_loader(loader: Any, pad: bool = True) -> Any:
         raise ImatError("distributed training cannot shard a loader with a custom batch_sampler")
     if isinstance(loader.sampler, ShardedSampler):
         return loader
-    sampler = ShardedSampler(loader.sampler, rank(), world_size(), pad=pad)
+    base = loader.sampler
+    shared = loader.generator is not None and getattr(base, "generator", None) is loader.generator
+    if hasattr(base, "generator") and base.generator is None:
+        # a random sampler without a generator would draw its order from the global RNG, which is
+        # rank-local (see imat.engine.loop): give it one, which the engine seeds alike on every rank
+        base.generator = torch.Generator()
+    sampler = ShardedSampler(base, rank(), world_size(), pad=pad, loader_draw=shared)
     sharded = type(loader)(
         loader.dataset,
         batch_size=loader.batch_size,
@@ -228,7 +243,8 @@ def shard_loader(loader: Any, pad: bool = True) -> Any:
         drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
-        generator=loader.generator,
+        # its own generator (the workers' base seed, seeded per rank), apart from the sampler's (shared)
+        generator=torch.Generator(),
         persistent_workers=loader.persistent_workers,
     )
     if getattr(loader, "device_normalize", None) is not None:  # uint8 batches normalised on the GPU
@@ -281,6 +297,16 @@ def sum_across_ranks(values: Mapping[str, Any], device: torch.device | str = "cp
     vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dev)
     _dist().all_reduce(vec)
     return dict(zip(keys, vec.cpu().tolist(), strict=True))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` for one process). For this
+    process's own values only (it pickles them across ranks)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    _dist().all_gather_object(out, obj)
+    return out
 
 
 def max_across_ranks(value: float, device: torch.device | str = "cpu") -> float:
@@ -350,7 +376,7 @@ class TaskStep(nn.Module):
         return self.task.step(batch, ctx)
 
 
-def wrap_ddp(task: Any, device: torch.device) -> nn.Module | None:
+def wrap_ddp(task: Any, device: torch.device, accumulate: bool = False) -> nn.Module | None:
     """``DistributedDataParallel(TaskStep(task))`` for a task with one backward per step when
     distributed, else None (one process, or a task that optimises by hand).
 
@@ -359,13 +385,18 @@ def wrap_ddp(task: Any, device: torch.device) -> nn.Module | None:
     ``ddp_static_graph``, default True) lets a step leave some parameters without a gradient as long as
     it is always the same ones (e.g. MEAL on intermediate blocks only: the classifier head is unused);
     a task whose used parameters change from step to step sets it False and DDP then searches the graph
-    for unused parameters every step (``find_unused_parameters``)."""
+    for unused parameters every step (``find_unused_parameters``).
+
+    ``accumulate`` (``train.accum_steps > 1``, whose accumulating steps run under ``no_sync``) turns
+    ``static_graph`` off and ``find_unused_parameters`` on: static_graph with ``no_sync`` fails an
+    internal assert in the reducer, or silently stops reducing from the second iteration
+    (pytorch/pytorch#143580, #187732; accelerate#3679)."""
     if not is_distributed() or getattr(task, "manual_optimization", False):
         return None
     step = TaskStep(task)
     if not any(p.requires_grad for p in step.parameters()):
         return None
-    static = bool(getattr(task, "ddp_static_graph", True))
+    static = bool(getattr(task, "ddp_static_graph", True)) and not accumulate
     return nn.parallel.DistributedDataParallel(
         step,
         device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,

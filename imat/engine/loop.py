@@ -8,11 +8,20 @@ up again), then the checkpoint's RNG states are restored. On a CPU a killed-and-
 the same weights, bit for bit, as an uninterrupted one (tested), provided the loader's dataset is
 deterministic given the global RNGs (a dataset with its own RNG can expose ``set_epoch(epoch)``,
 which the engine calls every epoch) and workers are not persistent.
+
+Random streams. What must agree across ranks is shared: the initial weights (broadcast from rank 0),
+the sampler's permutation (seeded from ``(seed, epoch)``) and anything a task seeds itself (MEAL's
+teacher draw). Everything else is rank-local: at the start of every epoch python ``random``, numpy and
+torch, the loader's own generator (its workers' seeds) and an in-process albumentations pipeline are
+seeded from ``(seed, rank, epoch)``, so two ranks never share crops, flips, mixup draws, drop-path or
+dropout masks. A mid-epoch checkpoint holds every rank's RNG state, so each rank resumes its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -26,13 +35,20 @@ from tqdm.auto import tqdm
 from imat.config.train import TrainConfig
 from imat.engine import distributed as dist_utils
 from imat.engine.best import BestMixin
-from imat.engine.checkpoint import get_rng_state, seed_everything, set_rng_state
+from imat.engine.checkpoint import derive_seed, get_rng_state, rank_epoch_seed, seed_everything, set_rng_state
 from imat.engine.ema import ModelEma
 from imat.engine.evaluation import EvaluationMixin
 from imat.engine.guards import GuardsMixin
 from imat.engine.hooks import run_epoch_end_hooks
 from imat.engine.logs import RunLogger, console_table, history_frame
-from imat.engine.optim import LrSchedule, build_optimizer, no_decay_params
+from imat.engine.optim import (
+    LrSchedule,
+    build_optimizer,
+    lr_base_batch,
+    lr_factor,
+    lr_scale_rule,
+    no_decay_params,
+)
 from imat.engine.resume import ResumeMixin
 from imat.engine.runtime import (
     as_dict_batch,
@@ -46,6 +62,7 @@ from imat.engine.runtime import (
 from imat.engine.steps import StepsMixin
 from imat.engine.task import StepContext, Task
 from imat.errors import ImatError
+from imat.io import write_text
 
 log = logging.getLogger("imat.engine")
 
@@ -85,6 +102,8 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
             self.train_loader = dist_utils.shard_loader(train_loader, pad=True)
             if val_loader is not None:
                 self.val_loader = dist_utils.shard_loader(val_loader, pad=False)
+        if hasattr(self.train_loader, "replace_unreadable"):  # same step count on every rank (SkipLoader)
+            self.train_loader.replace_unreadable = True
 
         self.device = dist_utils.process_device(cfg.device)  # a rank's own GPU when distributed
         configure_cuda(self.device)
@@ -99,6 +118,10 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         self.task.to(self.device, torch.channels_last if self.channels_last else None)
 
         self.steps_per_epoch = self._count_steps()
+        self.accum_steps = int(cfg.accum_steps)
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / self.accum_steps)
+        self.world_size = dist_utils.world_size()
+        self.global_batch = cfg.batch_size * self.world_size * self.accum_steps
         options = task.optimizer_options()
         groups = task.param_groups()
         unknown = set(options) - set(groups)
@@ -108,9 +131,11 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
             )
         exempt = None if cfg.decay_norm_and_bias else no_decay_params(task.modules())
         self.optimizers = {
-            name: build_optimizer(name, list(g), cfg, options.get(name), exempt) for name, g in groups.items()
+            name: build_optimizer(name, list(g), cfg, options.get(name), exempt, self.global_batch)
+            for name, g in groups.items()
         }
-        self.schedule = LrSchedule(cfg, self.steps_per_epoch)
+        self.scaling = self._scaling(options)
+        self.schedule = LrSchedule(cfg, self.updates_per_epoch)  # per optimiser update
         self.ema = ModelEma(task.model, cfg.ema_decay) if cfg.ema else None
         if cfg.compile:
             task.model.compile()  # in place: state_dict keys stay unprefixed
@@ -123,7 +148,11 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.epoch = 0  # next epoch to train (0-based)
-        self.global_step = 0
+        self.global_step = 0  # batches trained on, across epochs
+        self.update_step = 0  # optimiser updates (global_step / accum_steps, rounded up per epoch)
+        self._micro: tuple[bool, bool, int] = (True, True, 1)  # first / last of its cycle, cycle length
+        self._optimized: set[str] = set()  # optimisers a manual task updated in this batch
+        self._pending: list[str] = []  # their steps, due after the batch (end of an accumulation cycle)
         self._logger: RunLogger | None = None
         self._grad_norms: dict[str, list[torch.Tensor]] = {}
         self._bad_grad_streak: dict[str, int] = {}  # consecutive skipped steps, per optimiser
@@ -147,6 +176,45 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
     @property
     def summary_path(self) -> Path:
         return self.out_dir / "summary.csv"
+
+    def _scaling(self, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The global batch and each optimiser's lr rule, factor and peak lr (printed, logged, saved)."""
+        out: dict[str, Any] = {
+            "world_size": self.world_size,
+            "batch_size": self.cfg.batch_size,
+            "accum_steps": self.accum_steps,
+            "global_batch": self.global_batch,
+            "lr_base_batch": lr_base_batch(self.cfg),
+        }
+        for name, opt in self.optimizers.items():
+            kind = (options.get(name) or {}).get("optimizer", self.cfg.optimizer)
+            rule = lr_scale_rule(self.cfg.lr_scale, kind)
+            out[f"lr_{name}"] = float(opt.param_groups[0]["base_lr"])
+            out[f"lr_rule_{name}"] = rule
+            out[f"lr_factor_{name}"] = lr_factor(rule, self.global_batch, lr_base_batch(self.cfg))
+        return out
+
+    def _announce_scaling(self) -> None:
+        """Print the effective lr and global batch, and note them in the run's ``config.yaml``."""
+        sc = self.scaling
+        lrs = ", ".join(
+            f"{name} {sc[f'lr_{name}']:.4g} ({sc[f'lr_rule_{name}']} x{sc[f'lr_factor_{name}']:.4g})"
+            for name in self.optimizers
+        )
+        line = (
+            f"global batch {sc['global_batch']} = {sc['batch_size']} x {sc['world_size']} rank(s) x "
+            f"{sc['accum_steps']} accumulation step(s); lr set for batch {sc['lr_base_batch']}; "
+            f"effective lr: {lrs}"
+        )
+        log.info("%s: %s", self.log_name, line)
+        if self.progress:
+            print(f"{self.log_name}: {line}", file=sys.stderr)
+        config = self.out_dir / "config.yaml"
+        if config.is_file():  # the caller's resolved config: add what it cannot know (world size)
+            marker = "# imat.engine scaling:"
+            text = config.read_text().split(marker)[0].rstrip("\n")
+            note = "\n".join(f"#   {k}: {v}" for k, v in sc.items())
+            write_text(config, f"{text}\n{marker} what this run trained with\n{note}\n")
 
     def _count_steps(self) -> int:
         try:
@@ -178,19 +246,20 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         else:
             seed_everything(self.cfg.seed)
             self.history, self.best_value, self.best_epoch = [], None, None
-            self.epoch, self.global_step = 0, 0
+            self.epoch, self.global_step, self.update_step = 0, 0, 0
         if self.distributed:  # every rank starts from rank 0's weights, as DDP does
             dist_utils.broadcast_modules(self.task.modules())
             if self.ema is not None:
                 dist_utils.broadcast_modules({"ema": self.ema.module})
             if self.ddp is None:
-                self.ddp = dist_utils.wrap_ddp(self.task, self.device)
+                self.ddp = dist_utils.wrap_ddp(self.task, self.device, accumulate=self.accum_steps > 1)
         if self.epoch >= self.cfg.epochs and resumed is None:
             if self.is_main and self.history and not self.summary_path.exists():
                 RunLogger(self.out_dir, tensorboard=False).write_summary(self.history)
             return history_frame(self.history)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._announce_scaling()
             self._logger = RunLogger(self.out_dir, tensorboard=self.tensorboard)
             if self.history:
                 self._logger.write_summary(self.history)
@@ -207,20 +276,28 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
             print(console_table(df, f"{self.log_name}: {len(df)} epoch(s), summary in {self.summary_path}"))
         return df
 
-    def _prepare_loader(self, epoch: int) -> None:
-        """Make this epoch's sample order a function of (seed, epoch) only."""
+    def _prepare_loader(self, epoch: int, rank_seed: int) -> None:
+        """Make this epoch's sample order a function of (seed, epoch) only, the same on every rank, and
+        the loader's own randomness (worker seeds, an in-process augmentation pipeline) one of
+        ``rank_seed``, this rank's own."""
         seed = (self.cfg.seed * 1_000_003 + epoch) % (2**63)
         loader = self.train_loader
         seen: set[int] = set()
-        candidates = [
-            getattr(loader, "generator", None),
+        order = [  # the generators that draw the sample order: shared by all ranks
             getattr(getattr(loader, "sampler", None), "generator", None),
             getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None),
         ]
-        for gen in candidates:
+        for gen in order:
             if isinstance(gen, torch.Generator) and id(gen) not in seen:
                 gen.manual_seed(seed)
                 seen.add(id(gen))
+        own = getattr(loader, "generator", None)  # draws the workers' base seed
+        if isinstance(own, torch.Generator) and id(own) not in seen:  # one process: it is the sampler's
+            own.manual_seed(derive_seed(rank_seed, 1))
+            seen.add(id(own))
+        transform = getattr(getattr(loader, "dataset", None), "transform", None)
+        if not getattr(loader, "num_workers", 0) and callable(getattr(transform, "set_random_seed", None)):
+            transform.set_random_seed(derive_seed(rank_seed, 2) % 2**32)  # workers seed their own copies
         for obj in (
             getattr(loader, "sampler", None),
             getattr(loader, "batch_sampler", None),
@@ -234,13 +311,11 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
     def _run_epoch(self, epoch: int, resumed: dict[str, Any] | None) -> None:
         cfg, task, ctx = self.cfg, self.task, self.ctx
         ctx.epoch = epoch
-        if resumed is not None:
-            epoch_rng = resumed["epoch_rng"]
-            set_rng_state(epoch_rng)
-        else:
-            epoch_rng = get_rng_state()
+        rank_seed = rank_epoch_seed(cfg.seed, dist_utils.rank(), epoch)
+        seed_everything(rank_seed)
+        epoch_rng = get_rng_state()
         task.train(True)
-        self._prepare_loader(epoch)
+        self._prepare_loader(epoch, rank_seed)
         task.on_epoch_start(epoch)
         iterator: Iterator[Any] = iter(self.train_loader)
         start = resumed["step"] if resumed else 0
@@ -254,7 +329,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                     f"has only {done} batches (different data or batch size?)"
                 ) from None
         if resumed is not None:
-            set_rng_state(resumed["rng"])
+            set_rng_state(self._own_rng(resumed))
         sums: dict[str, torch.Tensor | float] = dict(acc["sums"])
         n_images, skipped = int(acc["images"]), int(acc["skipped"])
         self._grad_norms = {}
@@ -277,27 +352,55 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                 try:
                     raw = next(iterator)
                 except StopIteration:
+                    if self.distributed:  # the other ranks would wait for this one in the next collective
+                        raise ImatError(
+                            f"rank {dist_utils.rank()}: the training loader ended after {step} of "
+                            f"{self.steps_per_epoch} batches in epoch {epoch + 1}; every rank must yield "
+                            "the same number (use imat.data.build_loader, or max_steps_per_epoch)"
+                        ) from None
+                    log.warning(
+                        "%s: the loader ended after %d of %d batches",
+                        self.log_name,
+                        step,
+                        self.steps_per_epoch,
+                    )
                     break
                 batch = batch_to_device(as_dict_batch(raw), self.device, self.channels_last, normalize)
                 ctx.step, ctx.step_in_epoch = self.global_step, step
-                self.schedule.apply(self.optimizers, self.global_step)
+                cycle_start = step - step % self.accum_steps
+                cycle = min(self.accum_steps, self.steps_per_epoch - cycle_start)
+                first, last = step == cycle_start, step == cycle_start + cycle - 1
+                self._micro, self._optimized, self._pending = (first, last, cycle), set(), []
+                if first:
+                    self.schedule.apply(self.optimizers, self.update_step)
                 if task.manual_optimization:
                     out = task.step(batch, ctx)
                     self._check_loss(out["loss"])
-                else:
-                    for opt in self.optimizers.values():
-                        opt.zero_grad(set_to_none=True)
-                    with self.autocast():
-                        out = step_fn(batch, ctx)
-                    self._check_loss(out["loss"])
-                    self._backward(out["loss"])
-                    for name in self.optimizers:
+                    for name in self._pending:  # accumulated updates, in the order the task asked
                         self._step_optimizer(name)
-                if self.scaler is not None and self._scaler_stepped:  # once per iteration, after all steps
-                    self.scaler.update()
-                    self._scaler_stepped = False
-                if self.ema is not None:
-                    self.ema.update(task.model)
+                else:
+                    if first:
+                        for opt in self.optimizers.values():
+                            opt.zero_grad(set_to_none=True)
+                    # DDP: all-reduce only on the cycle's last batch; the others accumulate locally
+                    sync = (
+                        self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+                    )
+                    with sync:
+                        with self.autocast():
+                            out = step_fn(batch, ctx)
+                        self._check_loss(out["loss"])
+                        self._backward(out["loss"] / cycle if cycle > 1 else out["loss"])
+                    if last:
+                        for name in self.optimizers:
+                            self._step_optimizer(name)
+                if last:
+                    if self.scaler is not None and self._scaler_stepped:  # once per update, after all steps
+                        self.scaler.update()
+                        self._scaler_stepped = False
+                    if self.ema is not None:
+                        self.ema.update(task.model)
+                    self.update_step += 1
                 bs = batch_size_of(batch)
                 for key, value in out.items():
                     v = value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value)
@@ -316,6 +419,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                     cfg.ckpt_every_steps
                     and self.global_step % cfg.ckpt_every_steps == 0
                     and step + 1 < self.steps_per_epoch
+                    and last  # never inside an accumulation cycle: its gradients are not saved
                 ):
                     acc_now = {
                         "sums": {k: float(v) for k, v in sums.items()},
@@ -351,7 +455,11 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                 f"epoch {epoch + 1}: none of the {skipped} training images could be read "
                 "(are the images downloaded, and is data.images right?)"
             )
-        row: dict[str, Any] = {"epoch": epoch + 1, "global_step": self.global_step}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "global_step": self.global_step,
+            "global_batch": self.global_batch,
+        }
         for key, total in sums.items():
             row[f"train_{key}"] = float(total) / n_images if n_images else float("nan")
         for name, opt in self.optimizers.items():

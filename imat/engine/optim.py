@@ -40,6 +40,32 @@ def no_decay_params(modules: dict[str, torch.nn.Module] | list[torch.nn.Module])
     return out
 
 
+def lr_scale_rule(rule: str, kind: str) -> str:
+    """The rule for an optimiser of ``kind`` under ``train.lr_scale`` ``rule``: ``auto`` is linear for
+    SGD (Goyal et al. 2017) and square root for Adam-type optimisers (their update is normalised by
+    the gradient's scale, so its noise, not its size, shrinks with the batch)."""
+    if rule != "auto":
+        return rule
+    return "linear" if kind == "sgd" else "sqrt"
+
+
+def lr_factor(rule: str, global_batch: int, base_batch: int) -> float:
+    """The multiplier of a learning rate set for ``base_batch`` when training at ``global_batch``."""
+    ratio = global_batch / base_batch
+    if rule == "linear":
+        return ratio
+    if rule == "sqrt":
+        return math.sqrt(ratio)
+    if rule == "none":
+        return 1.0
+    raise ImatError(f"train.lr_scale: unknown rule {rule!r}; use auto, linear, sqrt or none")
+
+
+def lr_base_batch(cfg: TrainConfig) -> int:
+    """The global batch ``cfg.lr`` (and every lr of its tasks) is meant for."""
+    return int(cfg.lr_base_batch or cfg.batch_size)
+
+
 OPTIMIZER_KEYS = {"optimizer", "lr", "weight_decay", "momentum", "nesterov", "betas", "eps"}
 
 
@@ -49,9 +75,14 @@ def build_optimizer(
     cfg: TrainConfig,
     options: dict[str, Any] | None = None,
     no_decay: set[int] | None = None,
+    global_batch: int | None = None,
 ) -> torch.optim.Optimizer:
     """One optimiser for ``groups``: TrainConfig's recipe, overridden by ``options`` (see
     ``Task.optimizer_options``), groups' own ``lr``/``weight_decay`` winning over both.
+
+    Every lr is read as set for the batch :func:`lr_base_batch` and multiplied by
+    :func:`lr_factor` for ``global_batch`` (None: no rescaling) under this optimiser's rule
+    (:func:`lr_scale_rule`); groups remember the rescaled value as ``base_lr``.
 
     Parameters in ``no_decay`` (ids, see :func:`no_decay_params`) of a group with weight decay go to an
     extra group with ``weight_decay=0`` and the same other settings, appended after all given groups so
@@ -63,6 +94,9 @@ def build_optimizer(
             f"optimizer {name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIMIZER_KEYS)}"
         )
     kind = options.get("optimizer", cfg.optimizer)
+    factor = 1.0
+    if global_batch is not None:
+        factor = lr_factor(lr_scale_rule(cfg.lr_scale, kind), global_batch, lr_base_batch(cfg))
     lr = float(options.get("lr", cfg.lr))
     wd = float(options.get("weight_decay", cfg.weight_decay))
     prepared = []
@@ -73,7 +107,7 @@ def build_optimizer(
             continue
         g.setdefault("lr", lr)
         g.setdefault("weight_decay", wd)
-        g["lr"] = float(g["lr"])
+        g["lr"] = float(g["lr"]) * factor
         g["base_lr"] = g["lr"]
         prepared.append(g)
     exempt = []
@@ -88,7 +122,7 @@ def build_optimizer(
     if kind == "sgd":
         return torch.optim.SGD(
             prepared,
-            lr=lr,
+            lr=lr * factor,
             momentum=float(options.get("momentum", cfg.momentum)),
             nesterov=bool(options.get("nesterov", cfg.nesterov)),
             weight_decay=wd,
@@ -97,7 +131,7 @@ def build_optimizer(
         cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
         return cls(
             prepared,
-            lr=lr,
+            lr=lr * factor,
             betas=tuple(options.get("betas", (0.9, 0.999))),
             eps=float(options.get("eps", 1e-8)),
             weight_decay=wd,

@@ -5,9 +5,11 @@ Mixed into :class:`imat.engine.loop.Engine`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+from imat.engine import distributed as dist_utils
 from imat.engine.checkpoint import (
     get_rng_state,
     load_checkpoint,
@@ -18,6 +20,8 @@ from imat.engine.checkpoint import (
 from imat.engine.ema import ModelEma
 from imat.errors import ImatError
 
+log = logging.getLogger("imat.engine")
+
 
 class ResumeMixin:
     """Needs the engine's ``task``, ``optimizers``, ``scaler``, ``ema``, ``cfg``, ``history``,
@@ -25,6 +29,9 @@ class ResumeMixin:
 
     def _save_last(self, epoch: int, step_in_epoch: int, epoch_rng: dict | None, acc: dict | None) -> None:
         """``epoch``/``step_in_epoch``: where training continues (0-based epoch, batches done in it)."""
+        rng = get_rng_state()
+        # mid-epoch, every rank's streams are its own (see imat.engine.loop): keep them all
+        rng_ranks = dist_utils.gather_objects(rng) if self.distributed and step_in_epoch else None
         if not self.is_main:
             return
         self._assert_finite_weights()
@@ -32,11 +39,13 @@ class ResumeMixin:
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "global_step": self.global_step,
+            "update_step": self.update_step,
             "modules": {name: m.state_dict() for name, m in self.task.modules().items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": self.ema.ema_state() if self.ema is not None else None,
-            "rng": get_rng_state(),
+            "rng": rng,
+            "rng_ranks": rng_ranks,
             "epoch_rng": epoch_rng,
             "epoch_acc": acc,
             "history": self.history,
@@ -90,13 +99,31 @@ class ResumeMixin:
         self.best_epoch = ckpt.get("best_epoch")
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["global_step"])
+        self.update_step = int(ckpt.get("update_step", self.global_step))
         step = int(ckpt.get("step_in_epoch") or 0)
         if step:
             return {
                 "step": step,
                 "rng": ckpt["rng"],
+                "rng_ranks": ckpt.get("rng_ranks"),
                 "epoch_rng": ckpt["epoch_rng"],
                 "acc": ckpt["epoch_acc"],
             }
         set_rng_state(ckpt["rng"])
         return None
+
+    def _own_rng(self, resumed: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG state at the checkpoint (rank 0's for a checkpoint from another world size)."""
+        ranks = resumed.get("rng_ranks")
+        world, rank = dist_utils.world_size(), dist_utils.rank()
+        if ranks and len(ranks) == world:
+            return ranks[rank]
+        if world > 1:
+            log.warning(
+                "%s: the checkpoint holds %s RNG state(s), not one per rank of %d: every rank resumes "
+                "rank 0's streams",
+                self.ckpt_path,
+                len(ranks) if ranks else 1,
+                world,
+            )
+        return resumed["rng"]
