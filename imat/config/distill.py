@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -85,8 +85,10 @@ class CacheConfig(Section):
 class DistillConfig(Section):
     """The student, the distillation method and its losses."""
 
-    method: Literal["meal", "meal-v2", "kd", "ce"] = "meal"
-    """meal (v1: blocks, one teacher per step, discriminators), meal-v2 (mean of the teachers on the logits), kd (Hinton), ce (no teachers)."""
+    # checked by the registry in distill.methods: the core config cannot know the methods a later layer
+    # registers
+    method: str = Field("meal", min_length=1)
+    """A registered method: meal (v1: blocks, one teacher per step, discriminators), meal-v2 (mean of the teachers on the logits), kd (Hinton), ce (no teachers), or one of your own (docs/ARCHITECTURE.md)."""
     student: ModelSpec = ModelSpec(arch="resnet18")
     """The student network: a timm ResNet unless allow_any_student."""
     pool: str | None = None
@@ -129,3 +131,5 @@ class DistillConfig(Section):
     """Offline teacher outputs (kd, meal-v2)."""
     train: TrainConfig = TrainConfig()
     """The student's training recipe."""
+    options: dict[str, Any] = {}
+    """A registered method's own settings by name; each method declares the ones it takes, with defaults, and checks them (distill/methods/)."""
