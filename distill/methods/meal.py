@@ -67,6 +67,53 @@ def resolve_blocks(
     return ResolvedBlocks(s_idx, t_idx)
 
 
+def stage_map_sizes(model: nn.Module, input_size: int | Sequence[int]) -> list[tuple[int, int]] | None:
+    """(H, W) of each stage output at ``input_size`` from timm's ``feature_info`` reductions (no forward);
+    None when the network does not declare them."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list) or not all(isinstance(f, dict) and "reduction" in f for f in info):
+        return None
+    size = [input_size, input_size] if isinstance(input_size, int) else list(input_size)[-2:]
+    h, w = int(size[0]), int(size[1])
+    return [(math.ceil(h / f["reduction"]), math.ceil(w / f["reduction"])) for f in info]
+
+
+def warn_small_blocks(
+    dcfg: DistillConfig,
+    who: str,
+    model: nn.Module,
+    input_size: int | Sequence[int],
+    indices: Sequence[BlockIndex],
+) -> list[str]:
+    """One warning per stage block whose feature map has fewer positions than its pooled length L: the
+    adaptive pool then repeats values, so the vector holds only H*W distinct numbers (a 2x2 stage pooled
+    to 16 is 4 values, each 4 times). Names the block, its map and a stage that would hold L positions."""
+    sizes = stage_map_sizes(model, input_size)
+    if sizes is None:
+        return []
+    side = input_size if isinstance(input_size, int) else list(input_size)[-1]
+    out = []
+    for k, (b, idx) in enumerate(zip(dcfg.blocks, indices, strict=True)):
+        if idx == "logits" or b.length is None:
+            continue
+        h, w = sizes[int(idx)]
+        if h * w >= b.length:
+            continue
+        fits = [i for i, (hh, ww) in enumerate(sizes) if hh * ww >= b.length]
+        hint = (
+            f"use stage {fits[-1]} ({sizes[fits[-1]][0]}x{sizes[fits[-1]][1]}) or length <= {h * w}"
+            if fits
+            else f"use length <= {h * w}"
+        )
+        msg = (
+            f"distill.blocks.{k}: stage {b.index} of {who} is {h}x{w} at {side} px ({h * w} positions) for "
+            f"length {b.length}: its vector repeats values; {hint}"
+        )
+        log.warning(msg)
+        out.append(msg)
+    return out
+
+
 def check_logits_length(dcfg: DistillConfig, num_classes: int) -> None:
     for i, b in enumerate(dcfg.blocks):
         if b.index == "logits" and b.length is not None and b.length != num_classes:
@@ -400,6 +447,10 @@ class Meal(DistillMethod):
             raise ValueError("MEAL needs teachers")
         blocks = resolve_blocks(dcfg, inputs.student, inputs.teachers)
         check_logits_length(dcfg, inputs.num_classes)
+        size = inputs.student_data.get("input_size", (3, 224, 224))
+        warn_small_blocks(dcfg, f"student {dcfg.student.arch}", inputs.student, size, blocks.student)
+        for t, idx in zip(inputs.teachers, blocks.teachers, strict=True):
+            warn_small_blocks(dcfg, f"teacher {t.name}", t.model, t.input_size, idx)
         return MealTask(
             inputs.student,
             inputs.ensemble,
