@@ -94,13 +94,17 @@ def make_meal(
     )
 
 
-def meal_config(indices, lengths, gamma: float = 1.0, adversarial=None, **distill) -> DistillConfig:
+def meal_config(
+    indices, lengths, gamma: float = 1.0, adversarial=None, block_temperatures=None, **distill
+) -> DistillConfig:
     """The ``distill`` section of a MEAL task on tiny networks: ``indices`` as the config gives them,
     adversarial defaults as the tests were written for (D on the student's optimiser, weight 1, no class
     condition) unless ``adversarial`` says otherwise."""
     adv = {"optimizer": "same", "weight": 1.0, "lr": 1e-3, "condition": "none", **(adversarial or {})}
+    temps = block_temperatures or [None] * len(indices)
     blocks = [
-        {"index": i, "length": L, "gamma": gamma, "eta": 1.0} for i, L in zip(indices, lengths, strict=True)
+        {"index": i, "length": L, "gamma": gamma, "eta": 1.0, "temperature": t}
+        for i, L, t in zip(indices, lengths, temps, strict=True)
     ]
     return DistillConfig(blocks=blocks, adversarial=adv, **distill)
 
@@ -117,9 +121,10 @@ def meal_task(
     cache=None,
     mean=MEAN,
     std=STD,
+    block_temperatures=None,
     **distill,
 ) -> MealTask:
-    dcfg = meal_config(student_indices, lengths, gamma, adversarial, **distill)
+    dcfg = meal_config(student_indices, lengths, gamma, adversarial, block_temperatures, **distill)
     return MealTask(
         student,
         ens,

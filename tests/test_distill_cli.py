@@ -141,6 +141,7 @@ def test_distill_resume_is_a_noop_when_finished(run_cfg, capsys):
             "meal-v2 averages",
         ),
         (["distill.blocks=[]"], "MEAL needs at least one block"),
+        (["distill.blocks=[{index: logits, temperature: 0.5}]"], "the logits block uses distill.temperature"),
         (["distill.pool=/nonexistent/pool"], "teacher pool not found"),
         (["distill.teachers=[nobody]"], "no teacher named nobody"),
         (["distill.adversarial.mode=minimax"], "distill.adversarial.mode"),

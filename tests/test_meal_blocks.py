@@ -8,9 +8,11 @@ import math
 
 import pytest
 import timm
-from meal_kit import Ctx, batch, make_meal
+import torch
+from meal_kit import Ctx, batch, make_meal, meal_task, tiny
 
 from distill.methods.meal import stage_map_sizes, warn_small_blocks
+from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
 from imat.config.distill import DistillConfig
 
 
@@ -55,3 +57,28 @@ def test_a_stage_pooled_longer_than_its_map_is_named_with_a_stage_that_fits(capl
     ]
     assert msgs[0] in caplog.text and "\n" not in msgs[0]
     assert warn_small_blocks(dcfg, "teacher t", model, 64, [3, 2, "logits"]) == []  # 4x4 at 64 px: fits
+
+
+def test_a_stage_blocks_own_temperature_sharpens_its_targets_and_leaves_the_logits_alone():
+    def extras(block_t):
+        torch.manual_seed(0)
+        ens = TeacherEnsemble([FrozenTeacher("t", tiny(1), 32, (0.5,) * 3, (0.25,) * 3)], "mean")
+        temps = [block_t, None]
+        task = meal_task(
+            tiny(100),
+            ens,
+            [2, "logits"],
+            [[2, "logits"]],
+            [20, None],
+            5,
+            adversarial={"enabled": False},
+            block_temperatures=temps,
+        )
+        Ctx(task).run(task, batch(n=4))
+        return task.epoch_extras()
+
+    base, sharp = extras(None), extras(0.05)
+    assert sharp["t_entropy_b0"] < base["t_entropy_b0"] - 0.02
+    assert sharp["t_entropy_b1"] == pytest.approx(
+        base["t_entropy_b1"], rel=1e-4
+    )  # logits: distill.temperature

@@ -171,6 +171,8 @@ class MealTask(DistillTaskBase):
         self.std = tuple(student_data["std"])
         self.similarity_kind = dcfg.similarity
         self.temperature = dcfg.temperature
+        # each block's softmax temperature: a stage block's own, else distill.temperature
+        self.temperatures = [b.temperature if b.temperature is not None else dcfg.temperature for b in specs]
         self.hard_label_weight = dcfg.hard_label_weight
         self.adversarial = adv.enabled
         self.mode = adv.mode
@@ -308,7 +310,7 @@ class MealTask(DistillTaskBase):
         for k, al in enumerate(self.aligners):
             per_teacher = [al(out[k]).float() for out in t_outs]
             t_raw.append(torch.stack(per_teacher).mean(0) if len(per_teacher) > 1 else per_teacher[0])
-            t_probs.append(teacher_probs(per_teacher, self.temperature))
+            t_probs.append(teacher_probs(per_teacher, self.temperatures[k]))
         self.teacher_class = teacher_probs([out[-1] for out in t_outs]).argmax(-1)
         return s_vecs, t_raw, t_probs, s_logits
 
@@ -318,7 +320,7 @@ class MealTask(DistillTaskBase):
         parts: dict[str, torch.Tensor] = {}
         total = s_vecs[0].new_zeros((), dtype=torch.float32)
         for k, (s, tr, tp) in enumerate(zip(s_vecs, t_raw, t_probs, strict=True)):
-            loss = similarity(self.similarity_kind, s, tr, tp, self.temperature)
+            loss = similarity(self.similarity_kind, s, tr, tp, self.temperatures[k])
             parts[f"sim_b{k}"] = loss.detach()
             total = total + self.gammas[k] * loss
             self._record_block(k, s, tp)
@@ -332,7 +334,7 @@ class MealTask(DistillTaskBase):
         with torch.no_grad():
             tp = tp.detach().float()
             entropy = -(tp * tp.clamp_min(1e-12).log()).sum(-1).mean()
-            kl = kl_divergence(s.detach(), tp, self.temperature)
+            kl = kl_divergence(s.detach(), tp, self.temperatures[k])
             stats = torch.stack([entropy, kl]).double()
         prev = self._info[k]
         self._info[k] = stats if prev is None else prev + stats
@@ -425,6 +427,12 @@ class Meal(DistillMethod):
     def check(cls, dcfg: DistillConfig) -> None:
         if not dcfg.blocks:
             raise ImatError("distill.blocks: MEAL needs at least one block (e.g. [{index: logits}])")
+        for i, b in enumerate(dcfg.blocks):
+            if b.index == "logits" and b.temperature is not None:
+                raise ImatError(
+                    f"distill.blocks.{i}.temperature: the logits block uses distill.temperature (a block's "
+                    f"own temperature is for stage blocks)"
+                )
 
     @classmethod
     def tune_space(cls, cfg: Any) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,8 @@ class BlockSpec(Section):
     """Weight of this block's similarity loss."""
     eta: float = Field(1.0, ge=0)
     """Weight of this block's discriminator loss."""
+    temperature: float | None = Field(None, gt=0)
+    """A stage block's own softmax temperature; unset: distill.temperature (the logits block always uses that)."""
 
 
 class AdversarialConfig(Section):
