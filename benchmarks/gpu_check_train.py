@@ -206,25 +206,24 @@ def teacher_epoch(args: argparse.Namespace, device: str, precision: str, out_dir
 
 
 def meal_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: Path) -> dict[str, Any]:
-    from distill.tasks import MealTask
+    from distill.methods.meal import MealTask, ResolvedBlocks
+    from imat.config.distill import DistillConfig
     from imat.engine import Engine
 
     _, student, ens = _teacher_and_student(args)
     blocks = [-2, "logits"]
+    dcfg = DistillConfig(
+        blocks=[{"index": -2, "length": 16, "gamma": 0.05}, {"index": "logits", "gamma": 1.0}],
+        adversarial={
+            "mode": "alternating",
+            "lr": 1e-3,
+            "optimizer": "same",
+            "weight": 1.0,
+            "condition": "none",
+        },
+    )
     task = MealTask(
-        student,
-        ens,
-        blocks,
-        [blocks],
-        lengths=[16, None],
-        gammas=[0.05, 1.0],
-        etas=[1.0, 1.0],
-        dims=[16, args.classes],
-        student_mean=MEAN,
-        student_std=STD,
-        adversarial=True,
-        mode="alternating",
-        disc_lr=1e-3,
+        student, ens, dcfg, ResolvedBlocks(blocks, [blocks]), {"mean": MEAN, "std": STD}, args.classes
     )
     engine = Engine(
         task,
@@ -258,7 +257,7 @@ def _teacher_and_student(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def kd_epoch(args: argparse.Namespace, device: str, precision: str, out_dir: Path) -> dict[str, Any]:
-    from distill.tasks import KDTask, SoftTargets
+    from distill.methods.kd import KDTask, SoftTargets
     from imat.engine import Engine
 
     _, student, ens = _teacher_and_student(args)

@@ -7,7 +7,9 @@ Modules (nothing is imported here, so ``imat --help`` stays instant):
 - ``distill.losses``: soft-CE (default), KL, L1, L2, L1/L2 on softmax; temperature; Hinton KD.
 - ``distill.discriminator`` / ``distill.grl``: per-block MLP discriminators, gradient reversal.
 - ``distill.teachers_runtime``: frozen teachers with their own mean/std/size; random | mean selection.
-- ``distill.tasks``: ``MealTask`` (modes alternating | grl | joint), ``KDTask``, ``CETask``.
+- ``distill.tasks``: what every task shares (the hard-label loss, teachers' placement, mixing).
+- ``distill.methods``: one file per method, registered by name: ``ce``, ``kd``, ``meal`` (``MealTask``,
+  modes alternating | grl | joint), ``meal_v2``.
 - ``distill.cache``: offline top-k teacher logits (exact soft labels at any stored T) per image and crop view.
 - ``distill.cache_build``: builds that cache with the teachers and trains on its views.
 - ``distill.train``: ``distill(cfg)``, the checks and the engine run behind ``imat distill``.

@@ -186,15 +186,19 @@ def prepare_cache(
     out_dir: Path,
 ) -> tuple[TeacherCache, Any, Any]:
     """Build (or reuse) the cache for ``cfg.distill.cache`` and the loaders that train on its views."""
+    from distill.methods import get_method, method_names
     from distill.settings import default_selection, pool_dir_of, selection_probabilities
     from imat.data import build_loader, resolve_paths
     from imat.data.transforms import CROP_SCALE
     from teachers.pool import load_pool
 
     dcfg = cfg.distill
-    if dcfg.method not in ("kd", "meal-v2"):
+    method = get_method(dcfg.method)
+    if not method.uses_cache:
+        cached = [n for n in method_names() if get_method(n).uses_cache]
         raise ImatError(
-            f"distill.cache: cached teacher outputs cover the final outputs only (kd, meal-v2), not {dcfg.method}"
+            f"distill.cache: cached teacher outputs cover the final outputs only ({', '.join(cached)}), "
+            f"not {dcfg.method}"
         )
     aug = dcfg.train.aug
     # A cached view is a random-resized crop and a flip (the `light` preset): what a teacher scored
@@ -209,13 +213,7 @@ def prepare_cache(
             "distill.train.aug.balanced_sampler: not supported with distill.cache.enabled (one epoch = "
             "each image once, on one of its cached views)"
         )
-    if dcfg.method == "meal-v2" and dcfg.similarity in ("l1", "l2"):
-        # l1/l2 compare raw logits; the cache keeps only the top-k ones, so they would silently compare
-        # something else: refused rather than changed in meaning
-        raise ImatError(
-            f"distill.similarity: {dcfg.similarity} compares full teacher logits, which the teacher cache "
-            f"does not keep; use ce, kl, l1_soft or l2_soft, or set distill.cache.enabled=false"
-        )
+    method.check_cache(dcfg)
     ccfg = dcfg.cache
     entries = {e.name: e for e in load_pool(pool_dir_of(cfg), dcfg.teachers)}
     num_classes = next(iter(entries.values())).num_classes

@@ -18,19 +18,13 @@ def pool_dir_of(cfg: RunConfig) -> Path:
 
 
 def default_selection(dcfg: DistillConfig, teachers: Sequence[FrozenTeacher]) -> str:
-    """``distill.selection``, or by default: MEAL v1 draws one teacher per step, by validation accuracy
-    (``weighted``) when pool.json holds every teacher's, else uniformly; the other methods use the mean.
+    """``distill.selection``, or the method's default (MEAL v1 draws one teacher per step, the others
+    average all teachers: ``default_selection`` of each file in :mod:`distill.methods`)."""
+    from distill.methods import get_method
 
-    Weighted is MEAL's default because a uniform draw lets a weak teacher teach its share of the steps:
-    in the reduced CIFAR-10 benchmark a 42%-error teacher drawn a third of the time put uniform MEAL
-    3.3 points behind the student alone, and the weighted draw brought it level (docs/BENCHMARKS.md).
-    """
     if dcfg.selection is not None:
         return dcfg.selection
-    if dcfg.method != "meal":
-        return "mean"
-    known = len(teachers) > 1 and all(t.val_top1 is not None for t in teachers)
-    return "weighted" if known else "random"
+    return get_method(dcfg.method).default_selection(dcfg, teachers)
 
 
 def selection_probabilities(dcfg: DistillConfig, teachers: Sequence[FrozenTeacher]) -> list[float] | None:

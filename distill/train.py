@@ -1,10 +1,10 @@
 """`imat distill`: build the student, the frozen teachers and the task, check everything, run the engine.
 
-Every check that can fail runs before the first step, each as a one-line ImatError: unknown or non-ResNet
-student, teacher/student/manifest class counts, a block index missing from a network, a stage block
-without a pooled length, a logits block whose length is not the class count, meal-v2 with intermediate
-blocks or random selection. Training itself is the shared engine's (no second loop here); the run goes
-to ``RUN_DIR/student/``.
+Every check that can fail runs before the first step, each as a one-line ImatError: an unknown method,
+unknown or non-ResNet student, teacher/student/manifest class counts, a block index missing from a
+network, a stage block without a pooled length, a logits block whose length is not the class count, and
+what the method itself validates (``distill.methods``). The method builds the task; training itself is the
+shared engine's (no second loop here); the run goes to ``RUN_DIR/student/``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from distill.blocks import BlockIndex, num_blocks, resolve_index
+from distill.methods import MethodInputs, get_method, method_names
 from distill.settings import default_selection, pool_dir_of, selection_probabilities
-from distill.tasks import CETask, DistillTaskBase, KDTask, MealTask, SoftTargets
+from distill.tasks import DistillTaskBase
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
 from imat.config import RunConfig, save_resolved
 from imat.config.distill import DistillConfig
@@ -120,22 +120,10 @@ def load_frozen_teachers(
 
 
 def check_method(dcfg: DistillConfig) -> None:
-    """Method-level consistency of the config (no networks needed)."""
-    if dcfg.method in ("meal", "meal-v2") and not dcfg.blocks:
-        raise ImatError("distill.blocks: MEAL needs at least one block (e.g. [{index: logits}])")
-    if dcfg.method == "meal-v2":
-        stage = [i for i, b in enumerate(dcfg.blocks) if b.index != "logits"]
-        if stage:
-            raise ImatError(
-                f"distill.blocks.{stage[0]}: meal-v2 works on the final outputs only; use method=meal "
-                f"for intermediate blocks"
-            )
-        if dcfg.selection in ("random", "weighted"):
-            raise ImatError(
-                f"distill.selection: meal-v2 averages all teachers (mean); use method=meal for {dcfg.selection}"
-            )
-    if dcfg.method == "kd" and dcfg.selection == "weighted":
-        raise ImatError("distill.selection: kd averages all teachers (mean); weighted is for method=meal")
+    """Consistency of the config (no networks needed): the method's own checks, then the shared ones."""
+    method = get_method(dcfg.method)
+    method.settings(dcfg)  # unknown distill.options
+    method.check(dcfg)
     for i, b in enumerate(dcfg.blocks):
         if b.index != "logits" and b.length is None:
             raise ImatError(f"distill.blocks.{i}.length: stage block {b.index} needs a pooled length L_k")
@@ -145,7 +133,7 @@ def check_method(dcfg: DistillConfig) -> None:
             f"distill.adversarial.widths: every width must be >= 1 (got {dcfg.adversarial.widths})"
         )
     aug = dcfg.train.aug
-    if dcfg.cache.enabled and dcfg.method != "ce" and (aug.mixup > 0 or aug.cutmix > 0):
+    if dcfg.cache.enabled and method.needs_teachers and (aug.mixup > 0 or aug.cutmix > 0):
         # consistent teaching: a teacher must score the very (mixed) image the student sees
         raise ImatError(
             "distill.train.aug: mixup/cutmix need the teachers online (they score the mixed image); "
@@ -165,32 +153,6 @@ def check_method(dcfg: DistillConfig) -> None:
         )
 
 
-def resolve_blocks(
-    dcfg: DistillConfig, student: nn.Module, teachers: list[FrozenTeacher], num_classes: int
-) -> tuple[list[BlockIndex], list[list[BlockIndex]], list[int | None], list[int]]:
-    """Block indices per network (negative ones resolved per network), L_k and discriminator widths."""
-    s_count = num_blocks(student)
-    s_idx = [resolve_index(b.index, s_count, f"student {dcfg.student.arch}") for b in dcfg.blocks]
-    t_idx = []
-    for t in teachers:
-        count = num_blocks(t.model)
-        t_idx.append([resolve_index(b.index, count, f"teacher {t.name}") for b in dcfg.blocks])
-    lengths: list[int | None] = []
-    dims: list[int] = []
-    for i, b in enumerate(dcfg.blocks):
-        if b.index == "logits":
-            if b.length is not None and b.length != num_classes:
-                raise ImatError(
-                    f"distill.blocks.{i}.length: the logits block has the class count {num_classes}, not {b.length}"
-                )
-            lengths.append(None)
-            dims.append(num_classes)
-        else:
-            lengths.append(int(b.length))  # type: ignore[arg-type]
-            dims.append(int(b.length))  # type: ignore[arg-type]
-    return s_idx, t_idx, lengths, dims
-
-
 def build_task(
     cfg: RunConfig,
     student: nn.Module,
@@ -199,15 +161,10 @@ def build_task(
     num_classes: int,
     cache: Any = None,
 ) -> DistillTaskBase:
-    """The engine task for ``cfg.distill.method``."""
+    """The engine task of ``cfg.distill.method``, built by the method from the config section."""
     from imat.data.mixing import build_label_mass_mixup
 
     dcfg = cfg.distill
-    smoothing = dcfg.train.aug.label_smoothing
-    mean, std = student_data["mean"], student_data["std"]
-    mixup = build_label_mass_mixup(dcfg.train.aug, num_classes)
-    if dcfg.method == "ce":
-        return CETask(student, smoothing, mixup)
     seed = dcfg.seed if dcfg.seed is not None else dcfg.train.seed
     ensemble = (
         TeacherEnsemble(
@@ -216,58 +173,16 @@ def build_task(
         if teachers
         else None
     )
-    if dcfg.method == "kd":
-        return KDTask(
-            student,
-            SoftTargets(ensemble, mean, std, cache),
-            dcfg.kd_alpha,
-            dcfg.temperature,
-            smoothing,
-            mixup,
-        )
-    assert ensemble is not None
-    s_idx, t_idx, lengths, dims = resolve_blocks(dcfg, student, teachers, num_classes)
-    adv = dcfg.adversarial
-    disc_opt = None
-    optimizer = "adam" if adv.optimizer == "auto" and adv.mode == "alternating" else adv.optimizer
-    if optimizer not in ("same", "auto"):
-        disc_opt = {"optimizer": optimizer, "weight_decay": adv.weight_decay}
-        if optimizer in ("adam", "adamw"):
-            disc_opt["betas"] = tuple(adv.betas)
-    return MealTask(
-        student,
-        ensemble,
-        s_idx,
-        t_idx,
-        lengths,
-        [b.gamma for b in dcfg.blocks],
-        [b.eta for b in dcfg.blocks],
-        dims,
-        mean,
-        std,
-        similarity_kind=dcfg.similarity,
-        temperature=dcfg.temperature,
-        hard_label_weight=dcfg.hard_label_weight,
-        spatial_pool=dcfg.spatial_pool,
-        channel_reduce=dcfg.channel_reduce,
-        adversarial=adv.enabled,
-        mode=adv.mode,
-        disc_widths=adv.widths,
-        disc_input_norm=adv.input_norm,
-        disc_spectral_norm=adv.spectral_norm,
-        disc_lr=adv.lr,
-        disc_weight_decay=adv.weight_decay,
-        adv_weight=adv.student_weight(),
-        grl_lambda=adv.grl_lambda,
-        label_smoothing=smoothing,
-        disc_optimizer=disc_opt,
-        cache=cache,
-        mixup=mixup,
-        d_steps=adv.d_steps,
-        per_teacher=adv.per_teacher,
-        disc_condition=adv.condition,
+    inputs = MethodInputs(
+        student=student,
+        student_data=student_data,
+        teachers=teachers,
+        ensemble=ensemble,
         num_classes=num_classes,
+        cache=cache,
+        mixup=build_label_mass_mixup(dcfg.train.aug, num_classes),
     )
+    return get_method(dcfg.method).build_task(dcfg, inputs)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -363,8 +278,11 @@ def with_extra_images(
     dcfg = cfg.distill
     if dcfg.extra_images is None:
         return train_df
-    if dcfg.method == "ce":
-        raise ImatError("distill.extra_images: method ce learns from labels only; use kd, meal or meal-v2")
+    if not get_method(dcfg.method).needs_teachers:
+        taught = [n for n in method_names() if get_method(n).needs_teachers]
+        raise ImatError(
+            f"distill.extra_images: method {dcfg.method} learns from labels only; use {', '.join(taught)}"
+        )
     if dcfg.train.aug.balanced_sampler:
         raise ImatError("distill.extra_images: the balanced sampler needs a label on every image")
     extra = extra_rows(cfg, df, train_df, val_df, root)
@@ -424,7 +342,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> p
     check_method(dcfg)
     out_dir = cfg.run_path / STUDENT_DIR
     pool_dir = pool_dir_of(cfg)
-    needs_teachers = dcfg.method != "ce"
+    needs_teachers = get_method(dcfg.method).needs_teachers
     if needs_teachers and not (pool_dir / "pool.json").is_file():
         raise ImatError(f"teacher pool not found: {pool_dir / 'pool.json'} (run `imat teachers train` first)")
     df, classes, manifest = run_manifest(cfg, pool_dir)

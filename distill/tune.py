@@ -361,6 +361,7 @@ def tune_distill(
     import yaml
     from ray import tune
 
+    from distill.methods import get_method
     from distill.settings import pool_dir_of
     from distill.train import check_method
     from distill.tune_space import apply_values, check_keys, default_space, parse_space, to_ray
@@ -375,7 +376,7 @@ def tune_distill(
     if t.workers_per_trial > 1 and t.scheduler == "pbt":
         raise ImatError("tune.scheduler=pbt needs tune.workers_per_trial=1 (PBT exploits Tune checkpoints)")
     check_method(cfg.distill)
-    if cfg.distill.method != "ce" and not (pool_dir_of(cfg) / "pool.json").is_file():
+    if get_method(cfg.distill.method).needs_teachers and not (pool_dir_of(cfg) / "pool.json").is_file():
         raise ImatError(
             f"teacher pool not found: {pool_dir_of(cfg) / 'pool.json'} (run `imat teachers train` first)"
         )

@@ -75,21 +75,16 @@ def parse_space(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def default_space(cfg: Any) -> dict[str, dict[str, Any]]:
     """The sweep when a config declares no ``tune.space``: the student's lr (a decade below to 3x above
-    the config's), and for MEAL the discriminators' lr (a decade either side) and the similarity weight
-    of the logits block (or the first block; 1/4 to 4x), each around the config's own value."""
+    the config's) and what the method adds (``tune_space`` of its file in :mod:`distill.methods`; MEAL:
+    the discriminators' lr and the logits block's similarity weight)."""
+    from distill.methods import get_method
+
     d = cfg.distill
     lr = float(d.train.lr)
     space: dict[str, dict[str, Any]] = {
         "distill.train.lr": {"type": "loguniform", "low": lr / 10, "high": lr * 3}
     }
-    if d.method in ("meal", "meal-v2"):
-        if d.adversarial.enabled:
-            a = float(d.adversarial.lr)
-            space["distill.adversarial.lr"] = {"type": "loguniform", "low": a / 10, "high": a * 10}
-        k = next((i for i, b in enumerate(d.blocks) if b.index == "logits"), 0)
-        gamma = float(d.blocks[k].gamma) if d.blocks else 0.0
-        if gamma > 0:
-            space[f"distill.blocks.{k}.gamma"] = {"type": "loguniform", "low": gamma / 4, "high": gamma * 4}
+    space.update(get_method(d.method).tune_space(cfg))
     return space
 
 

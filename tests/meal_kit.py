@@ -9,8 +9,9 @@ import timm
 import torch
 
 from distill.discriminator import discriminator_loss
-from distill.tasks import MealTask
+from distill.methods.meal import MealTask, ResolvedBlocks
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+from imat.config.distill import DistillConfig
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
@@ -81,22 +82,57 @@ def make_meal(
     ]
     ens = TeacherEnsemble(ts, "random" if teachers > 1 else "mean", seed=0)
     blocks = [2, "logits"]
-    return MealTask(
+    return meal_task(
         student,
         ens,
         blocks,
         [blocks] * teachers,
         lengths=[20, None],
-        gammas=[gamma, gamma],
-        etas=[1.0, 1.0],
-        dims=[20, 5],
-        student_mean=MEAN,
-        student_std=STD,
-        adversarial=adversarial,
-        mode=mode,
-        disc_lr=0.05,
-        disc_condition=condition,
+        gamma=gamma,
         num_classes=5,
+        adversarial=dict(enabled=adversarial, mode=mode, lr=0.05, condition=condition),
+    )
+
+
+def meal_config(
+    indices, lengths, gamma: float = 1.0, adversarial=None, block_temperatures=None, **distill
+) -> DistillConfig:
+    """The ``distill`` section of a MEAL task on tiny networks: ``indices`` as the config gives them,
+    adversarial defaults as the tests were written for (D on the student's optimiser, weight 1, no class
+    condition) unless ``adversarial`` says otherwise."""
+    adv = {"optimizer": "same", "weight": 1.0, "lr": 1e-3, "condition": "none", **(adversarial or {})}
+    temps = block_temperatures or [None] * len(indices)
+    blocks = [
+        {"index": i, "length": L, "gamma": gamma, "eta": 1.0, "temperature": t}
+        for i, L, t in zip(indices, lengths, temps, strict=True)
+    ]
+    return DistillConfig(blocks=blocks, adversarial=adv, **distill)
+
+
+def meal_task(
+    student,
+    ens,
+    student_indices,
+    teacher_indices,
+    lengths,
+    num_classes: int,
+    gamma: float = 1.0,
+    adversarial=None,
+    cache=None,
+    mean=MEAN,
+    std=STD,
+    block_temperatures=None,
+    **distill,
+) -> MealTask:
+    dcfg = meal_config(student_indices, lengths, gamma, adversarial, block_temperatures, **distill)
+    return MealTask(
+        student,
+        ens,
+        dcfg,
+        ResolvedBlocks(list(student_indices), [list(t) for t in teacher_indices]),
+        {"mean": mean, "std": std},
+        num_classes,
+        cache,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from meal_kit import MEAN, STD, make_meal, tiny
+from meal_kit import make_meal
 
 from distill.discriminator import (
     Discriminator,
@@ -16,8 +16,6 @@ from distill.discriminator import (
     is_inert,
     normalize_input,
 )
-from distill.tasks import MealTask
-from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
 
 
 def _linear_widths(d):
@@ -139,20 +137,6 @@ def test_conditional_discriminator_needs_the_class_and_starts_from_the_unconditi
     sn = Discriminator(10, num_classes=10, spectral_norm=True)
     assert sn(torch.randn(3, 10), torch.tensor([0, 1, 9])).shape == (3,)
     assert float(d.embed.weight.detach().abs().max()) < 0.2  # small: the class term grows only as D learns it
-    with pytest.raises(ValueError, match="needs num_classes"):
-        MealTask(
-            tiny(0),
-            TeacherEnsemble([FrozenTeacher("t", tiny(1), 32, MEAN, STD)], "mean"),
-            ["logits"],
-            [["logits"]],
-            [None],
-            [1.0],
-            [1.0],
-            [5],
-            MEAN,
-            STD,
-            disc_condition="teacher_class",
-        )
 
 
 def test_inert_is_chance_everywhere():

@@ -15,13 +15,15 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
+from meal_kit import meal_task
 from safetensors.torch import save_file
 from test_distill_cli import make_run, run_dir
 
 from distill.cache import TeacherCache, load_cache, save_cache, topk_entries
 from distill.cache_build import CachedViewDataset, build_cache, collate_cached
 from distill.discriminator import Discriminator, discriminator_loss
-from distill.tasks import MealTask, SoftTargets
+from distill.methods.kd import SoftTargets
+from distill.methods.meal import MealTask
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
 from imat.app.cli import main
 from imat.data import apply_view, decode_image, resolve_paths
@@ -221,18 +223,16 @@ def meal_on_cache(cache, classes: int, teachers: int) -> MealTask:
     frozen = [
         FrozenTeacher(f"t{i}", torch.nn.Identity(), 32, (0.5,) * 3, (0.25,) * 3) for i in range(teachers)
     ]
-    return MealTask(
+    return meal_task(
         torch.nn.Identity(),  # the "student" returns its input: the test hands it the logits it must output
         TeacherEnsemble(frozen, cache.selection),
         ["logits"],
         [["logits"]] * teachers,
         [None],
-        [1.0],
-        [1.0],
-        [classes],
-        (0.5,) * 3,
-        (0.25,) * 3,
+        classes,
         cache=cache,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
     )
 
 

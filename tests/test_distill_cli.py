@@ -126,6 +126,10 @@ def test_distill_resume_is_a_noop_when_finished(run_cfg, capsys):
 @pytest.mark.parametrize(
     "overrides,message",
     [
+        (
+            ["distill.method=magic"],
+            "distill.method: unknown method 'magic' (registered: ce, kd, meal, meal-v2)",
+        ),
         (["distill.student.arch=resnet_nope"], "unknown model 'resnet_nope'"),
         (["distill.student.arch=mobilenetv3_small_050"], "is not a timm ResNet"),
         (["distill.blocks=[{index: 7, length: 4}]"], "block index 7 does not exist in student resnet10t"),
@@ -137,6 +141,7 @@ def test_distill_resume_is_a_noop_when_finished(run_cfg, capsys):
             "meal-v2 averages",
         ),
         (["distill.blocks=[]"], "MEAL needs at least one block"),
+        (["distill.blocks=[{index: logits, temperature: 0.5}]"], "the logits block uses distill.temperature"),
         (["distill.pool=/nonexistent/pool"], "teacher pool not found"),
         (["distill.teachers=[nobody]"], "no teacher named nobody"),
         (["distill.adversarial.mode=minimax"], "distill.adversarial.mode"),

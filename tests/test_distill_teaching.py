@@ -15,7 +15,8 @@ import yaml
 from test_distill_cli import make_run, run_dir
 from torch import nn
 
-from distill.tasks import KDTask, SoftTargets, hard_loss
+from distill.methods.kd import KDTask, SoftTargets
+from distill.tasks import hard_loss
 from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble, accuracy_weights
 from imat.app.cli import main
 from imat.config.train import AugConfig

@@ -241,6 +241,9 @@ def run_pipeline(
     for name in (force, until):
         if name is not None and name not in STEP_NAMES:
             raise ImatError(f"unknown step {name!r} (steps: {', '.join(STEP_NAMES)})")
+    from distill.methods import get_method
+
+    get_method(cfg.distill.method)  # an unknown method fails here, not after the teachers have trained
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, cfg.run_path / "config.yaml")
     forcing = False

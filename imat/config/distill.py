@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -22,6 +22,8 @@ class BlockSpec(Section):
     """Weight of this block's similarity loss."""
     eta: float = Field(1.0, ge=0)
     """Weight of this block's discriminator loss."""
+    temperature: float | None = Field(None, gt=0)
+    """A stage block's own softmax temperature; unset: distill.temperature (the logits block always uses that)."""
 
 
 class AdversarialConfig(Section):
@@ -85,8 +87,10 @@ class CacheConfig(Section):
 class DistillConfig(Section):
     """The student, the distillation method and its losses."""
 
-    method: Literal["meal", "meal-v2", "kd", "ce"] = "meal"
-    """meal (v1: blocks, one teacher per step, discriminators), meal-v2 (mean of the teachers on the logits), kd (Hinton), ce (no teachers)."""
+    # checked by the registry in distill.methods: the core config cannot know the methods a later layer
+    # registers
+    method: str = Field("meal", min_length=1)
+    """A registered method: meal (v1: blocks, one teacher per step, discriminators), meal-v2 (mean of the teachers on the logits), kd (Hinton), ce (no teachers), or one of your own (docs/ARCHITECTURE.md)."""
     student: ModelSpec = ModelSpec(arch="resnet18")
     """The student network: a timm ResNet unless allow_any_student."""
     pool: str | None = None
@@ -129,3 +133,5 @@ class DistillConfig(Section):
     """Offline teacher outputs (kd, meal-v2)."""
     train: TrainConfig = TrainConfig()
     """The student's training recipe."""
+    options: dict[str, Any] = {}
+    """A registered method's own settings by name; each method declares the ones it takes, with defaults, and checks them (distill/methods/)."""
