@@ -287,6 +287,7 @@ def stage_tune(
             continue
         cfg = validate(sweep_config(args, sweep, manifest, classes), f"bench-tune-{sweep}")
         t0 = time.perf_counter()
+        np.random.seed(args.seed)  # Tune's random search draws from numpy's global generator: seeded sweeps
         outcome = tune_distill(cfg, num_cpus=args.cpus, verbose=0)
         trials = outcome.trials.assign(method=sweep, sweep_wall_s=time.perf_counter() - t0)
         write_csv(args.out_path / f"tune-{sweep}" / "trials_table.csv", trials)
