@@ -81,10 +81,17 @@ def compare(
     left, right, seeds = pooled_pairs(verdicts[a], verdicts[b])
     if not seeds or left.size == 0:
         return None
+    # the seeds' own spread, which pooling ignores: a t-interval over the per-seed paired differences
+    per_seed = []
+    for s in seeds:
+        x, y, _ = pooled_pairs({s: verdicts[a][s]}, {s: verdicts[b][s]})
+        per_seed.append(100.0 * (y.mean() - x.mean()))
+    _, half = t_interval(per_seed)
     return {
         "a": a,
         "b": b,
         "seeds": len(seeds),
         **mcnemar(left, right),
+        "diff_t95_over_seeds": half,
         "test": "McNemar mid-p, two-sided, seeds pooled",
     }

@@ -239,6 +239,8 @@ def test_seeds_are_pooled_by_seed_and_image(bench):
     row = compare("a", "b", {"a": a, "b": b})
     assert row["seeds"] == 2 and row["images"] == 4  # seed 2 and image z have no partner
     assert (row["a_only_right"], row["b_only_right"]) == (0, 2)
+    # per seed A minus B error: seed 0 +50 points, seed 1 +50 points -> no spread over seeds
+    assert row["diff_t95_over_seeds"] == pytest.approx(0.0)
     assert compare("a", "c", {"a": a}) is None
     mean, half = t_interval([1.0, 2.0, 3.0])
     assert mean == pytest.approx(2.0) and half == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
