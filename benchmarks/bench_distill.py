@@ -85,6 +85,9 @@ def split_rows(
             f"--data-dir {root}: expected an ImageFolder {root}/{{train,test}}/<class>/*.jpg "
             "(prepare it with `imat data kit cifar10 --from ARCHIVE --out DIR`)"
         )
+    test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+    if test_classes != classes:
+        raise SystemExit(f"--data-dir {root}: test/ has classes {test_classes}, train/ has {classes}")
     rng = np.random.default_rng(seed)
     rows, unlabelled = [], []
     for label, name in enumerate(classes):

@@ -79,6 +79,9 @@ def test_train_val_and_unlabelled_are_disjoint_cuts_of_the_training_images(bench
     pd.testing.assert_frame_equal(manifest, again)  # the seed fixes the cut
     with pytest.raises(SystemExit, match="class c0 has 20 training images"):
         bench.split_rows(root, train=10, val=8, extra=4, test=0, seed=1)
+    (root / "test" / "c2").rename(root / "test" / "other")
+    with pytest.raises(SystemExit, match="test/ has classes"):
+        bench.split_rows(root, train=10, val=5, extra=4, test=0, seed=1)
 
 
 def test_the_data_dir_and_the_run_dir_are_arguments_checked_up_front(bench, tmp_path):
