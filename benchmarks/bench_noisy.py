@@ -18,7 +18,7 @@ Writes ``RESULTS/noisy_cifar10.csv`` (noise, model, top1_err, top3_err, ratio_to
 --out. Every step is resumable: with ``--resume`` finished pools, folds, audits and students are
 reused and a killed run continues where it stopped. Tiny proof run (minutes)::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_noisy.py --train-per-class 4 --val-per-class 2 \\
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_noisy.py --data-dir DATA --train-per-class 4 --val-per-class 2 \\
         --teacher-epochs 1 --audit-epochs 1 --student-epochs 1 --precision fp32 \\
         --out /tmp/noisy_tiny --results /tmp/noisy_tiny/results
 
@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_distill import subset_manifest, unpack  # noqa: E402  (the CIFAR-10 subset, shared)
+from bench_distill import split_rows  # noqa: E402  (the CIFAR-10 subset, shared)
 
 STUDENTS = {"ce": {"method": "ce"}, "meal": {"method": "meal"}}
 
@@ -238,7 +238,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/out/noisy", help="run dirs (git-ignored)")
     p.add_argument("--results", default="benchmarks/results", help="where the two CSV tables go")
     p.add_argument("--resume", action="store_true", help="continue an earlier run in --out")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", required=True, help="ImageFolder DIR/{train,test}/<class>/*.jpg")
     p.add_argument("--train-per-class", type=int, default=5000)
     p.add_argument("--val-per-class", type=int, default=1000)
     p.add_argument("--noise", default="symmetric:0.4,pair:0.4", help="kind:fraction,...")
@@ -267,8 +267,9 @@ def main() -> None:
     if out.is_dir() and any(out.iterdir()) and not args.resume:
         raise SystemExit(f"{out} holds an earlier run: pass --resume to continue it, or another --out")
     logging.basicConfig(level=logging.WARNING)
-    images = unpack(ROOT / args.data_dir)
-    manifest, classes, _ = subset_manifest(images, args.train_per_class, args.val_per_class, args.seed)
+    images = Path(args.data_dir).resolve()
+    manifest, classes, _ = split_rows(images, args.train_per_class, 0, 0, args.val_per_class, args.seed)
+    manifest["split"] = manifest["split"].replace({"test": "val"})  # validation on the clean test split
     start = time.perf_counter()
     rows, audits = [], []
     for item in args.noise.split(","):

@@ -1,13 +1,15 @@
-"""The distillation benchmark's own tables (benchmarks/distill_tables.py: means over seeds, the aim check)
-and its students stage, on synthetic tables and a fake distill (no benchmark data: the real run takes
-hours)."""
+"""The distillation benchmark's protocol (benchmarks/bench_distill.py), its tables
+(benchmarks/distill_tables.py) and paired statistics (benchmarks/paired_tests.py), on synthetic folders,
+tables and a fake distill; the slow test runs the whole protocol with ``--smoke`` on generated images."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -25,204 +27,287 @@ def bench():
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.modules.pop(spec.name, None)
-        sys.modules.pop("distill_tables", None)
+        for name in (spec.name, "distill_tables", "paired_tests"):
+            sys.modules.pop(name, None)
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def _table(bench, rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
-    raw = [{"model": m, "method": k, "seed": s, "top1_err": e, "top3_err": e / 4} for m, k, s, e in rows]
-    return bench.finish_table(raw, 10_000)
+def _folder(root: Path, classes: int = 3, train: int = 20, test: int = 6, images: bool = False) -> Path:
+    """An ImageFolder ``root/{train,test}/<class>/*.jpg`` (empty files unless ``images``)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                if images:
+                    import cv2
+
+                    img = np.full((32, 32, 3), 60 * c + 20, np.uint8) + rng.integers(
+                        0, 40, (32, 32, 3), np.uint8
+                    )
+                    cv2.imwrite(str(d / f"{i:04d}.jpg"), img)
+                else:
+                    (d / f"{i:04d}.jpg").touch()
+    return root
 
 
-def _aim(bench, rows: list[tuple[str, str, int, float]]) -> str:
-    return bench.aim_check(bench.method_means(_table(bench, rows), 10_000), 10_000)
+def _args(bench, tmp_path: Path, *extra: str):
+    data = tmp_path / "data"
+    if not data.is_dir():
+        _folder(data)
+    return bench.parse_args(["--data-dir", str(data), "--out", str(tmp_path / "run"), *extra])
 
 
-def test_means_average_seeds_and_measure_against_the_mean_ce(bench):
-    df = _table(
-        bench,
-        [
-            ("ensemble_mean", "ensemble", 0, 0.16),
-            ("student ce", "ce", 0, 0.19),
-            ("student ce", "ce", 1, 0.21),
-            ("student kd", "kd", 0, 0.19),
-            ("student meal-tuned", "meal v1 (tuned)", 0, 0.17),
-            ("student meal-tuned", "meal v1 (tuned)", 1, 0.18),
-        ],
+# --- splits ----------------------------------------------------------------------------------------------
+
+
+def test_train_val_and_unlabelled_are_disjoint_cuts_of_the_training_images(bench, tmp_path):
+    root = _folder(tmp_path / "data")
+    manifest, classes, extra = bench.split_rows(root, train=10, val=5, extra=4, test=0, seed=1)
+    assert classes == ["c0", "c1", "c2"]
+    by = {s: set(manifest.loc[manifest["split"] == s, "path"]) for s in ("train", "val", "test")}
+    by["extra"] = set(extra["path"])
+    assert [len(by[s]) for s in ("train", "val", "extra", "test")] == [30, 15, 12, 18]
+    for a in by:
+        for b in by:
+            assert a == b or not by[a] & by[b], (a, b)
+    assert all(p.startswith("train/") for s in ("train", "val", "extra") for p in by[s])  # val from train
+    assert all(p.startswith("test/") for p in by["test"])  # test only reports
+    assert (extra["label"] == -1).all()
+    again, _, _ = bench.split_rows(root, train=10, val=5, extra=4, test=0, seed=1)
+    pd.testing.assert_frame_equal(manifest, again)  # the seed fixes the cut
+    with pytest.raises(SystemExit, match="class c0 has 20 training images"):
+        bench.split_rows(root, train=10, val=8, extra=4, test=0, seed=1)
+    (root / "test" / "c2").rename(root / "test" / "other")
+    with pytest.raises(SystemExit, match="test/ has classes"):
+        bench.split_rows(root, train=10, val=5, extra=4, test=0, seed=1)
+
+
+def test_the_data_dir_and_the_run_dir_are_arguments_checked_up_front(bench, tmp_path):
+    with pytest.raises(SystemExit, match="expected an ImageFolder"):
+        bench.split_rows(tmp_path, 1, 1, 0, 0, 0)
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--data-dir", str(tmp_path), "--out", str(ROOT / "benchmarks" / "out")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        _args(bench, tmp_path, "--methods", "ce,meal-tuned")
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # no default data location: the folder is an argument
+        bench.parse_args(["--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+
+
+# --- equal tuning, step matching, selection on the validation split --------------------------------------
+
+
+def test_every_sweep_gets_the_same_budget_and_subset_and_never_sees_test(bench, tmp_path):
+    from imat.manifest import load_manifest
+
+    args = _args(
+        bench, tmp_path, "--smoke", "--tune-per-class", "5", "--tune-samples", "6", "--tune-epochs", "4"
     )
-    means = bench.method_means(df, 10_000).set_index("model")
-    assert list(means.index) == ["student ce", "student kd", "student meal-tuned"]
-    tuned = means.loc["student meal-tuned"]
-    assert tuned["seeds"] == 2
-    assert tuned["top1_err"] == pytest.approx(0.175)
-    assert (tuned["top1_err_min"], tuned["top1_err_max"]) == pytest.approx((0.17, 0.18))
-    assert tuned["ratio_to_ce"] == pytest.approx(0.175 / 0.20)
-    assert tuned["gap_closed"] == pytest.approx((0.20 - 0.175) / (0.20 - 0.16))
-    assert means.loc["student ce", "gap_closed"] == pytest.approx(0.0)
+    manifest, classes, _ = bench.prepare_data(args)
+    cfgs = {s: bench.sweep_config(args, s, manifest, classes) for s in ("ce", "kd", "meal")}
+    budget = {s: {k: v for k, v in c["tune"].items() if k != "space"} for s, c in cfgs.items()}
+    assert budget["ce"] == budget["kd"] == budget["meal"]
+    assert budget["ce"]["samples"] == 6 and budget["ce"]["metric"] == "val_top1_err"
+    assert {c["distill"]["train"]["epochs"] for c in cfgs.values()} == {4}
+    subsets = [load_manifest(tmp_path / "run" / f"tune-{s}" / "data" / "manifest.parquet")[0] for s in cfgs]
+    assert all(s.equals(subsets[0]) for s in subsets)
+    assert set(subsets[0]["split"]) == {"train", "val"}  # the sweep picks its winner without test
+    assert subsets[0]["path"].str.startswith("train/").all()
+    spaces = {s: set(c["tune"]["space"]) for s, c in cfgs.items()}
+    assert spaces["ce"] == {"distill.train.lr"}
+    shared = {"distill.train.lr", "distill.temperature"}
+    assert shared < spaces["kd"] and shared < spaces["meal"]
+    assert "distill.kd_alpha" in spaces["kd"] and "distill.hard_label_weight" in spaces["meal"]
 
 
-def test_aim_check_names_the_best_meal_and_each_part_of_the_aim(bench):
-    base = [("ensemble_mean", "ensemble", 0, 0.16), ("student ce", "ce", 0, 0.20)]
-    reached = _aim(bench, [*base, ("student kd", "kd", 0, 0.19), ("student m", "meal v1", 0, 0.165)])
-    assert "student m " in reached and "NOT" not in reached and "outside the interval" in reached
-    missed = _aim(
-        bench,
-        [
-            *base,
-            ("student kd", "kd", 0, 0.185),
-            ("student a", "meal v1", 0, 0.19),
-            ("student b", "meal v2", 0, 0.188),
-            ("student c", "meal v1, no discriminators", 0, 0.10),  # an ablation, not MEAL
-        ],
-    )
-    assert "student b " in missed  # the lower of the two MEAL students
-    assert missed.count("NOT reached") == 3
-    assert _aim(bench, base) == ""
+def test_step_matched_students_take_the_labelled_only_steps(bench, tmp_path):
+    args = _args(bench, tmp_path, "--smoke", "--batch-size", "4")
+    manifest, _, _ = bench.prepare_data(args)
+    steps = bench.labelled_steps(args, manifest)
+    assert steps == int((manifest["split"] == "train").sum()) // 4
+    for key in ("kd", "meal"):
+        (tmp_path / "run" / f"tune-{key}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / f"tune-{key}" / "winner.json").write_text('{"distill.temperature": 2.0}')
+    cfg = {k: bench.student_config(args, bench.METHODS[k], 1, steps) for k in bench.METHODS}
+    train = {k: c["distill"]["train"] for k, c in cfg.items()}
+    assert train["kd+unlabelled-matched"]["max_steps_per_epoch"] == steps
+    assert train["meal+unlabelled-matched"]["max_steps_per_epoch"] == steps
+    assert "max_steps_per_epoch" not in train["kd+unlabelled"]
+    for k in ("kd+unlabelled", "kd+unlabelled-matched", "meal+unlabelled", "meal+unlabelled-matched"):
+        assert cfg[k]["distill"]["extra_images"] == str(bench.extra_path(args))
+    assert "extra_images" not in cfg["kd"]["distill"]
+    assert cfg["kd+unlabelled"]["distill"]["temperature"] == 2.0  # KD with the images uses KD's winner
+    assert cfg["meal-no-d"]["distill"]["adversarial"]["enabled"] is False
+    assert {c["distill"]["train"]["seed"] for c in cfg.values()} == {1}
 
 
-def test_each_student_closes_the_gap_to_its_own_pools_ensemble(bench):
-    raw = [
-        {"model": "ensemble_mean", "method": "mean", "seed": 0, "pool": "a", "top1_err": 0.16},
-        {"model": "ensemble_mean", "method": "mean", "seed": 0, "pool": "b", "top1_err": 0.12},
-        {"model": "student ce", "method": "ce", "seed": 0, "pool": "a", "top1_err": 0.20},
-        {"model": "student kd", "method": "kd", "seed": 0, "pool": "a", "top1_err": 0.18},
-        {"model": "student kd", "method": "kd", "seed": 1, "pool": "b", "top1_err": 0.16},
-        {"model": "student x", "method": "kd", "seed": 0, "top1_err": 0.18},  # no pool: the mean ensemble
-    ]
-    df = bench.finish_table([{**r, "top3_err": 0.03} for r in raw], 10_000).set_index(["model", "seed"])
-    assert df.loc[("student kd", 0), "gap_closed"] == pytest.approx(0.02 / 0.04)
-    assert df.loc[("student kd", 1), "gap_closed"] == pytest.approx(0.04 / 0.08)  # CE needs no pool
-    assert df.loc[("student x", 0), "gap_closed"] == pytest.approx(0.02 / 0.06)
-    means = bench.method_means(df.reset_index(), 10_000).set_index("model")
-    assert means.loc["student kd", "pools"] == 2
-    assert means.loc["student kd", "gap_closed"] == pytest.approx(0.5)
+def test_the_engine_caps_an_epoch_of_labelled_plus_unlabelled_rows_at_the_labelled_steps():
+    import torch
+
+    from imat.config import TrainConfig
+    from imat.engine.loop import Engine
+
+    # the key the step-matched students use: an epoch over twice the rows takes the capped steps
+    cfg = TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=5, device="cpu")
+    loader = torch.utils.data.DataLoader(list(range(40)), batch_size=4)
+    engine = Engine.__new__(Engine)
+    engine.cfg, engine.train_loader = cfg, loader
+    assert engine._count_steps() == 5
 
 
-def test_gap_closed_is_undefined_without_a_gap(bench):
-    df = _table(
-        bench,
-        [
-            ("ensemble_mean", "ensemble", 0, 0.20),
-            ("student ce", "ce", 0, 0.20),
-            ("student kd", "kd", 0, 0.19),
-        ],
-    )
-    assert df["gap_closed"].isna().all()
-    assert df.loc[df["model"] == "student kd", "ratio_to_ce"].item() == pytest.approx(0.95)
-
-
-def _args(out: Path, **kw):
-    import argparse
-
-    base = dict(
-        teachers="resnet18:32", batch_size=8, lr=0.1, precision="fp32", channels_last=False, device="cpu",
-        aug="crop", label_smoothing=0.1, workers=0, teacher_epochs=1, student="resnet10t",
-        student_kwargs="{}", student_epochs=4, seeds=2, best="meal-tuned", methods="", out_path=out,
-        resume=True, publish="", keep_published=False, pool="p0",
-    )  # fmt: skip
-    return argparse.Namespace(**{**base, **kw})
-
-
-def _summary(epochs: int, top1: float) -> pd.DataFrame:
+def _summary(epochs: int, val: list[float]) -> pd.DataFrame:
     return pd.DataFrame(
-        {"epoch": range(epochs), "val_top1": top1, "val_top3": 0.95, "train_time_s": 10.0, "d_acc_b0": 0.5}
+        {
+            "epoch": range(1, epochs + 1),
+            "val_top1": val,
+            "val_top3": 0.9,
+            "train_images": 64,
+            "train_time_s": 1.0,
+            "epoch_time_s": 1.5,
+        }
     )
 
 
-def test_a_methods_run_keeps_the_finished_students_it_was_not_asked_for(bench, tmp_path, monkeypatch):
+def test_students_report_their_best_validation_epoch_on_test_and_resume(bench, tmp_path, monkeypatch):
     import distill.train
 
-    args = _args(tmp_path, methods="meal-v2", seeds=1)
-    for name, epochs in (("kd", 4), ("meal", 2)):  # kd finished, meal cut mid-run
-        path = tmp_path / "students" / f"{name}-s0" / "student" / "summary.csv"
-        path.parent.mkdir(parents=True)
-        _summary(epochs, 0.8).to_csv(path, index=False)
-    trained = []
+    args = _args(bench, tmp_path, "--smoke", "--methods", "ce,kd", "--seeds", "2", "--batch-size", "16")
+    manifest, _, _ = bench.prepare_data(args)
+    for key in ("ce", "kd"):
+        (tmp_path / "run" / f"tune-{key}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / f"tune-{key}" / "winner.json").write_text("{}")
+    trained, evaluated = [], []
 
     def fake_distill(cfg, resume, progress):
         trained.append(cfg.run_path.name)
-        return _summary(4, 0.9)
+        out = cfg.run_path / "student"
+        out.mkdir(parents=True)
+        s = _summary(3, [0.2, 0.6, 0.4])  # the best validation epoch is the second, not the last
+        s.to_csv(out / "summary.csv", index=False)
+        return s
+
+    def fake_eval(args_, weights, preds):
+        evaluated.append(weights)
+        ids = np.array([f"i{k}" for k in range(4)])
+        return bench.save_preds(preds, ids, np.array([0, 1, 2, 0]), np.eye(3)[[0, 1, 1, 1]])
 
     monkeypatch.setattr(distill.train, "distill", fake_distill)
+    monkeypatch.setattr(bench, "evaluate_weights", fake_eval)
     published = []
-    rows = bench.stage_students(args, tmp_path / "images", lambda r: published.append(list(r)))
-    assert {r["pool"] for r in rows} == {"p0"}
-    assert trained == ["meal-v2-s0"]  # only what --methods asks for is trained
-    assert [r["model"] for r in rows] == ["student kd", "student meal-v2"]  # roster order; meal unfinished
-    assert rows[0]["top1_err"] == pytest.approx(0.2) and rows[1]["top1_err"] == pytest.approx(0.1)
-    assert published[-1] == rows
+    rows = bench.stage_students(args, manifest, lambda r: published.append(list(r)))
+    assert trained == ["ce-s0", "kd-s0", "ce-s1", "kd-s1"]  # every method's seed 0 first
+    assert all(w.name == "best.safetensors" for w in evaluated)
+    r = rows[0]
+    assert (r["method"], r["best_epoch"], r["val_top1_err"]) == ("ce", 2, pytest.approx(0.4))
+    assert r["top1_err"] == pytest.approx(0.5) and r["top3_err"] == pytest.approx(0.0)
+    assert r["steps"] == 3 * 64 // 16
+    assert len(published) == 4 and published[-1] == rows
+    with pytest.raises(SystemExit, match="pass --resume"):
+        bench.stage_students(args, manifest, lambda r: None)
+    trained.clear()
+    args.resume = True
+    again = bench.stage_students(args, manifest, lambda r: None)  # read back, nothing trained
+    assert trained == [] and [x["top1_err"] for x in again] == [x["top1_err"] for x in rows]
 
 
-def test_keep_published_carries_what_a_lost_run_directory_cannot_rebuild(bench, tmp_path, monkeypatch):
-    import distill.train
-
-    results = tmp_path / "results"
-    results.mkdir()
-    monkeypatch.setattr(bench, "RESULTS", results)
-    old = [  # a table from before the pool column, its run directories gone
-        ("teacher resnet18", "teacher", 0, 0.20),
-        ("ensemble_mean", "mean", 0, 0.16),
-        ("student ce", "ce", 0, 0.20),
-        ("student ce", "ce", 1, 0.21),
-        ("student kd", "kd", 0, 0.19),
-    ]
-    _table(bench, old).to_csv(results / "t.csv", index=False)
-    out = tmp_path / "out"
-    path = out / "students" / "ce-s1" / "student" / "summary.csv"  # in this run: not carried
-    path.parent.mkdir(parents=True)
-    _summary(4, 0.7).to_csv(path, index=False)
-
-    assert bench.carried_rows(_args(out, publish="t")) == []  # only when asked
-    carried = bench.carried_rows(_args(out, publish="t", keep_published=True))
-    assert [(r["model"], r["seed"]) for r in carried] == [
-        ("teacher resnet18", 0),
-        ("ensemble_mean", 0),
-        ("student ce", 0),
-        ("student kd", 0),
-    ]
-    assert {r["pool"] for r in carried} == {"unrecorded"}
-    assert not any("gap_closed" in r or "ratio_to_ce" in r for r in carried)
-
-    trained = []
-
-    def fake_distill(cfg, resume, progress):
-        trained.append(cfg.run_path.name)
-        return _summary(4, 0.9)
-
-    monkeypatch.setattr(distill.train, "distill", fake_distill)
-    students = [r for r in carried if r["model"].startswith("student ")]
-    rows = bench.stage_students(_args(out, methods="ce,kd", publish="t"), tmp_path, lambda r: None, students)
-    assert trained == ["ce-s1", "kd-s1"]  # ce-s0 and kd-s0 carried; ce-s1 resumed here
-    got = {(r["model"], r["seed"]): (r["pool"], round(r["top1_err"], 3)) for r in rows}
-    assert got == {
-        ("student ce", 0): ("unrecorded", 0.2),
-        ("student ce", 1): ("p0", 0.1),
-        ("student kd", 0): ("unrecorded", 0.19),
-        ("student kd", 1): ("p0", 0.1),
-    }
+# --- statistics ------------------------------------------------------------------------------------------
 
 
-def test_the_tuned_student_reads_the_published_sweep_when_winner_json_is_gone(bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    pd.DataFrame(
-        {
-            "trial": ["t1", "t2"],
-            "distill.adversarial.spectral_norm": [True, False],
-            "distill.temperature": [4.0, 1.0],
-            "best_val_top1_err": [0.45, 0.47],
-        }
-    ).to_csv(tmp_path / "x_tune.csv", index=False)
-    assert bench.tuned_overrides(tmp_path / "out") == []
-    assert bench.tuned_overrides(tmp_path / "out", "x") == [
-        "distill.adversarial.spectral_norm=true",
-        "distill.temperature=4.0",
-    ]
-    out = tmp_path / "out"
-    assert not bench.sweep_done(_args(out, publish="x"))  # the published winner counts only when kept
-    assert bench.sweep_done(_args(out, publish="x", keep_published=True))
-    assert not bench.sweep_done(_args(out, publish="x", keep_published=True, resume=False))
-    (out / "tune").mkdir(parents=True)
-    (out / "tune" / "winner.json").write_text('{"distill.temperature": 2.0}')
-    assert bench.tuned_overrides(out, "x") == ["distill.temperature=2.0"]
-    assert bench.sweep_done(_args(out))
+def test_mcnemar_exact_and_mid_p_on_a_known_case(bench):
+    from paired_tests import mcnemar
+
+    a = np.array([True] * 90 + [False] * 10)  # A misses 10 images B gets, and nothing else differs
+    b = np.ones(100, dtype=bool)
+    r = mcnemar(a, b)
+    assert (r["a_only_right"], r["b_only_right"]) == (0, 10)
+    assert r["diff_points"] == pytest.approx(10.0)
+    assert r["p_exact"] == pytest.approx(2 * 0.5**10)
+    assert r["p_value"] == pytest.approx(2 * 0.5**10 - 0.5**10)
+    same = mcnemar(np.array([True, False, True, False]), np.array([False, True, True, False]))
+    assert same["p_value"] == pytest.approx(1.0) and same["p_exact"] == pytest.approx(1.0)
+    # b=1, c=4 of 5 discordant: exact 2*P(X<=1) = 12/32, mid-p minus P(X=1) = 7/32
+    r = mcnemar(np.array([1, 0, 0, 0, 0, 1], bool), np.array([0, 1, 1, 1, 1, 1], bool))
+    assert (r["p_exact"], r["p_value"]) == pytest.approx((12 / 32, 7 / 32))
+
+
+def test_seeds_are_pooled_by_seed_and_image(bench):
+    from paired_tests import compare, t_interval
+
+    a = {0: {"x": True, "y": False}, 1: {"x": False, "y": False, "z": True}, 2: {"x": True}}
+    b = {0: {"x": True, "y": True}, 1: {"x": True, "y": False}}
+    row = compare("a", "b", {"a": a, "b": b})
+    assert row["seeds"] == 2 and row["images"] == 4  # seed 2 and image z have no partner
+    assert (row["a_only_right"], row["b_only_right"]) == (0, 2)
+    # per seed A minus B error: seed 0 +50 points, seed 1 +50 points -> no spread over seeds
+    assert row["diff_t95_over_seeds"] == pytest.approx(0.0)
+    assert compare("a", "c", {"a": a}) is None
+    mean, half = t_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    assert np.isnan(t_interval([1.0])[1])
+
+
+def _rows(errs: dict[str, list[float]]) -> list[dict]:
+    rows = [{"model": "ensemble_mean", "kind": "ensemble", "method": "ensemble", "seed": 0, "top1_err": 0.16}]
+    for method, values in errs.items():
+        rows += [
+            {"model": f"student {method}", "kind": "student", "method": method, "seed": s, "top1_err": e,
+             "top3_err": e / 4, "steps": 100}
+            for s, e in enumerate(values)
+        ]  # fmt: skip
+    return rows
+
+
+def test_tables_select_rows_by_method_key_and_the_verdict_takes_its_thresholds(bench):
+    df = bench.finish_table(_rows({"ce": [0.19, 0.21], "kd": [0.19, 0.19], "meal": [0.165, 0.165]}))
+    for col in ("model", "kind", "method", "seed", "top1_err", "top3_err", "ratio_to_ce", "gap_closed"):
+        assert col in df
+    assert df.loc[df["kind"] != "student", "gap_closed"].isna().all()
+    means = bench.method_means(df).set_index("method")
+    assert list(means.index) == ["ce", "kd", "meal"]
+    assert means.loc["meal", "gap_closed"] == pytest.approx(0.035 / 0.04)
+    assert means.loc["ce", "top1_err_t95"] > 0 and means.loc["kd", "top1_err_t95"] == pytest.approx(0.0)
+    rng = np.random.default_rng(0)
+    right = {m: {s: {f"i{k}": bool(v) for k, v in enumerate(rng.random(400) > e)} for s in range(2)}
+             for m, e in (("ce", 0.3), ("kd", 0.3), ("meal", 0.1))}  # fmt: skip
+    tests = bench.paired_table(bench.PAIRS, right)
+    assert list(tests.columns[:3]) == ["a", "b", "seeds"] and {"diff_points", "p_value", "test"} <= set(tests)
+    assert set(zip(tests["a"], tests["b"], strict=True)) == {("meal", "kd"), ("kd", "ce"), ("meal", "ce")}
+    meal_kd = tests[(tests["a"] == "meal") & (tests["b"] == "kd")].iloc[0]
+    assert meal_kd["diff_points"] < -10 and meal_kd["p_value"] < 1e-6
+    line = bench.verdict(means.reset_index(), tests, "meal", "kd", aim_ratio=0.85, aim_gap=0.75, alpha=0.05)
+    assert "NOT" not in line and "(<= 0.85: reached)" in line and "(>= 75%: reached)" in line
+    strict = bench.verdict(means.reset_index(), tests, "meal", "kd", aim_ratio=0.8, aim_gap=0.9, alpha=0.05)
+    assert strict.count("NOT reached") == 2
+    assert (
+        bench.verdict(means.reset_index(), tests, "meal+unlabelled", "kd", aim_ratio=1, aim_gap=0, alpha=1)
+        == ""
+    )
+
+
+@pytest.mark.slow
+def test_smoke_runs_the_whole_protocol_end_to_end(bench, tmp_path):
+    data = _folder(tmp_path / "data", classes=3, train=24, test=4, images=True)
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--out", str(out), "--smoke", "--resume", "--cpus", "1"]
+    assert bench.main(argv) == 0
+    base = out / "results" / "distill"
+    df = pd.read_csv(f"{base}.csv")
+    students = df[df["kind"] == "student"]
+    assert set(students["method"]) == set(bench.METHODS)
+    assert students.groupby("method")["seed"].nunique().eq(2).all()
+    assert {"top1_err", "top3_err", "steps", "wall_s", "machine", "precision", "pool"} <= set(df)
+    assert df["pool"].nunique() == 1
+    steps = students.groupby("method")["steps"].first()
+    assert steps["kd+unlabelled-matched"] == steps["kd"] == steps["ce"] < steps["kd+unlabelled"]
+    assert steps["meal+unlabelled-matched"] == steps["meal"]
+    tests = pd.read_csv(f"{base}_tests.csv")
+    assert {("meal", "kd"), ("meal", "meal-no-d"), ("kd", "ce")} <= set(
+        zip(tests["a"], tests["b"], strict=True)
+    )
+    assert set(pd.read_csv(f"{base}_tune.csv")["method"]) == {"ce", "kd", "meal"}
+    assert json.loads((out / "splits.json").read_text())["val"] == 3 * 4
+    assert len(list((out / "preds").glob("*-s1.npz"))) == len(bench.METHODS)
