@@ -193,7 +193,10 @@ def _models(cfg: RunConfig, students: list[Candidate]) -> list[Model]:
     return out
 
 
-def _options(cfg: RunConfig, model: Model, rows: Any, counts: np.ndarray | None) -> list[Option]:
+def _options(
+    cfg: RunConfig, model: Model, rows: Any, counts: np.ndarray | None
+) -> tuple[list[Option], np.ndarray]:
+    """Every post-processing setting's validation probabilities, and which rows could not be read."""
     from submit.predict import predict
     from submit.prior import prior_correct, train_frequencies
     from submit.tta import make_tta
@@ -205,6 +208,7 @@ def _options(cfg: RunConfig, model: Model, rows: Any, counts: np.ndarray | None)
     prior = cfg.submit.prior_correction
     priors = [False, True] if prior == "auto" and counts is not None else [bool(prior)]
     out = []
+    missing = np.zeros(len(rows.labels), dtype=bool)
     for tta in sorted(settings, key=lambda t: (t.views, t.flip)):
         frame = predict(
             model.onnx,
@@ -221,6 +225,9 @@ def _options(cfg: RunConfig, model: Model, rows: Any, counts: np.ndarray | None)
             decoder=cfg.data.decoder,
             progress=False,
         )
+        if len(frame) != len(missing):
+            raise ImatError(f"{model.onnx}: predictions do not match the validation rows")
+        missing |= frame["missing"].to_numpy(dtype=bool)
         probs = np.stack(
             [p if len(p) else np.zeros(rows.num_classes, np.float32) for p in frame["probs"]]
         ).astype(np.float32)
@@ -229,7 +236,7 @@ def _options(cfg: RunConfig, model: Model, rows: Any, counts: np.ndarray | None)
                 raise ImatError("submit.prior_correction needs the training class counts of the manifest")
             p = prior_correct(probs, train_frequencies(counts)).astype(np.float32) if use else probs
             out.append(Option(tta, use, p))
-    return out
+    return out, missing
 
 
 @dataclass
@@ -277,10 +284,9 @@ def measured_candidates(cfg: RunConfig, students: list[Candidate]) -> list[Candi
     extra: list[Candidate] = []
     by_checkpoint = {Path(c.checkpoint).resolve(): c for c in students}
     for model in _models(cfg, students):
-        options = _options(cfg, model, rows, counts)
+        options, missing = _options(cfg, model, rows, counts)
         labels = rows.labels.copy()
-        if any(len(o.probs) != len(labels) for o in options):
-            raise ImatError(f"{model.onnx}: predictions do not match the validation rows")
+        labels[missing] = -1  # an unreadable image is left out, as imat teachers eval leaves it out
         base = [o for o in options if (o.tta.flip, tuple(o.tta.scales)) == base_tta]
         plain = crossfit(base, labels, metric)
         tuned = crossfit(options, labels, metric) if len(options) > len(base) else None

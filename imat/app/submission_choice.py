@@ -15,7 +15,7 @@ the other runs in path order. ``distilled`` and ``baseline`` force one.
 When the run has a labelled validation split, ``best`` also compares each student with the TTA that
 helps it and the teacher pool exported as one model (and its greedy selection), with and without TTA,
 all measured the same way (:mod:`imat.app.candidates`), and keeps only the candidates within
-``submit.budget``: ``student`` (the default: the student's cost, so a student is submitted as before),
+``submit.budget``: ``student`` (the default: the student's cost, a student without TTA, as before),
 ``none`` (the most accurate candidate, whatever it costs) or limits on images/s and parameters.
 """
 
@@ -206,8 +206,8 @@ def budget_text(cfg: RunConfig, student: Candidate | None = None) -> str:
         return "no budget"
     if budget == "student":
         params = student.params if student is not None else None
-        limit = f"at most {params:,} parameters, " if params else ""
-        return f"the student's cost: {limit}one forward pass per image"
+        size = f", {params:,} parameters" if params else ""
+        return f"the student's cost (a student{size}, one forward pass per image)"
     parts = []
     if budget.images_per_s is not None:
         parts.append(f"at least {budget.images_per_s:,.0f} images/s")
@@ -221,9 +221,8 @@ def fits_budget(cand: Candidate, cfg: RunConfig, student: Candidate | None) -> b
     budget = cfg.submit.budget
     if budget == "none":
         return True
-    if budget == "student":
-        limit = student.params if student is not None else None
-        return cand.views == 1 and (limit is None or cand.params is None or cand.params <= limit)
+    if budget == "student":  # what imat submitted before budgets: a student, one forward pass per image
+        return cand.kind == "student" and cand.views == 1
     if budget.images_per_s is not None and (
         cand.images_per_s is None or cand.images_per_s < budget.images_per_s
     ):
@@ -247,7 +246,7 @@ def choose(
     if not cands or cands[0].role != "distilled":
         raise ImatError("submission: no distilled student to choose from (run the distill step first)")
     distilled, label = cands[0], metric.replace("top", "top-")
-    if submit_model == "best" and any(c.kind != "student" or c.views > 1 for c in cands):
+    if submit_model == "best" and any(c.kind != "student" or c.views > 1 or not c.fits_budget for c in cands):
         return _choose_within_budget(cands, metric, budget or "the budget")
     scored = [c for c in cands if c.error(metric) is not None]
     if submit_model != "best":
@@ -397,6 +396,7 @@ def choose_submission(cfg: RunConfig) -> dict[str, Any]:
             "student alone: use pipeline.submit_model=distilled"
         )
     students = find_candidates(cfg)
+    compared_students = [asdict(c) for c in students]  # before the budget marks them: the rerun check
     cands = students
     if cfg.pipeline.submit_model == "best" and students:
         from imat.app.candidates import measured_candidates
@@ -420,7 +420,7 @@ def choose_submission(cfg: RunConfig) -> dict[str, Any]:
         "budget": budget,
         "reason": reason,
         "candidates": [{**asdict(c), "submitted": c is chosen} for c in cands],
-        "students": [asdict(c) for c in students],
+        "students": compared_students,
         "settings": _compared_settings(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
