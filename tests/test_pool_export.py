@@ -84,7 +84,7 @@ def test_selection_alone_is_the_teachers_own_prediction(kit: dict, tmp_path: Pat
     assert np.abs(probs - want).max() < 1e-4  # the same view and normalisation: the same numbers
 
 
-def test_geomean_and_fp16(kit: dict, tmp_path: Path) -> None:
+def test_geomean_fp16_and_int8(kit: dict, tmp_path: Path) -> None:
     model, *_ = build_pool_model(kit["pool"], method="geomean")
     x = torch.rand(4, 3, 32, 32)
     with torch.inference_mode():
@@ -100,6 +100,21 @@ def test_geomean_and_fp16(kit: dict, tmp_path: Path) -> None:
     report = json.loads(out.with_name("pool16.onnx.json").read_text())
     assert report["precision"] == "fp16" and report["pool"]["method"] == "geomean"
     assert report["verification"]["top3_agreement"] >= 0.99
+    # int8: calibrated on the shared input, like any model (the CPU form here)
+    out8 = tmp_path / "pool8.onnx"
+    args8 = [
+        "export",
+        str(kit["pool"]),
+        "--out",
+        str(out8),
+        "--images",
+        str(kit["images"]),
+        "--precision",
+        "int8",
+    ]
+    assert main([*args8, "--min-agreement", "0.9", "--calibration-images", "32"]) == 0
+    report = json.loads(out8.with_name("pool8.onnx.json").read_text())
+    assert report["precision"] == "int8" and report["verification"]["top3_agreement"] >= 0.9
 
 
 def test_pool_options_on_a_checkpoint_are_one_line_errors(kit: dict, tmp_path: Path, capsys) -> None:
