@@ -80,7 +80,10 @@ class PoolModel(nn.Module):
         stacked = torch.stack(logps)
         if self.method == "geomean":
             return torch.log_softmax(stacked.mean(dim=0), dim=1)
-        return torch.logsumexp(stacked, dim=0) - math.log(len(logps))
+        # log of the mean probability, written out (max, exp, sum, log) rather than as logsumexp:
+        # onnxruntime's symbolic shape inference, which int8 quantisation runs, lacks ReduceLogSumExp
+        top = stacked.max(dim=0).values
+        return top + torch.log(torch.exp(stacked - top).sum(dim=0)) - math.log(len(logps))
 
 
 def pool_members(pool_dir: str | os.PathLike[str], selected: bool = False) -> tuple[list[TeacherEntry], str]:

@@ -238,6 +238,10 @@ def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
         "report.html:",
         "student (ONNX fp32)",
         "student alone (CE)",
+        # the closing table also lists the candidates the select step measured, with their cost
+        "candidates (validation; budget: the student's cost",
+        "pool (1 teacher, mean)",
+        "fits budget",
     ):
         assert line in printed
     # the table marks the student that was submitted, and the line under it says why
@@ -278,6 +282,8 @@ def test_without_a_budget_the_most_accurate_candidate_is_submitted_and_the_test_
     assert json.loads(onnx.with_name(onnx.name + ".json").read_text())["checkpoint"] == record["checkpoint"]
     assert read_predictions(run / "predictions.parquet")[1]["tta"]["label"] == chosen["tta"]["label"]
     assert "candidates (validation; budget: no budget" in out and chosen["name"] in out
+    report = (run / "report.html").read_text()
+    assert "fits budget" in report and "Budget: no budget." in report
 
     # every candidate on the test split, scored with `imat score`: the submitted one is as good as the
     # best of them within the noise of the test set (95%, two independent error rates)

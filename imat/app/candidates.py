@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,30 +167,34 @@ def _models(cfg: RunConfig, students: list[Candidate]) -> list[Model]:
     from submit.pool_export import build_pool_model, is_pool, pool_members
 
     folder = cfg.run_path / FOLDER
-    loaded: list[tuple[str, str, Path, tuple[Any, ...], bool]] = []
+    # (name, kind, source, builder, selected): each network is built, exported and freed in turn, so a
+    # pool of large teachers is never held twice
+    todo: list[tuple[str, str, Path, Callable[[], tuple[Any, ...]], bool]] = []
     for c in students:
-        loaded.append((c.name, "student", Path(c.checkpoint), load_checkpoint(c.checkpoint), False))
+        todo.append((c.name, "student", Path(c.checkpoint), partial(load_checkpoint, c.checkpoint), False))
     if cfg.submit.pool_candidates and is_pool(cfg.pool_dir):
         full, _ = pool_members(cfg.pool_dir)
-        pool = build_pool_model(cfg.pool_dir)
         teachers = f"{len(full)} teacher{'s' if len(full) > 1 else ''}"
-        loaded.append((f"pool ({teachers}, mean)", "pool", cfg.pool_dir, pool, False))
+        todo.append(
+            (f"pool ({teachers}, mean)", "pool", cfg.pool_dir, partial(build_pool_model, cfg.pool_dir), False)
+        )
         try:
             chosen, method = pool_members(cfg.pool_dir, selected=True)
         except ImatError:
             chosen, method = [], "mean"
         if chosen and ([e.name for e in chosen], method) != ([e.name for e in full], "mean"):
-            sel = build_pool_model(cfg.pool_dir, selected=True)
             name = f"pool selection ({'+'.join(e.name for e in chosen)}, {method})"
-            loaded.append((name, "pool", cfg.pool_dir, sel, True))
+            todo.append((name, "pool", cfg.pool_dir, partial(build_pool_model, cfg.pool_dir, True), True))
     batch = min(cfg.submit.batch_size, 64)
     out = []
-    for idx, (name, kind, source, model_meta, selected) in enumerate(loaded):
+    for idx, (name, kind, source, build, selected) in enumerate(todo):
         onnx = folder / f"{idx}-{kind}.onnx"
-        _quick_export(model_meta, onnx, cfg)
-        params = sum(p.numel() for p in model_meta[0].parameters())
+        built = build()
+        _quick_export(built, onnx, cfg)
+        params = sum(p.numel() for p in built[0].parameters())
+        method = str(built[1].get("method", "mean"))
+        del built
         speed = time_model(onnx, cfg.submit.provider, batch, cfg.pipeline.speed_images)
-        method = str(model_meta[1].get("method", "mean"))
         out.append(Model(name, kind, source, onnx, params, speed, selected, method))
     return out
 
@@ -197,9 +203,10 @@ def _options(
     cfg: RunConfig, model: Model, rows: Any, counts: np.ndarray | None
 ) -> tuple[list[Option], np.ndarray]:
     """Every post-processing setting's validation probabilities, and which rows could not be read."""
+    from submit.export import read_description
     from submit.predict import predict
     from submit.prior import prior_correct, train_frequencies
-    from submit.tta import make_tta
+    from submit.tta import make_tta, view_transform
 
     settings = {make_tta(cfg.submit.tta_flip, cfg.submit.tta_scales)}
     if cfg.submit.tta_search:
@@ -210,6 +217,11 @@ def _options(
     out = []
     missing = np.zeros(len(rows.labels), dtype=bool)
     for tta in sorted(settings, key=lambda t: (t.views, t.flip)):
+        try:
+            view_transform(read_description(model.onnx), tta.scales)
+        except ImatError as exc:  # a scale this model's crop cannot take: that setting is left out
+            log.warning("%s: TTA %s left out: %s", model.name, tta.label, exc)
+            continue
         frame = predict(
             model.onnx,
             cfg.manifest_path,
@@ -288,7 +300,7 @@ def measured_candidates(cfg: RunConfig, students: list[Candidate]) -> list[Candi
         labels = rows.labels.copy()
         labels[missing] = -1  # an unreadable image is left out, as imat teachers eval leaves it out
         base = [o for o in options if (o.tta.flip, tuple(o.tta.scales)) == base_tta]
-        plain = crossfit(base, labels, metric)
+        plain = crossfit(base, labels, metric) if base else None
         tuned = crossfit(options, labels, metric) if len(options) > len(base) else None
         student = model.kind == "student"
         template = by_checkpoint[model.source.resolve()] if student else _pool_template(model)
