@@ -232,6 +232,7 @@ def export_model(
     provider: str = "cpu",
     cpu_flags: set[str] | None = None,
     progress: bool = True,
+    loaded: tuple[nn.Module, dict[str, Any], Preprocess, ClassMap] | None = None,
 ) -> dict[str, Any]:
     """Export ``ckpt`` to ``out`` at ``cfg.precision``, verify it, write ``out`` + ``out.json``.
 
@@ -240,7 +241,9 @@ def export_model(
     Rows with a known label also give the accuracy of both models and its change. int8 takes the form
     of ``cfg.target`` (``cpu_flags``: the CPU features to plan for; default this machine's).
     Returns the report written to ``<out>.json``. Raises ImatError (writing nothing) when any step fails
-    or the top-3 agreement is below ``cfg.min_top3_agreement``. ``progress``: bars while images load."""
+    or the top-3 agreement is below ``cfg.min_top3_agreement``. ``progress``: bars while images load.
+    ``loaded``: an already built (model, meta, preprocessing, class map) to export instead of loading
+    ``ckpt`` (a teacher pool as one model, :mod:`submit.pool_export`)."""
     if cfg is None:
         from imat.config.stages import ExportConfig
 
@@ -248,7 +251,7 @@ def export_model(
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ImatError(f"--out must end in .onnx, got {out}")
-    model, meta, prep, classes = load_checkpoint(ckpt)
+    model, meta, prep, classes = loaded if loaded is not None else load_checkpoint(ckpt)
     wrapper = ExportWrapper(model, cfg.with_softmax, cfg.topk_in_graph).eval()
     if cfg.topk_in_graph and cfg.topk_in_graph > classes.num_classes:
         raise ImatError(f"topk_in_graph={cfg.topk_in_graph} exceeds the {classes.num_classes} classes")

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def predict(
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft: bool = True,
+    tta_scales: str | Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Predict the top-``topk`` classes of every image of ``source``; write Parquet to ``out`` if given.
 
@@ -72,16 +74,19 @@ def predict(
     class-map order; needed for prior correction). The Parquet's metadata (key ``imat``) records the
     model, the class map, the active provider, the options and how many rows are ``missing`` (of which
     ``too_large``: over ``max_pixels``). ``draft``: big JPEGs are decoded at a DCT scale that keeps the
-    eval resize's detail, as training's validation does."""
+    eval resize's detail, as training's validation does. ``tta_flip`` and ``tta_scales`` (``"1.0,1.15"``)
+    average the probabilities of several views (:mod:`submit.tta`); the metadata's ``tta`` says which."""
     from tqdm.auto import tqdm
 
-    from imat.data import ImageDataset, build_eval_transform, build_loader, decode_side
+    from imat.data import ImageDataset, build_loader, decode_side
+    from submit.tta import average_views, make_tta, view_transform
 
     model = require_file(model, "model")
     if topk < 1:
         raise ImatError(f"--topk must be >= 1, got {topk}")
     if batch_size < 1:
         raise ImatError(f"--batch-size must be >= 1, got {batch_size}")
+    tta = make_tta(tta_flip, tta_scales)
     desc = read_description(model)
     classes = class_map_of(desc, str(model))
     k = min(topk, classes.num_classes)
@@ -90,10 +95,10 @@ def predict(
     runner = Runner(session, active)
     probs_out = bool(desc.get("softmax_in_graph"))
     size, crop = int(desc["input_size"]), float(desc.get("crop_pct", 0.875))
-    transform = build_eval_transform(size, desc["mean"], desc["std"], crop)
-    dataset = ImageDataset(
-        rows, None, transform, decoder, max_pixels, decode_side(None, size, crop) if draft else None
-    )
+    transform = view_transform(desc, tta.scales)
+    # the closest view (largest scale) needs the most detail from a draft decode
+    side = decode_side(None, size, crop / max(tta.scales)) if draft else None
+    dataset = ImageDataset(rows, None, transform, decoder, max_pixels, side)
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=workers)
 
     n = len(rows)
@@ -105,11 +110,7 @@ def predict(
     for batch in loader:
         x = batch["image"].numpy()
         index = batch["index"].numpy()
-        scores = runner(x)[0]
-        probs = scores if probs_out else softmax(scores)
-        if tta_flip:
-            flipped = runner(np.ascontiguousarray(x[..., ::-1]))[0]
-            probs = (probs + (flipped if probs_out else softmax(flipped))) / 2
+        probs = average_views(lambda b: runner(b)[0], x, tta.flip, probs_out)
         if probs.shape[1] != classes.num_classes:
             raise ImatError(
                 f"{model}: outputs {probs.shape[1]} classes, its class map has {classes.num_classes}"
@@ -154,6 +155,7 @@ def predict(
         "provider": active,
         "topk": k,
         "tta_flip": tta_flip,
+        "tta": {**tta.to_dict(), "label": tta.label},
         "images": n,
         "missing": int(missing.sum()),
         "too_large": too_large,

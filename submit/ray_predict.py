@@ -36,15 +36,26 @@ log = logging.getLogger(__name__)
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], size: int, mean: list[float], std: list[float], crop: float, decoder: str
+    batch: dict[str, np.ndarray],
+    size: int,
+    mean: list[float],
+    std: list[float],
+    crop: float,
+    decoder: str,
+    scales: list[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """A CPU task: image rows -> their pre-processed tensors (the eval transform of imat.data, as in
-    the single-process path); an unreadable image gets zeros and ``ok`` False."""
-    from imat.data import ImageDataset, build_eval_transform
+    the single-process path; with several TTA ``scales``, one view per scale: ``(n, V, 3, S, S)``); an
+    unreadable image gets zeros and ``ok`` False."""
+    from imat.data import ImageDataset
+    from submit.tta import view_transform
 
+    scales = list(scales or [1.0])
+    desc = {"input_size": size, "mean": mean, "std": std, "crop_pct": crop}
     rows = pd.DataFrame({"image_id": batch["image_id"], "path": batch["path"], "label": -1})
-    dataset = ImageDataset(rows, None, build_eval_transform(size, mean, std, crop), decoder)
-    images = np.zeros((len(rows), 3, size, size), np.float32)
+    dataset = ImageDataset(rows, None, view_transform(desc, scales), decoder)
+    views = () if scales == [1.0] else (len(scales),)
+    images = np.zeros((len(rows), *views, 3, size, size), np.float32)
     ok = np.zeros(len(rows), dtype=bool)
     for i in range(len(rows)):
         item = dataset[i]
@@ -80,14 +91,10 @@ class OnnxPredictor:
         self.tta_flip, self.k, self.save_probs = tta_flip, k, save_probs
 
     def _probs(self, x: np.ndarray) -> np.ndarray:
-        from submit.predict import softmax
+        from submit.tta import average_views
 
-        scores = self.runner(x)[0]
-        probs = scores if self.probs_out else softmax(scores)
-        if self.tta_flip:
-            flipped = self.runner(np.ascontiguousarray(x[..., ::-1]))[0]
-            probs = (probs + (flipped if self.probs_out else softmax(flipped))) / 2
-        return probs
+        # x is (B, 3, S, S), or (B, V, 3, S, S) with one view per TTA scale (decode_batch)
+        return average_views(lambda b: self.runner(b)[0], x, self.tta_flip, self.probs_out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         from submit.verify import topk_indices
@@ -138,6 +145,7 @@ def ray_predict(
     actors: int = 2,
     address: str | None = None,
     num_cpus: int | None = None,
+    tta_scales: str | list[float] | None = None,
 ) -> pd.DataFrame:
     """:func:`submit.predict.predict` over Ray Data with ``actors`` onnxruntime actors.
 
@@ -151,6 +159,7 @@ def ray_predict(
     from submit.inputs import read_images
     from submit.predict import class_map_of, write_predictions
     from submit.runtime import target_mismatch
+    from submit.tta import make_tta
 
     model = require_file(model, "model")
     if topk < 1:
@@ -159,6 +168,7 @@ def ray_predict(
         raise ImatError(f"--batch-size must be >= 1, got {batch_size}")
     if actors < 1:
         raise ImatError(f"--actors must be >= 1, got {actors}")
+    tta = make_tta(tta_flip, tta_scales)
     desc = read_description(model)
     classes = class_map_of(desc, str(model))
     k = min(topk, classes.num_classes)
@@ -202,6 +212,7 @@ def ray_predict(
                 "std": list(desc["std"]),
                 "crop": float(desc.get("crop_pct", 0.875)),
                 "decoder": decoder,
+                "scales": list(tta.scales),
             },
             batch_size=batch_size,
             batch_format="numpy",
@@ -273,6 +284,7 @@ def ray_predict(
         "provider": active,
         "topk": k,
         "tta_flip": tta_flip,
+        "tta": {**tta.to_dict(), "label": tta.label},
         "images": n,
         "missing": int(missing.sum()),
         "classes": classes.to_dict(),

@@ -69,17 +69,27 @@ def make_kit(root: Path, n_train: int = 40, n_test: int = 15, seed: int = 0) -> 
     return out
 
 
-def make_checkpoint(path: Path, images: Path, train_classes: list[int], steps: int = 100) -> Path:
+def make_checkpoint(
+    path: Path,
+    images: Path,
+    train_classes: list[int],
+    steps: int = 100,
+    size: int = SIZE,
+    crop_pct: float = 1.0,
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25),
+    seed: int = 0,
+    kind: str | None = None,
+) -> Path:
     """resnet10t, 5 classes at 32 px, its classifier trained ``steps`` Adam steps on the
     generated training images (features frozen)."""
     import timm
 
     from imat.data import build_eval_transform, decode_image
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = timm.create_model("resnet10t", num_classes=5, pretrained=False)
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    tf = build_eval_transform(SIZE, mean, std, 1.0)
+    tf = build_eval_transform(size, mean, std, crop_pct)
     x = torch.stack(
         [tf(image=decode_image(images / f"{1000 + i}.jpg"))["image"] for i in range(len(train_classes))]
     )
@@ -98,12 +108,45 @@ def make_checkpoint(path: Path, images: Path, train_classes: list[int], steps: i
     meta = {
         "arch": "resnet10t",
         "num_classes": 5,
-        "input_size": SIZE,
+        "input_size": size,
         "mean": list(mean),
         "std": list(std),
-        "crop_pct": 1.0,
+        "crop_pct": crop_pct,
         "model_kwargs": {},
         "classes": classes.to_dict(),
+        **({"kind": kind} if kind else {}),
     }
     save_weights(path, model.state_dict(), meta)
     return path
+
+
+def make_pool(root: Path, images: Path, train_classes: list[int]) -> Path:
+    """A teacher pool folder of two linear-probe resnet10t teachers that prepare images differently
+    (32 px, crop 1.0, mean 0.5/std 0.25; 24 px, crop 0.875, ImageNet mean/std), with pool.json."""
+    pool = root / "teachers"
+    specs = [
+        ("a32", {"size": 32, "crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}),
+        ("b24", {"size": 24, "crop_pct": 0.875, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}),
+    ]
+    entries = []
+    for i, (name, spec) in enumerate(specs):
+        (pool / name).mkdir(parents=True, exist_ok=True)
+        make_checkpoint(
+            pool / name / "best.safetensors", images, train_classes, seed=i, kind="teacher", **spec
+        )
+        entries.append(
+            {
+                "name": name,
+                "arch": "resnet10t",
+                "num_classes": 5,
+                "input_size": spec["size"],
+                "mean": list(spec["mean"]),
+                "std": list(spec["std"]),
+                "crop_pct": spec["crop_pct"],
+                "weights": f"{name}/best.safetensors",
+            }
+        )
+    (pool / "pool.json").write_text(
+        json.dumps({"version": 1, "teachers": entries, "selected": {"teachers": ["b24"], "method": "mean"}})
+    )
+    return pool

@@ -110,11 +110,28 @@ def test_until_then_the_rest_then_force(config, capsys):
     # the student submitted is the one with the lowest validation top-3 error (ties: the distilled one),
     # it is the one exported, the table marks it and the run's summary says why
     record = json.loads((run / "submission.json").read_text())
-    errors = {c["name"]: c["top3_err"] for c in record["candidates"]}
+    cands = record["candidates"]
+    for c in cands:
+        assert {
+            "name",
+            "top1_err",
+            "top3_err",
+            "images_per_s",
+            "params",
+            "tta",
+            "fits_budget",
+            "submitted",
+        } <= set(c)
+        assert c["images_per_s"] > 0 and c["params"] > 0 and 0 <= c["top3_err"] <= 1
+    # the default budget is the student's cost: students without TTA fit; TTA and the pool are compared
+    assert any(c["kind"] == "pool" for c in cands)
+    assert all(c["fits_budget"] == (c["kind"] == "student" and c["tta"]["views"] == 1) for c in cands)
+    errors = {c["name"]: c["top3_err"] for c in cands if c["fits_budget"]}
     assert set(errors) == {"student (meal)", "student alone (CE)"} and record["select_by"] == "top3"
     best = min(errors.values())
     assert errors[record["model"]] == best
     assert record["model"] == ("student (meal)" if errors["student (meal)"] == best else "student alone (CE)")
+    assert "candidates (validation; budget: the student's cost" in out
     assert (
         json.loads((run / "export" / "student.onnx.json").read_text())["checkpoint"] == record["checkpoint"]
     )
@@ -221,6 +238,10 @@ def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
         "report.html:",
         "student (ONNX fp32)",
         "student alone (CE)",
+        # the closing table also lists the candidates the select step measured, with their cost
+        "candidates (validation; budget: the student's cost",
+        "pool (1 teacher, mean)",
+        "fits budget",
     ):
         assert line in printed
     # the table marks the student that was submitted, and the line under it says why
@@ -233,3 +254,61 @@ def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
     assert "data:image/png;base64" in report
     assert "Most suspicious training labels" in report and "teachers say" in report  # the audit gallery
     assert len(pd.read_csv(out / "submission.csv")) == len(pd.read_csv(out / "kit" / "solution.csv"))
+
+
+def test_without_a_budget_the_most_accurate_candidate_is_submitted_and_the_test_agrees(
+    config, capsys, tmp_path
+):
+    from submit.formats import write_submission
+    from submit.predict import predict, read_predictions
+
+    raw = yaml.safe_load(config.read_text())
+    run, data = Path(raw["run_dir"]), raw["data"]
+    assert main(["pipeline", str(config), "submit.budget=none"]) == 0
+    out = capsys.readouterr().out
+    steps = statuses(out)
+    assert steps["distill"] == steps["baseline"] == "done earlier"
+    assert all(steps[s] == "ran" for s in ("select", "export", "predict", "submit", "score"))
+    record = json.loads((run / "submission.json").read_text())
+    cands = record["candidates"]
+    assert record["budget"] == "no budget" and all(c["fits_budget"] for c in cands)
+    kinds = {(c["kind"], c["tta"]["views"] > 1) for c in cands}
+    assert ("pool", False) in kinds and ("student", True) in kinds  # pool and TTA variants compete
+    # the most accurate on validation (ties: the earlier candidate) is submitted, exported and run
+    best = min(c["top3_err"] for c in cands)
+    chosen = next(c for c in cands if c["top3_err"] == best)
+    assert chosen["submitted"] and record["model"] == chosen["name"] and record["tta"] == chosen["tta"]
+    onnx = run / "export" / ("pool.onnx" if chosen["kind"] == "pool" else "student.onnx")
+    assert json.loads(onnx.with_name(onnx.name + ".json").read_text())["checkpoint"] == record["checkpoint"]
+    assert read_predictions(run / "predictions.parquet")[1]["tta"]["label"] == chosen["tta"]["label"]
+    assert "candidates (validation; budget: no budget" in out and chosen["name"] in out
+    report = (run / "report.html").read_text()
+    assert "fits budget" in report and "Budget: no budget." in report
+
+    # every candidate on the test split, scored with `imat score`: the submitted one is as good as the
+    # best of them within the noise of the test set (95%, two independent error rates)
+    test_err = {}
+    for i, c in enumerate(cands):
+        preds, csv, scored = tmp_path / f"{i}.parquet", tmp_path / f"{i}.csv", tmp_path / f"{i}.json"
+        tta = c["tta"]
+        predict(
+            c["onnx"],
+            data["test"],
+            preds,
+            images=data["images"],
+            split="test",
+            workers=0,
+            tta_flip=tta["flip"],
+            tta_scales=tta["scales"],
+            progress=False,
+        )
+        write_submission(preds, "product2019", data["test"], csv, train=run / "data" / "manifest.parquet")
+        assert main(["score", str(csv), "--solution", data["solution"], "--out", str(scored)]) == 0
+        test_err[c["name"]] = json.loads(scored.read_text())["top3_error"]
+    assert main(["score", str(run / "submission.csv"), "--solution", data["solution"]]) == 0
+    submitted = json.loads((run / "score.json").read_text())
+    n = submitted["images"]
+    assert submitted["top3_error"] == pytest.approx(test_err[chosen["name"]], abs=2 / n)  # fp32 export
+    p = max(min(test_err.values()), 1 / n)
+    noise = 1.96 * (2 * p * (1 - p) / n) ** 0.5
+    assert test_err[chosen["name"]] <= min(test_err.values()) + noise, (test_err, noise)

@@ -123,21 +123,29 @@ def export(
     against PyTorch on validation images at ``export.precision``; returns the ONNX path. The default
     checkpoint is the model the pipeline's select step chose (``RUN_DIR/submission.json``) when there
     is one, else the distilled student (``RUN_DIR/student/best.safetensors``)."""
-    from imat.app.submission_choice import chosen_checkpoint, read_choice
+    from imat.app.submission_choice import chosen_checkpoint, read_choice, submitted_onnx
 
+    record = read_choice(cfg.run_path) if checkpoint is None else None
     if checkpoint is not None:
         ckpt = Path(checkpoint)
-    elif read_choice(cfg.run_path) is not None:
+    elif record is not None:
         ckpt = chosen_checkpoint(cfg)
     else:
         ckpt = cfg.run_path / "student" / "best.safetensors"
-    out = Path(out) if out is not None else cfg.run_path / "export" / "student.onnx"
-    export_report(cfg, ckpt, out, _progress(cfg, progress))
+    pool = record if record is not None and record.get("kind") == "pool" else None
+    if pool is None and ckpt.is_dir():  # a teacher pool folder passed by hand
+        pool = {"selected": False, "method": None}
+    default = submitted_onnx(cfg) if checkpoint is None else cfg.run_path / "export" / "student.onnx"
+    out = Path(out) if out is not None else default
+    export_report(cfg, ckpt, out, _progress(cfg, progress), pool=pool)
     return out
 
 
-def export_report(cfg: RunConfig, ckpt: Path, out: Path, progress: bool) -> dict[str, Any]:
-    """:func:`export` with the checkpoint chosen, returning the export's report (the pipeline's step)."""
+def export_report(
+    cfg: RunConfig, ckpt: Path, out: Path, progress: bool, pool: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """:func:`export` with the checkpoint chosen, returning the export's report (the pipeline's step).
+    ``pool`` (``selected``, ``method``): ``ckpt`` is a teacher pool folder, exported as one model."""
     from submit.export import export_model
     from submit.inputs import read_images
 
@@ -145,6 +153,20 @@ def export_report(cfg: RunConfig, ckpt: Path, out: Path, progress: bool) -> dict
     calib = read_images(cfg.manifest_path, cfg.data.images, split="train")
     verify = images.sample(n=min(len(images), cfg.export.verify_images), random_state=0)
     calib = calib.sample(n=min(len(calib), cfg.export.calibration_images), random_state=0)
+    if pool is not None:
+        from submit.pool_export import export_pool
+
+        return export_pool(
+            ckpt,
+            out,
+            verify,
+            calib,
+            cfg.export,
+            selected=bool(pool.get("selected")),
+            method=pool.get("method"),
+            decoder=cfg.data.decoder,
+            progress=progress,
+        )
     return export_model(ckpt, out, verify, calib, cfg.export, decoder=cfg.data.decoder, progress=progress)
 
 
@@ -156,17 +178,23 @@ def predict(
     *,
     progress: bool | None = None,
 ) -> pd.DataFrame:
-    """Top-k predictions of an ONNX model (default ``RUN_DIR/export/student.onnx``) for every image of
-    ``source`` (default ``data.test``) with onnxruntime, written to ``out`` (default
-    ``RUN_DIR/predictions.parquet``); returns them (``image_id``, ``topk_labels``, ``topk_scores``)."""
+    """Top-k predictions of an ONNX model (default the submitted one, ``RUN_DIR/export/student.onnx``
+    or ``pool.onnx``) for every image of ``source`` (default ``data.test``) with onnxruntime, written to
+    ``out`` (default ``RUN_DIR/predictions.parquet``); returns them (``image_id``, ``topk_labels``,
+    ``topk_scores``). TTA (``submit.tta_flip``, ``submit.tta_scales``) is the one the select step chose
+    for the submitted model when there is a choice, else the config's."""
+    from imat.app.submission_choice import submitted_onnx, submitted_postprocessing
     from imat.errors import ImatError
     from submit.predict import predict as _predict
 
     source = source if source is not None else cfg.data.test
     if not source:
         raise ImatError("data.test is not set: nothing to predict")
+    flip, scales, prior = submitted_postprocessing(cfg)
+    if model is not None:
+        flip, scales = cfg.submit.tta_flip, cfg.submit.tta_scales
     return _predict(
-        model if model is not None else cfg.run_path / "export" / "student.onnx",
+        model if model is not None else submitted_onnx(cfg),
         source,
         out=out if out is not None else cfg.run_path / "predictions.parquet",
         images=cfg.data.images,
@@ -174,9 +202,10 @@ def predict(
         topk=cfg.submit.topk,
         provider=cfg.submit.provider,
         batch_size=cfg.submit.batch_size,
-        tta_flip=cfg.submit.tta_flip,
+        tta_flip=flip,
+        tta_scales=scales,
         workers=cfg.data.num_workers,
-        save_probs=cfg.submit.prior_correction,
+        save_probs=prior,
         decoder=cfg.data.decoder,
         progress=_progress(cfg, progress),
         max_pixels=cfg.data.max_pixels,
@@ -197,6 +226,7 @@ def write_submission(
 
 def submission_stats(cfg: RunConfig, predictions: PathLike | None, out: Path) -> dict[str, Any]:
     """:func:`write_submission`, returning what the writer reports (rows, fallbacks; the pipeline's step)."""
+    from imat.app.submission_choice import submitted_postprocessing
     from submit.formats import write_submission as _write
 
     return _write(
@@ -206,7 +236,7 @@ def submission_stats(cfg: RunConfig, predictions: PathLike | None, out: Path) ->
         out,
         sample=cfg.submit.sample_submission,
         train=cfg.manifest_path,
-        prior_correction=cfg.submit.prior_correction,
+        prior_correction=submitted_postprocessing(cfg)[2],
         topk=cfg.submit.topk,
     )
 

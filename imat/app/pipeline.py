@@ -41,7 +41,9 @@ def _student(cfg: RunConfig) -> Path:
 
 
 def _onnx(cfg: RunConfig) -> Path:
-    return cfg.run_path / "export" / "student.onnx"
+    from imat.app.submission_choice import submitted_onnx
+
+    return submitted_onnx(cfg)
 
 
 def _choice_current(cfg: RunConfig) -> bool:
@@ -144,10 +146,12 @@ def step_select(cfg: RunConfig) -> None:
 
 def step_export(cfg: RunConfig) -> None:
     from imat.app.api import export_report
-    from imat.app.submission_choice import chosen_checkpoint
+    from imat.app.submission_choice import chosen_checkpoint, read_choice
 
+    record = read_choice(cfg.run_path) or {}
     ckpt = chosen_checkpoint(cfg)
-    report = export_report(cfg, ckpt, _onnx(cfg), cfg.pipeline.progress)
+    pool = record if record.get("kind") == "pool" else None
+    report = export_report(cfg, ckpt, _onnx(cfg), cfg.pipeline.progress, pool=pool)
     print(f"export: {ckpt} -> {_onnx(cfg)} ({report.get('precision', cfg.export.precision)})")
 
 
@@ -209,7 +213,7 @@ STEPS: list[Step] = [
         lambda c: (c.pipeline.baseline or c.pipeline.submit_model == "baseline") and c.distill.method != "ce",
     ),
     Step("select", step_select, lambda c: [c.run_path / "submission.json"], current=_choice_current),
-    Step("export", step_export, lambda c: [_onnx(c), _onnx(c).with_name("student.onnx.json")]),
+    Step("export", step_export, lambda c: [_onnx(c), _onnx(c).with_name(_onnx(c).name + ".json")]),
     Step(
         "predict", step_predict, lambda c: [c.run_path / "predictions.parquet"], lambda c: bool(c.data.test)
     ),

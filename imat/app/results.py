@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from imat.app.submission_choice import find_candidates, read_choice
+from imat.app.submission_choice import find_candidates, read_choice, submitted_onnx
 from imat.config import RunConfig
 from imat.io import write_csv
 
@@ -83,11 +83,12 @@ def _student_row(name: str, student_dir: Path, images: int) -> dict[str, Any] | 
 def _onnx_row(cfg: RunConfig, images: int) -> dict[str, Any] | None:
     from submit.predict import predict
 
-    onnx = cfg.run_path / "export" / "student.onnx"
+    onnx = submitted_onnx(cfg)
     manifest = cfg.manifest_path
     if not onnx.is_file() or not manifest.is_file():
         return None
-    info = json.loads(onnx.with_name("student.onnx.json").read_text())
+    info = json.loads(onnx.with_name(onnx.name + ".json").read_text())
+    what = "pool" if info.get("pool") else "student"
     preds = predict(
         onnx,
         manifest,
@@ -110,13 +111,14 @@ def _onnx_row(cfg: RunConfig, images: int) -> dict[str, Any] | None:
     top3 = np.mean([g in t[:3] for t, g in zip(top, given, strict=True)])
     size = int(info.get("input_size") or cfg.distill.student.input_size)
     return {
-        "model": f"student (ONNX {info.get('precision', 'fp32')})",
+        "model": f"{what} (ONNX {info.get('precision', 'fp32')})",
         "arch": info.get("arch"),
         "top1_err": 1 - float(top1),
         "top3_err": 1 - float(top3),
         "params": None,
         "images_per_s": time_onnx(onnx, size, images),
         "source": str(onnx),
+        "pool_params": (info.get("pool") or {}).get("params"),
     }
 
 
@@ -173,7 +175,8 @@ def results_table(cfg: RunConfig) -> pd.DataFrame:
                 exported = row
     onnx = _onnx_row(cfg, images)
     if onnx is not None:
-        onnx["params"] = exported["params"] if exported is not None else None
+        pool_params = onnx.pop("pool_params", None)
+        onnx["params"] = pool_params or (exported["params"] if exported is not None else None)
         onnx["submitted"] = False
     rows += students + ([onnx] if onnx is not None else [])
     return pd.DataFrame(
@@ -208,6 +211,31 @@ def format_table(table: pd.DataFrame) -> str:
     if notes is not None and notes.astype(bool).any():
         shown["note"] = notes
     return shown.to_string(index=False)
+
+
+def format_candidates(record: dict[str, Any], text: bool = True) -> Any:
+    """The select step's candidates (``submission.json``): validation errors, cost, TTA, whether each
+    fits ``submit.budget`` and which was submitted; a string, or the frame with ``text=False``."""
+    cands = pd.DataFrame(record.get("candidates") or [])
+    if cands.empty:
+        return "" if text else cands
+
+    def col(name: str) -> pd.Series:
+        return cands[name] if name in cands.columns else pd.Series([None] * len(cands))
+
+    shown = pd.DataFrame(
+        {
+            "candidate": cands["name"],
+            "submitted": col("submitted").map(lambda v: "yes" if v else ""),
+            "fits budget": col("fits_budget").map(lambda v: "no" if v is False else "yes"),
+            "top-1 err %": col("top1_err").map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
+            "top-3 err %": col("top3_err").map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
+            "params": col("params").map(lambda v: "" if pd.isna(v) else f"{v / 1e6:.2f}M"),
+            "images/s": col("images_per_s").map(lambda v: "" if pd.isna(v) else f"{v:,.0f}"),
+            "TTA": col("tta").map(lambda v: v.get("label", "none") if isinstance(v, dict) else "none"),
+        }
+    )
+    return shown.to_string(index=False) if text else shown
 
 
 def write_results(cfg: RunConfig, table: pd.DataFrame) -> Path:

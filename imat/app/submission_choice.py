@@ -11,6 +11,12 @@ writes those of the very weights it saved), so the score compared is the score o
 ``pipeline.submit_model: best`` takes the lowest validation error on ``submit.select_by`` (default the
 submission format's leaderboard metric); ties go to the distilled student, then the student alone, then
 the other runs in path order. ``distilled`` and ``baseline`` force one.
+
+When the run has a labelled validation split, ``best`` also compares each student with the TTA that
+helps it and the teacher pool exported as one model (and its greedy selection), with and without TTA,
+all measured the same way (:mod:`imat.app.candidates`), and keeps only the candidates within
+``submit.budget``: ``student`` (the default: the student's cost, a student without TTA, as before),
+``none`` (the most accurate candidate, whatever it costs) or limits on images/s and parameters.
 """
 
 from __future__ import annotations
@@ -50,6 +56,20 @@ class Candidate:
     best_epoch: int | None  # the epoch the checkpoint holds
     last_epoch: int | None  # the last epoch trained (summary.csv)
     picked_on: str  # what chose the checkpoint's epoch inside the run
+    kind: str = "student"  # student | pool (a teacher pool exported as one model; checkpoint: its folder)
+    images_per_s: float | None = None  # at submit.batch_size on submit.provider, divided by the TTA views
+    params: int | None = None  # an ensemble counts every member
+    tta: dict[str, Any] | None = None  # {flip, scales, views, label}; None: not measured (no TTA)
+    prior_correction: bool | None = None  # None: as submit.prior_correction says
+    measured_on: str = "checkpoint"  # where the errors come from: the checkpoint, or validation measured
+    fits_budget: bool = True
+    onnx: str | None = None  # the fp32 ONNX it was measured with
+    selected: bool = False  # pool: only its greedy selection
+    method: str | None = None  # pool: mean | geomean
+
+    @property
+    def views(self) -> int:
+        return int((self.tta or {}).get("views", 1))
 
     def error(self, metric: str) -> float | None:
         return self.top1_err if metric == "top1" else self.top3_err
@@ -179,6 +199,37 @@ def find_candidates(cfg: RunConfig) -> list[Candidate]:
     return out
 
 
+def budget_text(cfg: RunConfig, student: Candidate | None = None) -> str:
+    """``submit.budget`` in words."""
+    budget = cfg.submit.budget
+    if budget == "none":
+        return "no budget"
+    if budget == "student":
+        params = student.params if student is not None else None
+        size = f", {params:,} parameters" if params else ""
+        return f"the student's cost (a student{size}, one forward pass per image)"
+    parts = []
+    if budget.images_per_s is not None:
+        parts.append(f"at least {budget.images_per_s:,.0f} images/s")
+    if budget.params is not None:
+        parts.append(f"at most {budget.params:,} parameters")
+    return ", ".join(parts) or "no budget"
+
+
+def fits_budget(cand: Candidate, cfg: RunConfig, student: Candidate | None) -> bool:
+    """Whether ``cand`` is within ``submit.budget``; an unmeasured cost never passes an explicit limit."""
+    budget = cfg.submit.budget
+    if budget == "none":
+        return True
+    if budget == "student":  # what imat submitted before budgets: a student, one forward pass per image
+        return cand.kind == "student" and cand.views == 1
+    if budget.images_per_s is not None and (
+        cand.images_per_s is None or cand.images_per_s < budget.images_per_s
+    ):
+        return False
+    return budget.params is None or (cand.params is not None and cand.params <= budget.params)
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -187,11 +238,16 @@ def _list(cands: list[Candidate], metric: str) -> str:
     return ", ".join(f"{c.name} {_pct(c.error(metric))}" for c in cands)
 
 
-def choose(cands: list[Candidate], metric: str, submit_model: str = "best") -> tuple[Candidate, str]:
-    """The candidate to submit and the one sentence that says why. ``cands[0]`` is the distilled one."""
+def choose(
+    cands: list[Candidate], metric: str, submit_model: str = "best", budget: str | None = None
+) -> tuple[Candidate, str]:
+    """The candidate to submit and the one sentence that says why. ``cands[0]`` is the distilled one;
+    with ``best``, only candidates with ``fits_budget`` compete (``budget``: the budget in words)."""
     if not cands or cands[0].role != "distilled":
         raise ImatError("submission: no distilled student to choose from (run the distill step first)")
     distilled, label = cands[0], metric.replace("top", "top-")
+    if submit_model == "best" and any(c.kind != "student" or c.views > 1 or not c.fits_budget for c in cands):
+        return _choose_within_budget(cands, metric, budget or "the budget")
     scored = [c for c in cands if c.error(metric) is not None]
     if submit_model != "best":
         chosen = next((c for c in cands if c.role == submit_model), None)
@@ -239,6 +295,31 @@ def choose(cands: list[Candidate], metric: str, submit_model: str = "best") -> t
     )
 
 
+def _choose_within_budget(cands: list[Candidate], metric: str, budget: str) -> tuple[Candidate, str]:
+    """``best`` among students, TTA variants and pools: the lowest validation error within the budget;
+    ties go to the earlier candidate (students first, as in :func:`choose`, then TTA, then pools)."""
+    label = metric.replace("top", "top-")
+    inside = [c for c in cands if c.fits_budget and c.error(metric) is not None]
+    if not inside:
+        raise ImatError(
+            f"submit.budget: no candidate with a validation score is within {budget} "
+            f"({_list(cands, metric)}); raise the budget or set submit.budget=none"
+        )
+    chosen = min(inside, key=lambda c: c.error(metric))  # type: ignore[arg-type,return-value]
+    best = chosen.error(metric)
+    outside = [c for c in cands if not c.fits_budget and c.error(metric) is not None]
+    better = [c for c in outside if c.error(metric) < best]  # type: ignore[operator]
+    others = [c for c in inside if c is not chosen]
+    text = (
+        f"Submitted {chosen.name}: the lowest validation {label} error ({_pct(best)}) of the "
+        f"{len(inside)} candidates within {budget}"
+    )
+    text += f" ({_list(others, metric)})" if others else ""
+    if better:
+        text += f"; more accurate but over the budget: {_list(better, metric)}"
+    return chosen, text + "."
+
+
 def distillation_note(cands: list[Candidate], val_images: int) -> str | None:
     """One line on what distillation changed against the student alone, on top-1 validation error, and
     whether the difference exceeds the noise of ``val_images`` images: the 95% interval of a difference
@@ -269,9 +350,28 @@ def _settings(cfg: RunConfig) -> tuple[str, str]:
     return select_metric(cfg), cfg.pipeline.submit_model
 
 
+def _compared_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Everything besides the students that changes the comparison: the submit settings and the pool."""
+    from teachers.pool import read_pool_json
+
+    sub = cfg.submit
+    keys = ("budget", "tta_flip", "tta_scales", "tta_search", "tta_search_scales", "prior_correction")
+    out: dict[str, Any] = {k: getattr(sub, k) for k in keys}
+    out["budget"] = sub.budget if isinstance(sub.budget, str) else sub.budget.model_dump()
+    out["pool_candidates"] = sub.pool_candidates
+    out["provider"], out["batch_size"] = sub.provider, sub.batch_size
+    try:
+        pool = read_pool_json(cfg.pool_dir) if sub.pool_candidates else {}
+    except ImatError:
+        pool = {}
+    out["pool"] = {"teachers": pool.get("teachers", []), "selected": pool.get("selected")}
+    return json.loads(json.dumps(out))
+
+
 def choice_is_current(cfg: RunConfig) -> bool:
     """Whether ``submission.json`` was made with this config's settings from the students the run
-    holds now (a changed ``pipeline.submit_model`` or a new tune trial makes the select step rerun)."""
+    holds now (a changed ``pipeline.submit_model``, budget or pool, or a new tune trial makes the select
+    step rerun)."""
     try:
         record = read_choice(cfg.run_path)
     except ImatError:
@@ -280,8 +380,11 @@ def choice_is_current(cfg: RunConfig) -> bool:
         return False
     recorded = (record.get("select_by"), record.get("submit_model"))
     now = [asdict(c) for c in find_candidates(cfg)]
-    then = [{k: v for k, v in c.items() if k != "submitted"} for c in record.get("candidates", [])]
-    return recorded == _settings(cfg) and now == then
+    return (
+        recorded == _settings(cfg)
+        and now == record.get("students")
+        and record.get("settings") == _compared_settings(cfg)
+    )
 
 
 def choose_submission(cfg: RunConfig) -> dict[str, Any]:
@@ -292,16 +395,33 @@ def choose_submission(cfg: RunConfig) -> dict[str, Any]:
             "pipeline.submit_model: baseline, but distill.method is ce, so the distilled student is the "
             "student alone: use pipeline.submit_model=distilled"
         )
-    cands = find_candidates(cfg)
-    chosen, reason = choose(cands, metric, cfg.pipeline.submit_model)
+    students = find_candidates(cfg)
+    compared_students = [asdict(c) for c in students]  # before the budget marks them: the rerun check
+    cands = students
+    if cfg.pipeline.submit_model == "best" and students:
+        from imat.app.candidates import measured_candidates
+
+        cands = measured_candidates(cfg, students)
+    budget = budget_text(cfg, cands[0] if cands else None)
+    for c in cands:
+        c.fits_budget = fits_budget(c, cfg, cands[0])
+    chosen, reason = choose(cands, metric, cfg.pipeline.submit_model, budget)
     record = {
         "model": chosen.name,
         "role": chosen.role,
+        "kind": chosen.kind,
         "checkpoint": chosen.checkpoint,
+        "selected": chosen.selected,
+        "method": chosen.method,
+        "tta": chosen.tta,
+        "prior_correction": chosen.prior_correction,
         "select_by": metric,
         "submit_model": cfg.pipeline.submit_model,
+        "budget": budget,
         "reason": reason,
         "candidates": [{**asdict(c), "submitted": c is chosen} for c in cands],
+        "students": compared_students,
+        "settings": _compared_settings(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(cfg.run_path / CHOICE_FILE, record)
@@ -317,6 +437,35 @@ def read_choice(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ImatError(f"{path}: not valid JSON (rerun the select step: --force select)") from None
+
+
+def submitted_onnx(cfg: RunConfig) -> Path:
+    """Where the export step writes the submitted model: ``RUN_DIR/export/pool.onnx`` for a teacher
+    pool, else ``RUN_DIR/export/student.onnx``."""
+    try:
+        record = read_choice(cfg.run_path) or {}
+    except ImatError:
+        record = {}
+    name = "pool.onnx" if record.get("kind") == "pool" else "student.onnx"
+    return cfg.run_path / "export" / name
+
+
+def submitted_postprocessing(cfg: RunConfig) -> tuple[bool, list[float], bool]:
+    """(TTA flip, TTA scales, prior correction) to predict and submit with: the submitted candidate's,
+    as the select step chose them on validation, else the config's (``prior_correction: auto`` without
+    a choice is off)."""
+    try:
+        record = read_choice(cfg.run_path) or {}
+    except ImatError:
+        record = {}
+    tta = record.get("tta")
+    flip, scales = (
+        (bool(tta["flip"]), list(tta["scales"])) if tta else (cfg.submit.tta_flip, cfg.submit.tta_scales)
+    )
+    prior = cfg.submit.prior_correction
+    if prior == "auto":
+        prior = bool(record.get("prior_correction"))
+    return flip, scales, bool(prior)
 
 
 def chosen_checkpoint(cfg: RunConfig) -> Path:

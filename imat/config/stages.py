@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from imat.config.base import Section
 
@@ -75,6 +75,15 @@ class ExportConfig(Section):
     """Share of verification images whose top-3 set must equal PyTorch's; below it nothing is written."""
 
 
+class BudgetLimits(Section):
+    """`submit.budget` as limits: a candidate must meet every limit given."""
+
+    images_per_s: float | None = Field(None, gt=0)
+    """The slowest accepted: images/s at submit.batch_size on submit.provider, divided by the TTA views."""
+    params: int | None = Field(None, ge=1)
+    """The most parameters accepted (an ensemble counts every member)."""
+
+
 class SubmitConfig(Section):
     """`imat predict` and `imat submit`: inference and the leaderboard file."""
 
@@ -88,11 +97,28 @@ class SubmitConfig(Section):
     """Inference batch size."""
     tta_flip: bool = False
     """Average each image's scores with its horizontal flip's."""
-    prior_correction: bool = False
-    """Correct the scores for the training set's class frequencies (toward a uniform test prior)."""
+    tta_scales: list[float] = [1.0]
+    """TTA: also resize then centre-crop at these scales (e.g. [1.0, 1.15]); probabilities averaged over the views."""
+    prior_correction: bool | Literal["auto"] = False
+    """Correct the scores for the training set's class frequencies (toward a uniform test prior); auto: only when the select step finds it helps on held-out validation."""
     sample_submission: str | None = None
     """The competition's sample submission, whose id order and header the file follows."""
     # default: the format's leaderboard metric: top3 for product2019 and coco, top1 for furniture2018 and
     # coco with topk 1
     select_by: Literal["top1", "top3"] | None = None
-    """The validation metric that picks the submitted student (pipeline.submit_model best); unset: the format's."""
+    """The validation metric that picks the submitted model (pipeline.submit_model best); unset: the format's."""
+    budget: Literal["student", "none"] | BudgetLimits = "student"
+    """What the select step may submit: student (a student without TTA, as before budgets), none (the most accurate candidate), or limits {images_per_s, params} (docs/SUBMISSION.md)."""
+    tta_search: bool = True
+    """Select step: also try each model with flip and multi-scale TTA (chosen on held-out validation)."""
+    tta_search_scales: list[float] = [1.0, 1.15]
+    """Select step: the scales of the multi-scale TTA tried."""
+    pool_candidates: bool = True
+    """Select step: also compare the teacher pool (and its greedy selection) exported as one model."""
+
+    @field_validator("tta_scales", "tta_search_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if not v or any(s <= 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("scales must be distinct positive numbers, e.g. [1.0, 1.15]")
+        return v

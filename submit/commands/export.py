@@ -1,5 +1,9 @@
 """``imat export CKPT --out student.onnx``: ONNX export, checked and verified against PyTorch.
 
+CKPT may also be a teacher pool folder (``RUN_DIR/teachers``, with its ``pool.json``): the whole pool,
+or its greedy selection with ``--selected``, becomes one ONNX model that runs every teacher on the same
+image and averages their probabilities (:mod:`submit.pool_export`).
+
 Verification (and int8 calibration) needs real images: ``--images`` (a folder, or a manifest whose
 ``val`` rows verify and ``train`` rows calibrate) or ``--config`` (its run's manifest, else its
 ``data.val``/``data.train`` files with ``data.images``). Without either, the checkpoint's own run
@@ -23,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", metavar="CKPT", help="best.safetensors written by imat (weights + metadata)")
+    parser.add_argument(
+        "ckpt",
+        metavar="CKPT",
+        help="best.safetensors written by imat (weights + metadata), or a teacher pool folder",
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx to write (plus FILE.json)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None)
     parser.add_argument(
@@ -64,6 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-images", type=int, default=None, metavar="N")
     parser.add_argument("--calibration-images", type=int, default=None, metavar="N")
     parser.add_argument("--workers", type=int, default=None, help="image decoding workers")
+    parser.add_argument(
+        "--selected",
+        action="store_true",
+        help="pool: only the teachers of its greedy selection (imat teachers eval)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("mean", "geomean"),
+        default=None,
+        help="pool: how the probabilities are combined (default mean, or the selection's)",
+    )
     add_progress_argument(parser)
 
 
@@ -140,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
     from imat.config import ExportConfig, load_config
     from imat.config.loader import format_validation_error
     from submit.export import export_model, sidecar_path
+    from submit.pool_export import export_pool, is_pool
 
+    pool = is_pool(args.ckpt)
+    if not pool and (args.selected or args.method):
+        raise ImatError(f"--selected and --method are for a teacher pool folder; {args.ckpt} is not one")
     config_path = Path(args.config) if args.config else run_config_of(args.ckpt)
     if args.overrides and config_path is None:
         raise ImatError("k=v overrides need --config")
@@ -168,17 +191,37 @@ def run(args: argparse.Namespace) -> int:
         raise ImatError(format_validation_error("export options", exc)) from None
     workers = args.workers if args.workers is not None else (cfg.data.num_workers if cfg is not None else 2)
     decoder = cfg.data.decoder if cfg is not None else "cv2"
+    if pool and cfg is None and not args.images:
+        from teachers.evaluate import pool_data
+
+        # a pool without its run's config: the manifest and images pool.json recorded
+        manifest, recorded_images, decoder = pool_data(args.ckpt)
+        args.images, args.images_root = str(manifest), args.images_root or recorded_images
     verify, calib = _sources(args, cfg)
-    report = export_model(
-        args.ckpt,
-        args.out,
-        verify,
-        calib,
-        export_cfg,
-        workers=workers,
-        decoder=decoder,
-        progress=not args.no_progress,
-    )
+    if pool:
+        report = export_pool(
+            args.ckpt,
+            args.out,
+            verify,
+            calib,
+            export_cfg,
+            selected=args.selected,
+            method=args.method,
+            workers=workers,
+            decoder=decoder,
+            progress=not args.no_progress,
+        )
+    else:
+        report = export_model(
+            args.ckpt,
+            args.out,
+            verify,
+            calib,
+            export_cfg,
+            workers=workers,
+            decoder=decoder,
+            progress=not args.no_progress,
+        )
     v = report["verification"]
     diff = f", max |logit diff| {v['max_abs_diff']:.2e}" if export_cfg.precision == "fp32" else ""
     form = f" {report['int8']['name']} for {export_cfg.target}" if report.get("int8") else ""
@@ -191,8 +234,10 @@ def run(args: argparse.Namespace) -> int:
         if "candidate_top3_accuracy" in acc:
             change += f", top-3 {acc['reference_top3_accuracy']:.4f} -> {acc['candidate_top3_accuracy']:.4f}"
         change += f" on {acc['labelled_images']} labelled images"
+    members = report.get("pool")
+    what = f"pool of {len(members['members'])} ({members['method']}), " if members else ""
     print(
-        f"wrote {args.out} ({export_cfg.precision}{form}, {report['exporter']} exporter, "
+        f"wrote {args.out} ({what}{export_cfg.precision}{form}, {report['exporter']} exporter, "
         f"{report['size_bytes'] / 1e6:.1f} MB): "
         f"top-1 agreement {v['top1_agreement']:.4f}, top-3 agreement {v.get('top3_agreement', 1.0):.4f} "
         f"on {v['images']} images{diff}{change}; details in {sidecar_path(args.out)}"

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta-flip", action="store_true", help="mean of the probabilities of image and mirror"
     )
+    parser.add_argument(
+        "--tta-scales",
+        default=None,
+        metavar="S,S",
+        help="also resize-then-centre-crop at these scales (1.0,1.15); mean of the probabilities",
+    )
     parser.add_argument("--workers", type=int, default=2, help="decoding/preprocessing worker processes")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument(
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             provider=args.provider,
             batch_size=args.batch_size,
             tta_flip=args.tta_flip,
+            tta_scales=args.tta_scales,
             save_probs=args.save_probs,
             threads=args.threads,
             actors=args.actors,
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             provider=args.provider,
             batch_size=args.batch_size,
             tta_flip=args.tta_flip,
+            tta_scales=args.tta_scales,
             workers=args.workers,
             save_probs=args.save_probs,
             threads=args.threads,
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     large = f", {info['too_large']} of them too large" if info.get("too_large") else ""
     print(
         f"wrote {args.out}: {info['images']} images ({info['missing']} missing{large}: fallback rows), "
-        f"top-{info['topk']}, "
-        f"provider {info['provider']}{', flip TTA' if args.tta_flip else ''}"
+        f"top-{info['topk']}, provider {info['provider']}"
+        + (f", TTA {info['tta']['label']}" if info["tta"]["views"] > 1 else "")
     )
     return 0

@@ -47,7 +47,7 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     """The steps with their status, the comparison table when the run has one, and the key outputs."""
     import pandas as pd
 
-    from imat.app.results import format_table
+    from imat.app.results import format_candidates, format_table
     from imat.app.submission_choice import distillation_note, find_candidates, read_choice
 
     print("\nstep        status         seconds")
@@ -58,6 +58,11 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
         print("\nvalidation split; images/s = model compute on this machine's CPU at batch 32")
         print(format_table(pd.read_csv(results)))
     choice = read_choice(cfg.run_path)
+    if choice and any(
+        c.get("measured_on", "checkpoint") != "checkpoint" for c in choice.get("candidates", [])
+    ):
+        print(f"\ncandidates (validation; budget: {choice.get('budget', '')}; images/s on submit.provider)")
+        print(format_candidates(choice))
     if choice and choice.get("reason"):
         print(f"\n{choice['reason']}")
     note = distillation_note(find_candidates(cfg), _val_images(cfg)) if choice else None

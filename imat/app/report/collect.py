@@ -64,7 +64,9 @@ def collect(run_dir: str | Path) -> RunData:
         data.pool_eval = _csv(teachers_dir / "pool_eval.csv")
     data.student_curves = _csv(root / "student" / "summary.csv")
     data.results = _csv(root / "results.csv")
-    data.export_info = _json(root / "export" / "student.onnx.json")
+    data.export_info = _json(root / "export" / "student.onnx.json") or _json(
+        root / "export" / "pool.onnx.json"
+    )
     preds = root / "predictions.parquet"
     if preds.is_file():
         try:

@@ -126,30 +126,28 @@ def _audit_section(data: RunData, limit: int = 48) -> str:
 
 
 def _submission_section(data: RunData) -> str:
-    """The one sentence that says which student was submitted and why, and the students compared."""
+    """The one sentence that says which model was submitted and why, and the candidates compared."""
+    from imat.app.results import format_candidates
+
     sub = data.submission
     if not sub:
         return ""
     cands = pd.DataFrame(sub.get("candidates") or [])
     table = ""
     if not cands.empty:
-        shown = pd.DataFrame(
-            {
-                "model": cands["name"],
-                "val top-1 err %": cands["top1_err"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
-                "val top-3 err %": cands["top3_err"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
-                "best epoch": cands["best_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v))),
-                "last epoch": cands["last_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v))),
-                "best epoch picked on": cands["picked_on"],
-                "submitted": cands["submitted"].map(lambda v: "yes" if v else ""),
-                "checkpoint": cands["checkpoint"],
-            }
-        )
+        shown = format_candidates(sub, text=False)
+        shown["best epoch"] = cands["best_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+        shown["best epoch picked on"] = cands["picked_on"]
+        shown["errors from"] = cands.get("measured_on", pd.Series(["checkpoint"] * len(cands)))
+        shown["checkpoint"] = cands["checkpoint"]
         table = shown.to_html(index=False, border=0, escape=True)
+    budget = f" Budget: {sub['budget']}." if sub.get("budget") else ""
     return (
-        f"<h2>Submitted model</h2><p>{html.escape(str(sub.get('reason', '')))}</p>{table}"
+        f"<h2>Submitted model</h2><p>{html.escape(str(sub.get('reason', '')))}"
+        f"{html.escape(budget)}</p>{table}"
         f"<p class=muted>Exported: {html.escape(str(sub.get('checkpoint', '')))}; each student's "
-        f"best epoch is the one its best.safetensors holds.</p>"
+        f"best epoch is the one its best.safetensors holds; images/s at submit.batch_size on this "
+        f"machine's provider, divided by the TTA views.</p>"
     )
 
 
