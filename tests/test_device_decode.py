@@ -88,18 +88,22 @@ def test_train_light_crops_are_seeded_and_normalised(tmp_path: Path) -> None:
 
 def test_bad_files_are_skipped_and_counted(tmp_path: Path) -> None:
     good = _smooth(tmp_path / "good.jpg", 64, 48)
-    broken = tmp_path / "broken.jpg"  # a valid JPEG header, then garbage: only the decoder finds out
+    broken = tmp_path / "broken.jpg"  # an interrupted download: a valid header, no end-of-image marker
     data = good.read_bytes()
     broken.write_bytes(data[:400] + b"\x00" * 50)
+    padded = tmp_path / "padded.jpg"  # complete, with trailing padding: kept
+    padded.write_bytes(data + b"\x00" * 10)
     bomb = write_bomb_png(tmp_path / "bomb.png")
     missing = tmp_path / "missing.jpg"
-    df = _frame([good, broken, bomb, missing, good])
+    df = _frame([good, broken, bomb, missing, padded])
     spec = DeviceDecode(16, None)
     batches = _device_batches(df, spec, batch_size=5)
     kept = [int(i) for b in batches for i in b["index"]]
     skipped = sum(int(b["skipped"]) for b in batches)
-    assert 0 in kept and 4 in kept and 2 not in kept and 3 not in kept
-    assert skipped + len(kept) == 5
+    assert sorted(kept) == [0, 4] and skipped == 3
+    # the truncated file is found by the worker (so the loader can replace it), not on the device
+    dataset = EncodedDataset(df, None, spec)
+    assert dataset[1] is None and dataset[4] is not None and dataset.skipped == 1
     assert all(b["image"].shape[0] == b["label"].numel() for b in batches)
 
 

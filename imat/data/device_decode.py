@@ -90,6 +90,13 @@ def _orientation(data: bytes) -> int:
         return 1
 
 
+def _complete_jpeg(data: bytes) -> bool:
+    """Whether the file ends with a JPEG end-of-image marker (trailing padding allowed). An interrupted
+    download does not; found here, it is skipped in the worker like any unreadable image (and replaced
+    by the loader), rather than emptying a batch on the device."""
+    return data[-4096:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation (1-8) to a C x H x W tensor, as PIL's ``exif_transpose`` does."""
     if orientation == 2:
@@ -172,6 +179,9 @@ class EncodedDataset(Dataset):
             self._skip(path, ImageDecodeError(f"image not found or unreadable: {path} ({exc})"))
             return None
         if header is not None and header[0] == "JPEG":
+            if not _complete_jpeg(data):
+                self._skip(path, ImageDecodeError(f"truncated JPEG (no end-of-image marker): {path}"))
+                return None
             item["jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             item["orientation"] = _orientation(data)
             item["area"] = header[1] * header[2]
