@@ -82,3 +82,20 @@ def test_a_stage_blocks_own_temperature_sharpens_its_targets_and_leaves_the_logi
     assert sharp["t_entropy_b1"] == pytest.approx(
         base["t_entropy_b1"], rel=1e-4
     )  # logits: distill.temperature
+
+
+def test_by_default_stage_blocks_take_the_strongest_channel_at_block_temperature_and_logits_keep_theirs():
+    from distill.methods.meal import MealTask, ResolvedBlocks
+
+    ens = TeacherEnsemble([FrozenTeacher("t", tiny(1), 32, (0.5,) * 3, (0.25,) * 3)], "mean")
+    dcfg = DistillConfig(blocks=[{"index": 1, "length": 16}, {"index": "logits"}], temperature=2.0)
+    blocks = ResolvedBlocks([1, "logits"], [[1, "logits"]])
+    task = MealTask(tiny(100), ens, dcfg, blocks, {"mean": (0.5,) * 3, "std": (0.25,) * 3}, 5)
+    assert [a.channel_reduce for a in task.aligners] == ["max", "max"]
+    assert task.temperatures == [0.5, 2.0]
+    own = dcfg.model_copy(
+        update={"blocks": [dcfg.blocks[0].model_copy(update={"temperature": 0.2}), dcfg.blocks[1]]}
+    )
+    assert MealTask(
+        tiny(100), ens, own, blocks, {"mean": (0.5,) * 3, "std": (0.25,) * 3}, 5
+    ).temperatures == [0.2, 2.0]

@@ -171,8 +171,14 @@ class MealTask(DistillTaskBase):
         self.std = tuple(student_data["std"])
         self.similarity_kind = dcfg.similarity
         self.temperature = dcfg.temperature
-        # each block's softmax temperature: a stage block's own, else distill.temperature
-        self.temperatures = [b.temperature if b.temperature is not None else dcfg.temperature for b in specs]
+        # each block's softmax temperature: the logits' distill.temperature, a stage block's own or else
+        # distill.block_temperature
+        self.temperatures = [
+            dcfg.temperature
+            if b.index == "logits"
+            else (b.temperature if b.temperature is not None else dcfg.block_temperature)
+            for b in specs
+        ]
         self.hard_label_weight = dcfg.hard_label_weight
         self.adversarial = adv.enabled
         self.mode = adv.mode

@@ -23,7 +23,7 @@ class BlockSpec(Section):
     eta: float = Field(1.0, ge=0)
     """Weight of this block's discriminator loss."""
     temperature: float | None = Field(None, gt=0)
-    """A stage block's own softmax temperature; unset: distill.temperature (the logits block always uses that)."""
+    """A stage block's own softmax temperature; unset: distill.block_temperature (the logits block always uses distill.temperature)."""
 
 
 class AdversarialConfig(Section):
@@ -107,12 +107,16 @@ class DistillConfig(Section):
     """The matched blocks (meal): stages and/or the logits, each with its weights."""
     spatial_pool: Literal["avg", "max"] = "avg"
     """Aligner: how a stage's spatial positions are pooled to the block's length."""
-    channel_reduce: Literal["avg", "max"] = "avg"
-    """Aligner: how the pooled channels are reduced to one vector."""
+    # max: a stage's channel mean is nearly flat over positions, so its softmax is nearly uniform and the
+    # block teaches nothing; the strongest channel per position is not (docs/MEAL.md, stage blocks)
+    channel_reduce: Literal["avg", "max"] = "max"
+    """Aligner: how the pooled channels are reduced to one vector (avg is MEAL's official aligner)."""
     similarity: Literal["ce", "kl", "l1", "l2", "l1_soft", "l2_soft"] = "ce"
     """The similarity loss between teacher and student vectors (ce: soft cross-entropy)."""
     temperature: float = Field(1.0, gt=0)
     """Softmax temperature of the soft targets."""
+    block_temperature: float = Field(0.5, gt=0)
+    """Softmax temperature of the stage blocks (a block's own temperature overrides it); below 1 because a stage's aligned vector varies far less than logits do."""
     hard_label_weight: float = Field(0.0, ge=0)
     """Weight of cross-entropy on the labels beside the teachers' targets (both MEAL papers use none)."""
     kd_alpha: float = Field(0.9, ge=0, le=1)
