@@ -470,7 +470,9 @@ def student_dir(args: argparse.Namespace, key: str, seed: int) -> Path:
 def student_row(args: argparse.Namespace, m: Method, seed: int, summary: pd.DataFrame, res: dict) -> dict:
     best = summary.loc[summary["val_top1"].idxmax()]
     d_cols = [c for c in summary.columns if c.startswith("d_acc_b")]
-    per_epoch = summary["train_images"].astype(float) / args.batch_size
+    # the engine's own step count; a summary without it: one step per batch of the epoch's images
+    estimate = int(np.ceil(summary["train_images"].astype(float) / args.batch_size).sum())
+    steps = int(summary["global_step"].iloc[-1]) if "global_step" in summary else estimate
     return {
         "model": f"student {m.key}",
         "kind": STUDENT,
@@ -480,7 +482,7 @@ def student_row(args: argparse.Namespace, m: Method, seed: int, summary: pd.Data
         "val_top1_err": 1 - float(best["val_top1"]),
         "best_epoch": int(best["epoch"]),
         "epochs": len(summary),
-        "steps": int(np.ceil(per_epoch).sum()),
+        "steps": steps,
         "train_images": int(summary["train_images"].sum()),
         "wall_s": float(summary["epoch_time_s"].sum()),
         "s_per_epoch": float(summary["train_time_s"].median()),
