@@ -213,30 +213,5 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
-def format_candidates(record: dict[str, Any], text: bool = True) -> Any:
-    """The select step's candidates (``submission.json``): validation errors, cost, TTA, whether each
-    fits ``submit.budget`` and which was submitted; a string, or the frame with ``text=False``."""
-    cands = pd.DataFrame(record.get("candidates") or [])
-    if cands.empty:
-        return "" if text else cands
-
-    def col(name: str) -> pd.Series:
-        return cands[name] if name in cands.columns else pd.Series([None] * len(cands))
-
-    shown = pd.DataFrame(
-        {
-            "candidate": cands["name"],
-            "submitted": col("submitted").map(lambda v: "yes" if v else ""),
-            "fits budget": col("fits_budget").map(lambda v: "no" if v is False else "yes"),
-            "top-1 err %": col("top1_err").map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
-            "top-3 err %": col("top3_err").map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}"),
-            "params": col("params").map(lambda v: "" if pd.isna(v) else f"{v / 1e6:.2f}M"),
-            "images/s": col("images_per_s").map(lambda v: "" if pd.isna(v) else f"{v:,.0f}"),
-            "TTA": col("tta").map(lambda v: v.get("label", "none") if isinstance(v, dict) else "none"),
-        }
-    )
-    return shown.to_string(index=False) if text else shown
-
-
 def write_results(cfg: RunConfig, table: pd.DataFrame) -> Path:
     return write_csv(cfg.run_path / "results.csv", table)

@@ -47,8 +47,13 @@ def print_summary(cfg: RunConfig, rows: list[tuple[str, str, float]]) -> None:
     """The steps with their status, the comparison table when the run has one, and the key outputs."""
     import pandas as pd
 
-    from imat.app.results import format_candidates, format_table
-    from imat.app.submission_choice import distillation_note, find_candidates, read_choice
+    from imat.app.results import format_table
+    from imat.app.submission_choice import (
+        distillation_note,
+        find_candidates,
+        format_candidates,
+        read_choice,
+    )
 
     print("\nstep        status         seconds")
     for name, status, seconds in rows:

@@ -127,7 +127,7 @@ def _audit_section(data: RunData, limit: int = 48) -> str:
 
 def _submission_section(data: RunData) -> str:
     """The one sentence that says which model was submitted and why, and the candidates compared."""
-    from imat.app.results import format_candidates
+    from imat.app.submission_choice import format_candidates
 
     sub = data.submission
     if not sub:
