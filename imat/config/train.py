@@ -40,9 +40,9 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """The optimiser."""
     lr: float = Field(0.1, gt=0)
-    """Learning rate for the batch lr_base_batch; rescaled to the global batch (batch_size x ranks x accum_steps)."""
+    """Base learning rate."""
     lr_base_batch: int | None = Field(None, ge=1)
-    """The global batch lr is set for; unset: batch_size (one process trains at lr as written)."""
+    """The batch every lr is set for, rescaled to the global batch (batch_size x ranks x accum_steps); unset: batch_size."""
     lr_scale: Literal["auto", "linear", "sqrt", "none"] = "auto"
     """lr rule for global batch / lr_base_batch; auto: linear for SGD, sqrt for Adam-type optimisers."""
     accum_steps: int = Field(1, ge=1)
