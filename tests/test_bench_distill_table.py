@@ -276,6 +276,7 @@ def test_tables_select_rows_by_method_key_and_the_verdict_takes_its_thresholds(b
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three Ray sweeps and 16 students: minutes alone, longer on a loaded machine
 def test_smoke_runs_the_whole_protocol_end_to_end(bench, tmp_path):
     data = _folder(tmp_path / "data", classes=3, train=24, test=4, images=True)
     out = tmp_path / "run"
