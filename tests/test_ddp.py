@@ -325,6 +325,49 @@ def test_sync_bn_is_for_cuda_ranks(tmp_path, monkeypatch):
         Engine(ClassificationTask(_net(True)), cfg, tmp_path / "d", one.train_loader, progress=False)
 
 
+def test_sync_bn_keeps_timm_fused_norm_activation():
+    """train.sync_bn converts timm's BatchNormAct2d (EfficientNet's norm + activation) to timm's
+    SyncBatchNormAct with its activation and drop layers; in eval mode the converted layer and a whole
+    converted EfficientNet compute what they computed before, and their weights still load into the
+    unconverted network (best.safetensors, export)."""
+    import timm
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    from imat.engine import ClassificationTask
+    from imat.engine.distributed import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    layer = BatchNormAct2d(4, act_layer=torch.nn.ReLU, drop_layer=torch.nn.Dropout2d)
+    layer.running_mean.normal_()
+    layer.running_var.uniform_(0.5, 2.0)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    x = torch.randn(2, 4, 5, 5)
+    holder = torch.nn.Sequential(layer).eval()
+    before = holder(x)
+    convert_sync_batchnorm({"model": holder})
+    converted = holder[0]
+    assert isinstance(converted, SyncBatchNormAct)
+    assert isinstance(converted.act, torch.nn.ReLU) and isinstance(converted.drop, torch.nn.Dropout2d)
+    after = holder(x)
+    assert (after >= 0).all() and (after == 0).any()  # the ReLU is still applied
+    torch.testing.assert_close(after, before)
+
+    net = timm.create_model("test_efficientnet", num_classes=5).eval()
+    assert any(isinstance(m, BatchNormAct2d) for m in net.modules())
+    reference = timm.create_model("test_efficientnet", num_classes=5).eval()
+    reference.load_state_dict(net.state_dict())
+    task = ClassificationTask(net)
+    convert_sync_batchnorm(task.modules())
+    assert task.model is net and not any(type(m) is BatchNormAct2d for m in net.modules())
+    assert any(isinstance(m, SyncBatchNormAct) for m in net.modules())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), reference(images))
+    fresh = timm.create_model("test_efficientnet", num_classes=5)
+    fresh.load_state_dict(net.state_dict())  # same keys: the weights file stays loadable anywhere
+
+
 def test_max_failures_reaches_ray_train(monkeypatch, tmp_path):
     """`--max-failures N` of `imat distill --ray-workers` becomes Ray Train's FailureConfig."""
     from imat.app.cli import main

@@ -16,7 +16,7 @@ What the engine does when ``world_size() > 1``:
 * parameters and buffers of every task module are broadcast from rank 0 when ``fit`` starts (and after
   a resume), so all ranks start identical; BatchNorm running statistics are averaged across ranks at
   every epoch end (timm's ``distribute_bn``), or synchronised every step with ``train.sync_bn``
-  (``torch.nn.SyncBatchNorm``, CUDA only);
+  (timm's ``convert_sync_batchnorm``, which keeps fused norm+activation layers whole; CUDA only);
 * the training loader is re-built over a :class:`ShardedSampler` (rank r takes every world-th index of
   the sampler's order, padded to equal length so every rank runs the same number of steps), with a
   generator of its own for the workers' seeds: the order is the same on every rank, the augmentation
@@ -346,6 +346,17 @@ def average_norm_stats(modules: Mapping[str, nn.Module]) -> None:
 
     for module in modules.values():
         distribute_bn(module, world_size(), reduce=True)
+
+
+def convert_sync_batchnorm(modules: Mapping[str, nn.Module]) -> None:
+    """Replace every BatchNorm of ``modules`` by a SyncBatchNorm, in place (parameters and buffers are
+    shared). timm's converter, not torch's: torch's turns timm's fused ``BatchNormAct2d`` (EfficientNet,
+    many timm nets) into a bare SyncBatchNorm and silently drops its activation and drop layers."""
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    for name, module in modules.items():
+        if timm_convert(module) is not module:  # a bare BatchNorm cannot be replaced in place
+            raise ImatError(f"train.sync_bn: module {name!r} is itself a BatchNorm; wrap it in a container")
 
 
 def broadcast_modules(modules: Mapping[str, nn.Module], src: int = 0, buffers_only: bool = False) -> None:

@@ -113,8 +113,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         if cfg.sync_bn and self.distributed:
             if self.device.type != "cuda":
                 raise ImatError("train.sync_bn needs CUDA ranks; on CPUs the running statistics are averaged")
-            for module in task.modules().values():  # in place: BN children are replaced, params shared
-                torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            dist_utils.convert_sync_batchnorm(task.modules())  # in place: BN children replaced, params shared
         self.task.to(self.device, torch.channels_last if self.channels_last else None)
 
         self.steps_per_epoch = self._count_steps()
