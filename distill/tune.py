@@ -188,6 +188,8 @@ def _trial_driver(
     per_worker: dict[str, float],
     train_storage: str,
     max_failures: int,
+    keep_checkpoints: int = 2,
+    score: tuple[str, str] = ("val_top3_err", "min"),
 ) -> None:
     """A Ray Tune trial that is a Ray Train run of ``workers`` data-parallel workers (the "Tuner over a
     driver" pattern Ray documents from 2.51 on): this function only launches and watches the
@@ -213,6 +215,8 @@ def _trial_driver(
         name=f"trial_{tune.get_context().get_trial_id()}",
         max_failures=max_failures,
         callbacks=[TuneReportCallback()],
+        keep_checkpoints=keep_checkpoints,
+        score=score,
     )
 
 
@@ -261,7 +265,8 @@ def _search(cfg: RunConfig) -> Any:
 
 
 def _checkpoints_to_keep(t: Any) -> int:
-    """Per trial; PBT keeps at least 3, since another trial may still be copying an older one."""
+    """Per trial, the best ones by ``tune.metric`` (Ray always keeps the latest one too); PBT keeps at
+    least 3, since another trial may still be copying an older one."""
     return max(t.keep_checkpoints, 3) if t.scheduler == "pbt" else t.keep_checkpoints
 
 
@@ -397,6 +402,8 @@ def tune_distill(
                 per_worker=_resources(cfg),
                 train_storage=str(storage / "train"),
                 max_failures=t.max_failures,
+                keep_checkpoints=t.keep_checkpoints,
+                score=(t.metric, t.mode),
             )
             trainable = tune.with_resources(driver, DRIVER_RESOURCES)
         else:
@@ -430,7 +437,11 @@ def tune_distill(
                 run_config=tune.RunConfig(
                     name=EXPERIMENT,
                     storage_path=str(storage),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_to_keep(t)),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=_checkpoints_to_keep(t),
+                        checkpoint_score_attribute=t.metric,
+                        checkpoint_score_order=t.mode,
+                    ),
                     failure_config=tune.FailureConfig(max_failures=t.max_failures),
                     verbose=verbose,
                 ),

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ray-workers N``, ``--max-failures N`` and ``--address``, shared by every training command."""
+    """``--ray-workers N``, ``--max-failures N``, ``--keep-checkpoints N`` and ``--address``, shared by
+    every training command."""
     parser.add_argument(
         "--ray-workers",
         type=int,
@@ -21,6 +22,14 @@ def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --ray-workers: restarts from the last epoch's checkpoint when a worker or node fails "
         "(Ray Train's FailureConfig; -1 unlimited, 0 none; default 2)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --ray-workers: epoch checkpoints Ray keeps, the best by train.best_metric, and always "
+        "the latest (default 2)",
     )
     parser.add_argument(
         "--address", default=None, help="with --ray-workers: Ray cluster (default RAY_ADDRESS or local)"

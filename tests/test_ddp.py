@@ -88,22 +88,33 @@ def test_torchrun_two_gloo_ranks_keep_the_single_process_contract(tmp_path):
 
 @pytest.mark.slow
 def test_ray_train_two_workers_keep_the_single_process_contract(tmp_path):
-    """`imat distill --ray-workers 2`: the engine as 2 Ray Train ranks (gloo), same files and sums."""
-    recipe = {"distill.train.batch_size": 4, "distill.train.epochs": 1}
+    """`imat distill --ray-workers 2`: the engine as 2 Ray Train ranks (gloo), same files and sums; Ray
+    keeps `--keep-checkpoints` of the epoch checkpoints: the best by val top-1, and the latest."""
+    recipe = {"distill.train.batch_size": 4, "distill.train.epochs": 3}
     cfg = make_run(tmp_path, extra=recipe)
     env = {**ENV, "IMAT_RAY_NUM_CPUS": "2"}
     cmd = [sys.executable, "-m", "imat.app.cli", "distill", str(cfg), "--ray-workers", "2", "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd + ["--keep-checkpoints", "1"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = Path(yaml.safe_load(cfg.read_text())["run_dir"]) / "student"
+    run_dir = Path(yaml.safe_load(cfg.read_text())["run_dir"])
+    out = run_dir / "student"
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary["epoch"]) == [1]
-    assert summary["train_images"].iloc[0] == 24 and summary["global_step"].iloc[0] == 3  # 2 ranks x 4
+    assert list(summary["epoch"]) == [1, 2, 3]
+    assert (summary["train_images"] == 24).all() and list(summary["global_step"]) == [3, 6, 9]  # 2 ranks x 4
     assert (out / "best.safetensors").is_file() and sorted(p.name for p in out.glob("*.ckpt")) == [
         "last.ckpt"
     ]
     res = _val_metrics(cfg, out / "last.ckpt")
     assert res["n"] == 9 and res["top1"] == pytest.approx(summary["val_top1"].iloc[-1], abs=1e-6)
+    kept = sorted(
+        json.loads(meta.read_text())["epoch"]
+        for meta in (run_dir / "ray_train").glob("*/checkpoint_*/imat_*.json")
+    )
+    best = set(summary.loc[summary["val_top1"] == summary["val_top1"].max(), "epoch"])
+    assert 3 in kept and best & set(kept), kept  # the latest (for a restart) and a best one
+    assert len(kept) == (1 if 3 in best else 2), (kept, summary["val_top1"].tolist())
 
 
 # --- each rank on its own device (faked: no GPU here) -------------------------------------------------

@@ -197,17 +197,27 @@ def test_trials_of_two_ray_train_workers_with_optuna_and_the_default_space(tmp_p
         "tune.metric": "val_loss",
         "tune.workers_per_trial": 2,
         "tune.max_concurrent": 1,
+        "tune.keep_checkpoints": 1,
         "distill.train.batch_size": 4,
+        "distill.train.epochs": 3,
     }
     cfg = make_run(tmp_path, extra=extra)
     assert main(["tune", str(cfg), "--samples", "2", "--num-cpus", "3", "--quiet"]) == 0
     assert "sweep finished; 2 trial(s)" in capsys.readouterr().out
     st = storage(cfg)
     trials = pd.read_csv(st / "trials.csv")
-    assert len(trials) == 2 and (trials["epochs"] == 2).all() and (trials["status"] == "done").all()
+    assert len(trials) == 2 and (trials["epochs"] == 3).all() and (trials["status"] == "done").all()
     assert trials["distill.train.lr"].between(0.005, 0.15).all() and trials["distill.train.lr"].nunique() == 2
     for summary in (st / "distill").glob("trial_*/run/student/summary.csv"):
         df = pd.read_csv(summary)
-        assert list(df["epoch"]) == [1, 2] and (df["train_images"] == 24).all()
-        assert list(df["global_step"]) == [3, 6]  # 2 ranks x batch 4: 3 steps per epoch
+        assert list(df["epoch"]) == [1, 2, 3] and (df["train_images"] == 24).all()
+        assert list(df["global_step"]) == [3, 6, 9]  # 2 ranks x batch 4: 3 steps per epoch
+        # the trial's Train run keeps tune.keep_checkpoints (1) best by tune.metric, and the latest
+        trial = summary.parents[2].name
+        kept = sorted(
+            json.loads(m.read_text())["epoch"]
+            for m in (st / "train" / trial).glob("checkpoint_*/imat_*.json")
+        )
+        best = set(df.loc[df["val_loss"] == df["val_loss"].min(), "epoch"])
+        assert 3 in kept and best & set(kept) and len(kept) == (1 if 3 in best else 2), (kept, df["val_loss"])
     assert (st / "best" / "last.ckpt").is_file() and (st / "best.yaml").is_file()

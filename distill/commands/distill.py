@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             {"resume": args.resume, "progress": False},
             args.address,
             max_failures=args.max_failures,
+            keep_checkpoints=args.keep_checkpoints,
         )
         summary_path = cfg.run_path / STUDENT_DIR / "summary.csv"
         summary = pd.read_csv(summary_path) if summary_path.is_file() else pd.DataFrame()

@@ -25,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--restart", action="store_true", help="discard an existing experiment and start over"
     )
     parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoints kept per trial, the best by tune.metric, and always the latest "
+        "(default tune.keep_checkpoints, 2)",
+    )
+    parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)"
     )
     parser.add_argument(
@@ -46,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.samples is not None and args.samples < 1:
         raise ImatError(f"--samples must be >= 1, got {args.samples}")
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.keep_checkpoints is not None:
+        overrides.append(f"tune.keep_checkpoints={args.keep_checkpoints}")
+    cfg = load_config(args.config, overrides)
     out = tune_distill(
         cfg,
         samples=args.samples,

@@ -35,7 +35,7 @@ class TuneConfig(Section):
     perturbation_interval: int = Field(1, ge=1)
     """pbt: epochs between exploit/explore steps."""
     keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints kept per trial, the most recent ones (pbt: at least 3)."""
+    """Checkpoints kept per trial: the best by metric, plus the latest (pbt: at least 3)."""
     cpus_per_trial: float | None = Field(None, gt=0)
     """CPUs per trial (per worker when workers_per_trial > 1); unset: Ray's default."""
     gpus_per_trial: float | None = Field(None, ge=0)

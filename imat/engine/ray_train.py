@@ -23,6 +23,9 @@ from imat.errors import ImatError
 log = logging.getLogger("imat.engine")
 
 RAY_CKPT_META = "imat_checkpoint.json"  # beside last.ckpt in a Ray checkpoint: whose it is and how far
+# Reported with every epoch: the engine's best-epoch metric (train.best_metric on validation, else the
+# train loss), signed so that higher is better; Ray keeps the best checkpoints by it (CheckpointConfig).
+SCORE = "checkpoint_score"
 
 
 def _numeric_metrics(row: Mapping[str, Any]) -> dict[str, float | int | bool]:
@@ -34,6 +37,16 @@ def _numeric_metrics(row: Mapping[str, Any]) -> dict[str, float | int | bool]:
     return out
 
 
+def _score(engine: Any, row: Mapping[str, Any]) -> float:
+    from imat.engine.best import HIGHER_IS_BETTER
+
+    value = engine._metric_of(row)
+    if value is None:  # nothing measurable: ranks below every measured epoch
+        return float("-inf")
+    higher = HIGHER_IS_BETTER[engine.cfg.best_metric] if engine.val_loader is not None else False
+    return value if higher else -value
+
+
 def report_epoch_to_ray_train(engine: Any, row: dict[str, Any]) -> None:
     """Epoch-end hook inside a Ray Train worker: ``ray.train.report`` the epoch's metrics on every rank
     (Ray needs the same number of reports from each) with a ``Checkpoint`` of rank 0's ``last.ckpt``
@@ -43,6 +56,7 @@ def report_epoch_to_ray_train(engine: Any, row: dict[str, Any]) -> None:
     import ray.train
 
     metrics = _numeric_metrics(row)
+    metrics[SCORE] = _score(engine, row)
     if rank() != 0 or not engine.ckpt_path.is_file():
         ray.train.report(metrics, checkpoint=None)
         return
@@ -116,6 +130,8 @@ def run_ray_train(
     name: str = "imat-train",
     max_failures: int = 0,
     callbacks: list[Any] | None = None,
+    keep_checkpoints: int = 2,
+    score: tuple[str, str] = (SCORE, "max"),
 ) -> Any:
     """Run ``fn(config, resumed)`` on ``num_workers`` Ray Train workers (a TorchTrainer), each one rank
     of a process group that Ray sets up (gloo on CPUs, NCCL on GPUs); the engine inside ``fn`` then
@@ -129,16 +145,21 @@ def run_ray_train(
     in the same ``storage`` continues the old one (Ray's run state), so a caller starting over removes
     ``storage/name`` first (:func:`run_entry_on_ray` does unless resuming).
 
+    Ray keeps the ``keep_checkpoints`` best checkpoints by ``score`` (metric, ``"max"``/``"min"``;
+    default the engine's best-epoch metric) and always the latest one, the one a restart needs.
+
     ``fn`` must write to storage every worker sees (rank 0 writes the run directory).
     """
     import functools
 
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
         raise ImatError(f"--ray-workers must be >= 1, got {num_workers}")
+    if keep_checkpoints < 1:
+        raise ImatError(f"--keep-checkpoints must be >= 1, got {keep_checkpoints}")
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -163,6 +184,11 @@ def run_ray_train(
                 name=name,
                 storage_path=storage,
                 failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=keep_checkpoints,
+                    checkpoint_score_attribute=score[0],
+                    checkpoint_score_order=score[1],
+                ),
                 callbacks=callbacks,
             ),
         )
@@ -217,11 +243,13 @@ def run_entry_on_ray(
     address: str | None = None,
     use_gpu: bool | None = None,
     max_failures: int = 0,
+    keep_checkpoints: int = 2,
 ) -> Any:
     """Run a command's entry function (e.g. ``"distill.train:distill"``) as one data-parallel job of
     ``num_workers`` Ray Train workers: ``imat distill --ray-workers N`` and ``imat teachers train
     --ray-workers N``. Ray restarts it from its last epoch up to ``max_failures`` times when a worker
-    or node fails. The run directory must be on storage every worker's node sees."""
+    or node fails, and keeps ``keep_checkpoints`` of its epoch checkpoints (the best ones and the latest).
+    The run directory must be on storage every worker's node sees."""
     import shutil
 
     kwargs = dict(kwargs or {})
@@ -239,4 +267,5 @@ def run_entry_on_ray(
         storage=str(storage),
         name=name,
         max_failures=max_failures,
+        keep_checkpoints=keep_checkpoints,
     )

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs,
             args.address,
             max_failures=args.max_failures,
+            keep_checkpoints=args.keep_checkpoints,
         )
         print(f"teacher pool: {cfg.pool_dir / 'pool.json'}")
         return 0
