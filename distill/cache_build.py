@@ -57,8 +57,13 @@ def build_cache(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score ``views_per_image`` seeded views of every training image with every teacher:
-    (index, logit, tail, views) as described in the module docstring."""
+    (index, logit, tail, views) as described in the module docstring.
+
+    In a distributed job (every rank calls this) each rank decodes and scores its share of the images
+    (:func:`imat.engine.distributed.shard_rows`) on ``device``, and the shares are summed across ranks,
+    so every rank returns the whole cache, as one process would (each view is seeded by its image)."""
     from imat.data import apply_view, decode_image, resolve_paths, sample_view
+    from imat.engine import distributed as dist_utils
 
     dev = torch.device(device)
     paths = resolve_paths(train_df, images_root)
@@ -88,7 +93,8 @@ def build_cache(
                 tail[i, v, t_i] = rest[row].cpu()
         pending.clear()
 
-    for i, path in enumerate(paths):
+    for i in dist_utils.shard_rows(n):
+        path = paths[i]
         try:
             img = decode_image(path, decoder)
         except ImatError as exc:
@@ -109,6 +115,8 @@ def build_cache(
         if len(pending) >= batch_size:
             flush()
     flush()
+    for tensor in (index, logit, tail, views):  # other ranks' rows are zero here
+        dist_utils.sum_rows_across_ranks_(tensor, dev)
     return index, logit, tail, views
 
 
@@ -230,8 +238,9 @@ def prepare_cache(
     path = (Path(ccfg.dir) if ccfg.dir else out_dir / "teacher_cache") / CACHE_FILE
     loaded = load_cache(path, fp, needed)
     if loaded is None:
-        from imat.engine.runtime import resolve_device
+        from imat.engine import distributed as dist_utils
 
+        dist_utils.init_from_env()  # under torchrun the ranks share the work (the engine joins later)
         temps = tuple(sorted({*TEMPERATURE_GRID, *needed}))
         index, logit, tail, views = build_cache(
             teachers,
@@ -246,19 +255,20 @@ def prepare_cache(
             temperatures=temps,
             decoder=cfg.data.decoder,
             batch_size=dcfg.train.eval_batch_size or dcfg.train.batch_size,
-            device=resolve_device(dcfg.train.device),
+            device=dist_utils.process_device(dcfg.train.device),
         )
-        save_cache(
-            path,
-            {"index": index, "logit": logit, "tail": tail, "views": views},
-            {
-                "fingerprint": fp,
-                "temperatures": list(temps),
-                "teachers": [t.name for t in teachers],
-                "topk": ccfg.topk,
-                "views_per_image": ccfg.views_per_image,
-            },
-        )
+        if dist_utils.rank() == 0:
+            save_cache(
+                path,
+                {"index": index, "logit": logit, "tail": tail, "views": views},
+                {
+                    "fingerprint": fp,
+                    "temperatures": list(temps),
+                    "teachers": [t.name for t in teachers],
+                    "topk": ccfg.topk,
+                    "views_per_image": ccfg.views_per_image,
+                },
+            )
         log.info("teacher cache built in %.1fs: %s", time.perf_counter() - t0, path)
     else:
         (tensors, temps) = loaded

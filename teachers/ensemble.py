@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from imat.engine.runtime import resolve_device
+from imat.engine import distributed as dist_utils
 from imat.errors import ImatError
 from teachers.pool import TeacherEntry, load_teacher
 
@@ -99,40 +99,67 @@ def pool_probs(
     Returns ``(probs [n_teachers, n_images, n_classes] float32, labels [n_images] int64)`` in the row
     order of ``df``. Images no teacher could read get label -1 (and uniform probabilities), so metrics
     that skip labels < 0 ignore them, as they ignore unlabelled test rows. ``models`` may pass already
-    loaded teachers (same order as ``entries``) to avoid loading them twice. ``progress``: a bar per teacher."""
+    loaded teachers (same order as ``entries``) to avoid loading them twice. ``progress``: a bar per teacher.
+
+    In a distributed job (torchrun, Ray Train; every rank must call this) each rank scores its share of
+    the rows (:func:`imat.engine.distributed.shard_rows`) on its own device, and the shares are summed
+    across ranks in chunks, so every rank returns the whole result, as one process would."""
     if not entries:
         raise ImatError("no teachers to evaluate")
     classes = {e.num_classes for e in entries}
     if len(classes) > 1:
         listing = ", ".join(f"{e.name}={e.num_classes}" for e in entries)
         raise ImatError(f"teachers disagree on the class count ({listing})")
-    dev = resolve_device(device)
+    dev = dist_utils.process_device(device)  # a rank's own GPU when distributed
     df = df.reset_index(drop=True)
     n = len(df)
     if n == 0:
         raise ImatError("no images to evaluate")
-    out = np.empty((len(entries), n, entries[0].num_classes), dtype=np.float32)
-    seen_all = np.ones(n, dtype=bool)
+    sharded = dist_utils.is_distributed()
+    rows = np.asarray(dist_utils.shard_rows(n), dtype=np.int64)
+    mine = df.iloc[rows].reset_index(drop=True)
+    n_classes = entries[0].num_classes
+    out = (np.zeros if sharded else np.empty)((len(entries), n, n_classes), dtype=np.float32)
+    seen_mine = np.ones(len(rows), dtype=bool)
     for t, entry in enumerate(entries):
         model = models[t] if models is not None else load_teacher(entry, dev)
         model.to(dev)
         loader = teacher_loader(
-            entry, df, images_root, batch_size=batch_size, num_workers=num_workers, decoder=decoder
+            entry, mine, images_root, batch_size=batch_size, num_workers=num_workers, decoder=decoder
         )
-        probs, seen = predict_probs(
-            model, loader, n, device=dev, tta_flip=tta_flip, progress=progress, desc=f"teacher {entry.name}"
-        )
+        try:
+            probs, seen = predict_probs(
+                model,
+                loader,
+                len(rows),
+                device=dev,
+                tta_flip=tta_flip,
+                progress=progress,
+                desc=f"teacher {entry.name}",
+            )
+        except ImatError:  # none of this rank's images readable: the others may have some, decided below
+            if not sharded:
+                raise
+            probs = np.full((len(rows), n_classes), 1.0 / n_classes, dtype=np.float32)
+            seen = np.zeros(len(rows), dtype=bool)
         if probs.shape[1] != out.shape[2]:
             raise ImatError(
                 f"teacher {entry.name}: the network outputs {probs.shape[1]} classes, pool.json says "
                 f"{entry.num_classes}"
             )
-        out[t] = probs
-        seen_all &= seen
+        out[t, rows] = probs
+        seen_mine &= seen
         if models is None:
             del model
+    seen_count = np.zeros(n, dtype=np.int32)
+    seen_count[rows] = seen_mine
+    if sharded:
+        dist_utils.sum_rows_across_ranks_(torch.from_numpy(out), dev)
+        dist_utils.sum_rows_across_ranks_(torch.from_numpy(seen_count), dev)
+        if not seen_count.any():
+            raise ImatError("no image could be read: nothing to predict")
     labels = df["label"].to_numpy(dtype=np.int64).copy()
-    labels[~seen_all] = -1
+    labels[seen_count == 0] = -1
     return out, labels
 
 

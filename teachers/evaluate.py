@@ -66,7 +66,13 @@ def evaluate_pool(
     progress: bool = True,
 ) -> PoolEvaluation:
     """Evaluate the pool on ``split`` of its manifest, select teachers greedily, write pool_eval.csv
-    (atomically) and record the selection in pool.json under ``selected``."""
+    (atomically) and record the selection in pool.json under ``selected``.
+
+    Under torchrun each rank scores its share of the images on its own GPU (:func:`pool_probs`); every
+    rank returns the whole evaluation and rank 0 alone writes the files."""
+    from imat.engine import distributed as dist_utils
+
+    dist_utils.init_from_env()
     pool = Path(pool_dir)
     entries = load_pool(pool, names)
     manifest_path, recorded_images, recorded_decoder = pool_data(pool, manifest)
@@ -105,17 +111,20 @@ def evaluate_pool(
     table.loc[table["name"] == "greedy_selection", "selected"] = True
     table["tta_flip"] = tta_flip
     table["split"] = split
-    path = write_csv(pool / EVAL_FILE, table)
-    data = read_pool_json(pool)
-    data["selected"] = {
-        "teachers": selection.names,
-        "metric": metric,
-        "method": selection.method,
-        "score": selection.score,
-        "split": split,
-        "tta_flip": tta_flip,
-    }
-    write_pool_json(pool, data)
+    path = pool / EVAL_FILE
+    if dist_utils.rank() == 0:
+        write_csv(path, table)
+        data = read_pool_json(pool)
+        data["selected"] = {
+            "teachers": selection.names,
+            "metric": metric,
+            "method": selection.method,
+            "score": selection.score,
+            "split": split,
+            "tta_flip": tta_flip,
+        }
+        write_pool_json(pool, data)
+    dist_utils.barrier()  # no rank reads pool.json's selection before rank 0 has written it
     return PoolEvaluation(table, selection, probs, labels, path)
 
 

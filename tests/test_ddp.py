@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -115,6 +116,46 @@ def test_ray_train_two_workers_keep_the_single_process_contract(tmp_path):
     best = set(summary.loc[summary["val_top1"] == summary["val_top1"].max(), "epoch"])
     assert 3 in kept and best & set(kept), kept  # the latest (for a restart) and a best one
     assert len(kept) == (1 if 3 in best else 2), (kept, summary["val_top1"].tolist())
+
+
+def _shard_kit(mode: str, cfg: Path, out: Path, ranks: int) -> tuple[dict, list[int]]:
+    kit = str(Path(__file__).with_name("shard_kit.py"))
+    head = TORCHRUN if ranks == 2 else [sys.executable]
+    proc = subprocess.run(
+        [*head, kit, mode, str(cfg), str(out)], env=ENV, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [json.loads((out / f"count_{r}.json").read_text())["images"] for r in range(ranks)]
+    return dict(np.load(out / "result.npz")), counts
+
+
+@pytest.mark.slow
+def test_teacher_eval_and_cache_split_the_images_over_two_ranks(tmp_path):
+    """Under torchrun `imat teachers eval` (evaluate_pool) and the teacher cache build each score half
+    of the images on every rank and end with what one process computes; an unreadable image is
+    found on whichever rank owns it."""
+    cfg = make_run(tmp_path, n_train=10, n_val=9)
+    images = Path(yaml.safe_load(cfg.read_text())["data"]["images"])
+    (images / "val_4.png").write_bytes(b"not an image")
+    pool_eval = Path(yaml.safe_load(cfg.read_text())["run_dir"]) / "teachers" / "pool_eval.csv"
+
+    one, (n_one,) = _shard_kit("eval", cfg, tmp_path / "eval1", 1)
+    table_one = pd.read_csv(pool_eval)
+    pool_eval.unlink()
+    two, n_two = _shard_kit("eval", cfg, tmp_path / "eval2", 2)
+    # rows 0, 2, 4, 6, 8 on rank 0 and 1, 3, 5, 7 on rank 1; row 4 cannot be read (label -1)
+    assert n_one == 8 and n_two == [4, 4]
+    assert one["labels"][4] == -1 and np.array_equal(two["labels"], one["labels"])
+    np.testing.assert_allclose(two["probs"], one["probs"], atol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_csv(pool_eval), table_one)  # written once, by rank 0
+
+    one, (n_one,) = _shard_kit("cache", cfg, tmp_path / "cache1", 1)
+    two, n_two = _shard_kit("cache", cfg, tmp_path / "cache2", 2)
+    assert n_one == 10 * 2 and n_two == [5 * 2, 5 * 2]  # 2 views of each image, each image on one rank
+    for key in ("index", "views"):
+        assert np.array_equal(two[key], one[key]), key
+    for key in ("logit", "tail"):
+        np.testing.assert_allclose(two[key], one[key], atol=1e-5)
 
 
 # --- each rank on its own device (faked: no GPU here) -------------------------------------------------

@@ -320,6 +320,36 @@ def max_across_ranks(value: float, device: torch.device | str = "cpu") -> float:
     return float(t.item())
 
 
+def shard_rows(n: int) -> range:
+    """The rows of an ``n``-row job this rank does when work that is not training (evaluation, the
+    teacher cache) is split over ranks: every world-th row from its rank (all rows in one process)."""
+    return range(rank(), n, world_size())
+
+
+def sum_rows_across_ranks_(
+    tensor: torch.Tensor, device: torch.device | str = "cpu", chunk_mb: int = 64
+) -> None:
+    """In place on every rank: the element-wise sum of ``tensor`` over ranks, for the result of work
+    split with :func:`shard_rows` (each rank fills its rows and leaves the others zero). The tensor
+    (contiguous, on the CPU) goes through ``device`` (NCCL reduces CUDA tensors only) in chunks of at
+    most ``chunk_mb`` MiB, so a rank never holds more than the result and one chunk."""
+    if not is_distributed():
+        return
+    dev = torch.device(device)
+    if _dist().get_backend() == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if not tensor.is_contiguous():
+        raise ValueError("sum_rows_across_ranks_ needs a contiguous tensor")
+    flat = tensor.view(-1)
+    step = max(1, (chunk_mb << 20) // max(1, tensor.element_size()))
+    for start in range(0, flat.numel(), step):
+        part = flat[start : start + step]
+        buf = part.to(dev)  # on the CPU: the slice itself, reduced in place
+        _dist().all_reduce(buf)
+        if buf.data_ptr() != part.data_ptr():
+            part.copy_(buf)
+
+
 def reduce_topk_meter(meter: Any) -> None:
     """Sum a :class:`imat.metrics.TopKMeter`'s counts (hits per k, loss sum, n) over all ranks in place,
     so ``compute()`` gives the metrics of the whole (sharded) validation set."""

@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         progress=not args.no_progress,
     )
+    from imat.engine.runtime import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 reports for all
+        return 0
     flip = " with flip TTA" if tta_flip else ""
     print(f"{args.split} split{flip}, {int((result.labels >= 0).sum())} images:")
     print(table_for_print(result.table))
