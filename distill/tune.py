@@ -228,8 +228,10 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _scheduler(cfg: RunConfig, space: dict[str, Any]) -> Any:
+def _scheduler(cfg: RunConfig, specs: dict[str, dict[str, Any]]) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    from distill.tune_space import pbt_mutations
 
     t = cfg.tune
     if t.scheduler == "asha":
@@ -240,10 +242,12 @@ def _scheduler(cfg: RunConfig, space: dict[str, Any]) -> Any:
             reduction_factor=t.reduction_factor,
         )
     if t.scheduler == "pbt":
+        mutations, explore = pbt_mutations(specs)  # choice keys resampled, numbers kept in bounds
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=t.perturbation_interval,
-            hyperparam_mutations=space,
+            hyperparam_mutations=mutations,
+            custom_explore_fn=explore,
         )
     return FIFOScheduler()
 
@@ -428,7 +432,7 @@ def tune_distill(
                 tune_config=tune.TuneConfig(
                     metric=t.metric,
                     mode=t.mode,
-                    scheduler=_scheduler(cfg, space),
+                    scheduler=_scheduler(cfg, specs),
                     search_alg=_search(cfg),
                     num_samples=samples or t.samples,
                     max_concurrent_trials=t.max_concurrent,

@@ -121,6 +121,32 @@ def to_ray(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pbt_mutations(specs: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], Any]:
+    """PBT's ``hyperparam_mutations`` and ``custom_explore_fn`` for the checked specs.
+
+    Ray perturbs a domain by multiplying its value (x0.8 or x1.2), which a categorical value cannot
+    take: a choice key is handed over as its list of values instead, which Ray resamples or shifts
+    to a neighbouring value. Numeric keys are perturbed by Ray, then put back inside their bounds
+    (randint and quniform on their grid) by the explore function."""
+    mutations: dict[str, Any] = {}
+    for key, s in specs.items():
+        mutations[key] = list(s["values"]) if s["type"] == "choice" else to_ray({key: s})[key]
+
+    def explore(config: dict[str, Any]) -> dict[str, Any]:
+        for key, s in specs.items():
+            if s["type"] == "choice" or key not in config:
+                continue
+            value = min(max(config[key], s["low"]), s["high"])
+            if s["type"] == "randint":
+                value = min(int(round(value)), s["high"] - 1)
+            elif s["type"] == "quniform":
+                value = min(max(round(value / s["q"]) * s["q"], s["low"]), s["high"])
+            config[key] = value
+        return config
+
+    return mutations, explore
+
+
 def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of the raw config dict with each dotted key set to its value."""
     from imat.config.loader import apply_override

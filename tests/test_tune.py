@@ -67,22 +67,54 @@ def test_asha_sweep_writes_best_config_and_checkpoint(tmp_path, capsys):
     assert {"epoch", "train_loss", "val_loss", "val_top3_err"} <= set(pd.read_csv(summaries[0]).columns)
 
 
-def test_pbt_sweep_runs_every_trial_to_the_end(tmp_path, capsys):
+def _first_reports(trial_dir: Path) -> dict[int, float]:
+    """val_loss of the first report of each epoch the trial made itself (Ray's result.json)."""
+    out: dict[int, float] = {}
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.setdefault(row["training_iteration"], row["val_loss"])
+    return out
+
+
+def test_pbt_sweep_exploits_with_a_categorical_key(tmp_path, capsys):
+    """PBT over a space with a choice key (strings Ray cannot multiply): every trial runs to the end,
+    the choice keeps values from its list, numbers stay in their bounds, and at least one trial
+    continued from another trial's checkpoint (its history's first epoch is the other trial's)."""
     extra = {
         "tune.metric": "val_loss",
         "tune.scheduler": "pbt",
         "tune.samples": 4,  # PBT exploits the bottom quarter: it needs four trials to act at all
         "tune.perturbation_interval": 1,
-        "tune.space": {"distill.train.lr": {"type": "loguniform", "low": 0.001, "high": 0.2}},
+        "tune.space": {
+            "distill.train.lr": {"type": "loguniform", "low": 0.001, "high": 0.2},
+            # unused by kd: what matters here is how PBT perturbs a categorical value
+            "distill.adversarial.mode": ["alternating", "grl"],
+        },
         "distill.train.epochs": 3,
         "distill.train.schedule": "constant",
     }
     cfg = make_run(tmp_path, extra=extra)
     assert main(["tune", str(cfg), "--num-cpus", "2", "--quiet"]) == 0
     assert "sweep finished; 4 trial(s)" in capsys.readouterr().out
-    trials = pd.read_csv(storage(cfg) / "trials.csv")
+    st = storage(cfg)
+    trials = pd.read_csv(st / "trials.csv")
     assert len(trials) == 4 and (trials["epochs"] == 3).all()
-    assert load_config(storage(cfg) / "best.yaml").tune.scheduler == "pbt"
+    assert set(trials["distill.adversarial.mode"]) <= {"alternating", "grl"}
+    assert trials["distill.train.lr"].between(0.001, 0.2).all()
+    assert load_config(st / "best.yaml").tune.scheduler == "pbt"
+    assert (st / "distill" / "pbt_global.txt").read_text().strip()  # Ray logged an exploit
+    first = {d.name: _first_reports(d) for d in (st / "distill").glob("trial_*")}
+    continued = []
+    for name, own in first.items():
+        history = pd.read_csv(st / "distill" / name / "run" / "student" / "summary.csv")
+        epoch1 = float(history["val_loss"].iloc[0])
+        others = [r[1] for n, r in first.items() if n != name]
+        if epoch1 != pytest.approx(own[1], rel=1e-6) and any(
+            epoch1 == pytest.approx(v, rel=1e-6) for v in others
+        ):
+            continued.append(name)
+    assert continued, first
 
 
 def _iterations(trial_dir: Path) -> list[int]:
