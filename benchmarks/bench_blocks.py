@@ -15,8 +15,8 @@ repeats values).
 entropy of block 0), ``t_entropy_uniform_b0`` (ln L) and ``sim_kl_b0`` (the KL term: the part of the
 similarity loss that alignment can reduce).
 
-    .venv/bin/imat demo --out /work/data/bx/demo --until evaluate
-    .venv/bin/python benchmarks/bench_blocks.py --config /work/data/bx/demo/config.yaml --out /work/data/bx \
+    .venv/bin/imat demo --out /tmp/bx/demo --until evaluate
+    .venv/bin/python benchmarks/bench_blocks.py --config /tmp/bx/demo/config.yaml --out /tmp/bx \
         --publish blocks_demo
 
 writes ``benchmarks/results/NAME_probe.csv`` and ``NAME_train.csv`` (with ``--publish NAME``; else under
