@@ -2,8 +2,11 @@
 
 Everything is built in a private temporary folder; ``out`` and its JSON are written (atomically) only
 after the ONNX checker passed, batch sizes 1 and 37 ran, and the model agreed with PyTorch on real
-validation images at least as well as ``min_top3_agreement`` demands. A refused model leaves nothing
-behind. The model also carries the same description in its ONNX ``metadata_props`` (key ``imat``), so
+validation images: on labelled images, top-1 and top-3 accuracy may drop by at most
+``max_accuracy_drop`` points (without labels, the top-3 agreement must reach ``min_top3_agreement``).
+int8 is calibrated on other images than those it is judged on, and when it loses too much, the most
+sensitive layers (first conv, last layer) are kept in float and it is tried once more. A refused model
+leaves nothing behind. The model also carries the same description in its ONNX ``metadata_props`` (key ``imat``), so
 inference works from the ``.onnx`` file alone."""
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from imat.errors import ImatError
 from imat.io import write_bytes, write_json
 from imat.manifest import ClassMap
 from submit.model import Preprocess, load_checkpoint
-from submit.quantize import int8_scheme, to_fp16, to_int8
+from submit.quantize import int8_scheme, preprocess, sensitive_nodes, to_fp16, to_int8
 from submit.runtime import Runner, create_session
 from submit.verify import accuracy_change, agreement
 
@@ -237,11 +240,11 @@ def export_model(
     """Export ``ckpt`` to ``out`` at ``cfg.precision``, verify it, write ``out`` + ``out.json``.
 
     ``verify_df``/``calib_df`` are image lists (``image_id``, absolute ``path``) as from
-    :func:`submit.inputs.read_images`; calibration (int8 only) defaults to the verification images.
-    Rows with a known label also give the accuracy of both models and its change. int8 takes the form
-    of ``cfg.target`` (``cpu_flags``: the CPU features to plan for; default this machine's).
-    Returns the report written to ``<out>.json``. Raises ImatError (writing nothing) when any step fails
-    or the top-3 agreement is below ``cfg.min_top3_agreement``. ``progress``: bars while images load.
+    :func:`submit.inputs.read_images`; int8 calibrates on ``calib_df`` rows that are not verified
+    (:func:`split_rows`). Rows with a known label give the accuracy of both models and its change,
+    which :func:`judge` gates on. int8 takes the form of ``cfg.target`` (``cpu_flags``: the deployment
+    CPU's features; default this machine's). Returns the report written to ``<out>.json``. Raises
+    ImatError (writing nothing) when any step fails or the model is refused. ``progress``: bars.
     ``loaded``: an already built (model, meta, preprocessing, class map) to export instead of loading
     ``ckpt`` (a teacher pool as one model, :mod:`submit.pool_export`)."""
     if cfg is None:
@@ -256,29 +259,24 @@ def export_model(
     if cfg.topk_in_graph and cfg.topk_in_graph > classes.num_classes:
         raise ImatError(f"topk_in_graph={cfg.topk_in_graph} exceeds the {classes.num_classes} classes")
 
-    from submit.inputs import sample_rows
-
-    verify_rows = sample_rows(verify_df, cfg.verify_images, seed=0)
+    verify_rows, calib_rows, calib_source = split_rows(verify_df, calib_df, cfg)
     verify_batches, kept = load_batches(
         verify_rows, prep, workers=workers, decoder=decoder, desc="verification images" if progress else None
     )
     if not kept:
         raise ImatError("none of the verification images could be read")
     log.info("verifying on %d images", len(kept))
+    labels = known_labels(verify_rows.iloc[kept].reset_index(drop=True), classes)
+    k = min(3, classes.num_classes)
 
     with tempfile.TemporaryDirectory(prefix="imat-export-") as tmp_name:
         tmp = Path(tmp_name)
         fp32 = tmp / "fp32.onnx"
         exporter = export_fp32(wrapper, prep.input_size, fp32, cfg.opset, cfg.exporter)
+        reference = _torch_scores(wrapper, verify_batches)
         final = tmp / "model.onnx"
-        scheme = None
-        if cfg.precision == "fp32":
-            final = fp32
-        elif cfg.precision == "fp16":
-            to_fp16(fp32, final)
-        else:
-            source = calib_df if calib_df is not None and len(calib_df) else verify_df
-            calib_rows = sample_rows(source, cfg.calibration_images, seed=1)
+        scheme, calib_batches, attempts = None, None, [list(cfg.exclude_nodes)]
+        if cfg.precision == "int8":
             calib_batches, calib_kept = load_batches(
                 calib_rows,
                 prep,
@@ -287,39 +285,77 @@ def export_model(
                 desc="calibration images" if progress else None,
             )
             scheme = int8_scheme(cfg.target, cpu_flags)
-            log.info("int8 (%s, for %s) calibration on %d images", scheme.name, cfg.target, len(calib_kept))
-            to_int8(fp32, final, calib_batches, tmp, cfg.calibration_method, not cfg.quantize_head, scheme)
-
-        int8 = scheme.to_dict() if scheme is not None else None
-        description = model_description(prep, classes, meta, cfg.precision, wrapper, cfg.target, int8)
-        proto = onnx.load(str(final))
-        del proto.metadata_props[:]
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(description)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as exc:  # onnx raises ValidationError and shape inference errors
-            raise ImatError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-        onnx.save(proto, str(final))
-
-        session, active = create_session(final, provider, description=description, warn_target=False)
-        # An int8 model for the GPU checked on the CPU: onnxruntime's fused CPU int8 kernels sum through
-        # 16-bit intermediates that saturate on a CPU without VNNI (the S8S8 form has no reduce_range),
-        # which TensorRT's int32 accumulation never does. The unfused QDQ graph (dequantize, float op,
-        # quantize) computes what the GPU computes, so that is what the check runs.
-        unfused = scheme is not None and scheme.target == "gpu" and active == "cpu"
-        if unfused:
-            session, active = create_session(
-                final, "cpu", description=description, warn_target=False, optimize=False
+            log.info(
+                "int8 (%s, for %s) calibration (%s) on %d images from %s",
+                scheme.name,
+                cfg.target,
+                cfg.calibration_method,
+                len(calib_kept),
+                calib_source,
             )
-        runner = Runner(session, active)
-        batches_run = _check_dynamic_batch(runner, verify_batches[0], classes.num_classes)
-        reference = _torch_scores(wrapper, verify_batches)
-        candidate = _onnx_scores(runner, verify_batches)
-        figures = agreement(reference, candidate, k=min(3, classes.num_classes))
-        top3 = figures[f"top{min(3, classes.num_classes)}_agreement"]
-        labels = known_labels(verify_rows.iloc[kept].reset_index(drop=True), classes)
-        accuracy = accuracy_change(reference, candidate, labels, k=min(3, classes.num_classes))
+            if cfg.float_fallback:
+                sensitive = sensitive_nodes(preprocess(fp32, tmp / "preprocessed.onnx"))
+                wider = list(dict.fromkeys([*cfg.exclude_nodes, *sensitive]))
+                if wider != attempts[0]:
+                    attempts.append(wider)
+        for attempt, excluded in enumerate(attempts):
+            if cfg.precision == "fp32":
+                final = fp32
+            elif cfg.precision == "fp16":
+                to_fp16(fp32, final)
+            else:
+                to_int8(
+                    fp32,
+                    final,
+                    calib_batches or [],
+                    tmp,
+                    cfg.calibration_method,
+                    not cfg.quantize_head,
+                    scheme,
+                    excluded,
+                )
+            int8 = None
+            if scheme is not None:
+                int8 = {
+                    **scheme.to_dict(),
+                    "calibration_method": cfg.calibration_method,
+                    "calibration_images": len(calib_kept),
+                    "calibration_source": calib_source,
+                    "excluded_nodes": excluded,
+                    "float_fallback": attempt > 0,
+                }
+            description = model_description(prep, classes, meta, cfg.precision, wrapper, cfg.target, int8)
+            proto = onnx.load(str(final))
+            del proto.metadata_props[:]
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = META_KEY, json.dumps(description)
+            try:
+                onnx.checker.check_model(proto, full_check=True)
+            except Exception as exc:  # onnx raises ValidationError and shape inference errors
+                raise ImatError(
+                    f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}"
+                ) from None
+            onnx.save(proto, str(final))
+
+            session, active = create_session(final, provider, description=description, warn_target=False)
+            # An int8 model for the GPU checked on the CPU: onnxruntime's fused CPU int8 kernels sum
+            # through 16-bit intermediates that saturate on a CPU without VNNI (the S8S8 form has no
+            # reduce_range), which TensorRT's int32 accumulation never does. The unfused QDQ graph
+            # (dequantize, float op, quantize) computes what the GPU computes, so that is what runs.
+            unfused = scheme is not None and scheme.target == "gpu" and active == "cpu"
+            if unfused:
+                session, active = create_session(
+                    final, "cpu", description=description, warn_target=False, optimize=False
+                )
+            runner = Runner(session, active)
+            batches_run = _check_dynamic_batch(runner, verify_batches[0], classes.num_classes)
+            candidate = _onnx_scores(runner, verify_batches)
+            figures = agreement(reference, candidate, k=k)
+            accuracy = accuracy_change(reference, candidate, labels, k=k)
+            refusal = judge(figures, accuracy, cfg, k)
+            if refusal is None or attempt == len(attempts) - 1:
+                break
+            log.warning("%s; retrying with %s in float", refusal, ", ".join(attempts[attempt + 1]))
         report = {
             **description,
             "checkpoint": str(Path(ckpt)),
@@ -331,7 +367,9 @@ def export_model(
                 **figures,
                 "compared": "first output (" + description["outputs"][0] + ") vs PyTorch eval mode",
                 "max_abs_logit_diff": figures["max_abs_diff"] if cfg.precision == "fp32" else None,
+                "max_accuracy_drop": cfg.max_accuracy_drop,
                 "min_top3_agreement": cfg.min_top3_agreement,
+                "judged_by": "accuracy" if accuracy else f"top-{k} agreement",
                 "accuracy": accuracy,
                 # how the int8 graph was run for this check (see above): fused CPU kernels or unfused QDQ
                 "int8_graph": ("unfused QDQ" if unfused else "fused") if scheme is not None else None,
@@ -339,21 +377,89 @@ def export_model(
             "size_bytes": final.stat().st_size,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        if top3 < cfg.min_top3_agreement:
-            raise ImatError(
-                f"{cfg.precision} model agrees with PyTorch on the top-3 of only {top3:.2%} of "
-                f"{figures['images']} images (< {cfg.min_top3_agreement:.2%}); not written to {out}"
-            )
+        if refusal is not None:
+            raise ImatError(f"{refusal}; not written to {out}. {_remedies(cfg, len(attempts) > 1)}")
         write_bytes(out, final.read_bytes())
         write_json(sidecar_path(out), report)
     log.info(
-        "wrote %s (%s, top-1 agreement %.4f, top-3 agreement %.4f)",
+        "wrote %s (%s, top-1 agreement %.4f, top-%d agreement %.4f)",
         out,
         cfg.precision,
         figures["top1_agreement"],
-        top3,
+        k,
+        figures[f"top{k}_agreement"],
     )
     return report
+
+
+def split_rows(
+    verify_df: pd.DataFrame, calib_df: pd.DataFrame | None, cfg: ExportConfig
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(verification rows, calibration rows, where calibration comes from): int8 is never calibrated
+    on the images it is judged on. Calibration takes ``calib_df`` (train rows, or ``--calibration``)
+    minus the verification images; without any, the verification list is split in two (with a warning)."""
+    from submit.inputs import sample_rows
+
+    verify_rows = sample_rows(verify_df, cfg.verify_images, seed=0)
+    if cfg.precision != "int8":
+        return verify_rows, verify_rows.iloc[:0], "none"
+    judged = set(verify_rows["path"].astype(str))
+    if calib_df is not None and len(calib_df):
+        rest = calib_df[~calib_df["path"].astype(str).isin(judged)]
+        if len(rest):
+            return verify_rows, sample_rows(rest, cfg.calibration_images, seed=1), "calibration rows"
+    rest = verify_df[~verify_df["path"].astype(str).isin(judged)]
+    if len(rest):
+        return verify_rows, sample_rows(rest, cfg.calibration_images, seed=1), "unverified rows"
+    if len(verify_rows) < 2:
+        raise ImatError("int8 needs calibration images apart from the verification ones: pass --calibration")
+    shuffled = verify_rows.sample(frac=1.0, random_state=1)
+    n_cal = min(cfg.calibration_images, len(shuffled) // 2)
+    log.warning(
+        "no calibration images apart from the %d verification images (pass --calibration DIR): "
+        "calibrating on %d of them and verifying on the other %d",
+        len(verify_rows),
+        n_cal,
+        len(shuffled) - n_cal,
+    )
+    return shuffled.iloc[n_cal:], shuffled.iloc[:n_cal], "half of the verification rows"
+
+
+def judge(figures: dict[str, Any], accuracy: dict[str, Any] | None, cfg: ExportConfig, k: int) -> str | None:
+    """None when the exported model may be written, else why not (one line). With labelled images it
+    is judged on what the leaderboard sees, the change in top-1 and top-k accuracy (at most
+    ``cfg.max_accuracy_drop`` points lost); a swap of the 3rd and 4th classes that changes neither is
+    not a loss. Without labels, on the top-k agreement with PyTorch."""
+    if accuracy:
+        drops = {
+            "top-1": -100 * accuracy["top1_accuracy_change"],
+            f"top-{k}": -100 * accuracy[f"top{k}_accuracy_change"],
+        }
+        worst = max(drops.values())
+        if worst > cfg.max_accuracy_drop + 1e-9:
+            return (
+                f"{cfg.precision} model loses {drops['top-1']:.2f} top-1 and {drops[f'top-{k}']:.2f} "
+                f"top-{k} accuracy points on {accuracy['labelled_images']} labelled images "
+                f"(> export.max_accuracy_drop={cfg.max_accuracy_drop})"
+            )
+        return None
+    agree = figures[f"top{k}_agreement"]
+    if agree < cfg.min_top3_agreement:
+        return (
+            f"{cfg.precision} model agrees with PyTorch on the top-{k} of only {agree:.2%} of "
+            f"{figures['images']} unlabelled images (< {cfg.min_top3_agreement:.2%})"
+        )
+    return None
+
+
+def _remedies(cfg: ExportConfig, fell_back: bool) -> str:
+    if cfg.precision == "int8":
+        tried = " (the first conv and last layer were already kept in float)" if fell_back else ""
+        return (
+            f"Try --calibration-method percentile or entropy (was {cfg.calibration_method}), more "
+            f"--calibration-images, --exclude-nodes NODE{tried}, or fp16"
+        )
+    return "Try fp32, or a larger --max-accuracy-drop / --min-agreement below the measured value"
 
 
 def sidecar_path(model: str | os.PathLike[str]) -> Path:

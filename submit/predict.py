@@ -92,7 +92,7 @@ def predict(
     k = min(topk, classes.num_classes)
     rows = read_images(source, images, split)
     session, active = create_session(model, provider, threads=threads, description=desc, max_batch=batch_size)
-    runner = Runner(session, active)
+    runner = Runner(session, active, fixed_batch=batch_size)
     probs_out = bool(desc.get("softmax_in_graph"))
     size, crop = int(desc["input_size"]), float(desc.get("crop_pct", 0.875))
     transform = view_transform(desc, tta.scales)

@@ -56,6 +56,26 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
     return None
 
 
+def has_vnni(flags: set[str] | None) -> bool | None:
+    """Whether CPU ``flags`` include a u8 x s8 dot-product instruction (None when unknown)."""
+    return None if flags is None else any(f in flags for f in VNNI_FLAGS)
+
+
+def parse_cpu_flags(value: str) -> set[str]:
+    """``--cpu-flags``: a copy of the deployment machine's /proc/cpuinfo, or its flags separated by
+    commas or spaces (``avx2,avx512_vnni``; ``none`` for a CPU with none that matter)."""
+    path = Path(value)
+    if path.is_file():
+        flags = cpu_flags(path)
+        if flags is None:
+            raise ImatError(f"--cpu-flags {value}: no 'flags' line in that file")
+        return flags
+    flags = {f for f in value.replace(",", " ").split() if f}
+    if not flags:
+        raise ImatError("--cpu-flags is empty: give the deployment CPU's flags (or 'none')")
+    return flags - {"none"}
+
+
 @dataclass(frozen=True)
 class Int8Scheme:
     """How ``to_int8`` quantises for one target; recorded in the model description (``int8``)."""
@@ -66,22 +86,26 @@ class Int8Scheme:
     weights: str
     symmetric_activations: bool
     reduce_range: bool
-    cpu_vnni: bool | None  # what the export machine's CPU has (None: unknown / not x86)
+    cpu_vnni: bool | None  # what the deployment CPU has (None: unknown / not x86)
+    # TensorRT's parser takes float biases (it fuses them itself); int32 bias DequantizeLinear nodes
+    # make it reject the graph or split it around them
+    quantize_bias: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def int8_scheme(target: str = "cpu", flags: set[str] | None = None, probe: bool = True) -> Int8Scheme:
-    """The int8 form for ``target`` (``cpu`` | ``gpu``). ``flags``: CPU feature flags (default: this
-    machine's, from /proc/cpuinfo when ``probe``); reduce_range is used on an x86 CPU known to lack VNNI."""
+    """The int8 form for ``target`` (``cpu`` | ``gpu``). ``flags``: the deployment CPU's feature flags
+    (default: this machine's, from /proc/cpuinfo when ``probe``); reduce_range is used on an x86 CPU
+    known to lack VNNI. Predict checks the running CPU against it (submit.runtime.reduce_range_mismatch)."""
     if target not in INT8_TARGETS:
         raise ImatError(f"unknown int8 target {target!r} (choose from {', '.join(INT8_TARGETS)})")
     if flags is None and probe:
         flags = cpu_flags()
-    vnni = None if flags is None else any(f in flags for f in VNNI_FLAGS)
+    vnni = has_vnni(flags)
     if target == "gpu":
-        return Int8Scheme("gpu", "S8S8", "int8", "int8", True, False, vnni)
+        return Int8Scheme("gpu", "S8S8", "int8", "int8", True, False, vnni, quantize_bias=False)
     return Int8Scheme("cpu", "U8S8", "uint8", "int8", False, vnni is False, vnni)
 
 
@@ -133,6 +157,25 @@ class BatchReader:
         self._iter = iter(self._batches)
 
 
+def sensitive_nodes(model: onnx.ModelProto) -> list[str]:
+    """The layers int8 hurts most, kept in float by export's fallback: the first convolution (it sees
+    raw pixels, whose range a single scale covers badly) and the last Gemm/MatMul (the classifier)."""
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    heads = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    return [*convs[:1], *heads[-1:]]
+
+
+def preprocess(src: Path, dst: Path) -> onnx.ModelProto:
+    """onnxruntime's ``quant_pre_process`` (shape inference + graph optimisation) of ``src`` into ``dst``;
+    node names in ``--exclude-nodes`` refer to this graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not dst.is_file():
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Performing symbolic shape inference..."
+            quant_pre_process(str(src), str(dst))
+    return onnx.load(str(dst))
+
+
 def to_int8(
     src: Path,
     dst: Path,
@@ -141,11 +184,12 @@ def to_int8(
     method: str = "minmax",
     keep_head_float: bool = True,
     scheme: Int8Scheme | None = None,
+    exclude: Iterable[str] = (),
 ) -> Int8Scheme:
     """Static QDQ int8 (per-channel weights) in ``scheme``'s form (default: this CPU's), calibrated on
-    ``calibration`` batches; returns the scheme used."""
+    ``calibration`` batches, with the nodes named in ``exclude`` left in float; returns the scheme used.
+    A name that is not a node of the pre-processed graph is an error."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {
         "minmax": CalibrationMethod.MinMax,
@@ -157,11 +201,17 @@ def to_int8(
     scheme = scheme or int8_scheme("cpu")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     pre = work_dir / "preprocessed.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Performing symbolic shape inference..."
-        quant_pre_process(str(src), str(pre))
-    model = onnx.load(str(pre))
+    model = preprocess(src, pre)
     input_name = model.graph.input[0].name
-    excluded = [n.name for n in model.graph.node if n.op_type in FLOAT_ONLY_OPS]
+    names = {n.name for n in model.graph.node}
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        convs = [n.name for n in model.graph.node if n.op_type == "Conv"][:3]
+        raise ImatError(
+            f"--exclude-nodes: no node named {unknown[0]!r} in the graph (conv nodes are named like "
+            f"{', '.join(convs)})"
+        )
+    excluded = [n.name for n in model.graph.node if n.op_type in FLOAT_ONLY_OPS] + list(exclude)
     heads = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
     if keep_head_float and heads:
         # The classifier is a tiny share of the compute, but int8 logits blur near-ties between the
@@ -185,6 +235,7 @@ def to_int8(
             "ActivationSymmetric": scheme.symmetric_activations,
             "WeightSymmetric": True,
             "CalibTensorRangeSymmetric": False,
+            "QuantizeBias": scheme.quantize_bias,
         },
     )
     return scheme

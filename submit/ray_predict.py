@@ -86,7 +86,7 @@ class OnnxPredictor:
         session, self.provider = create_session(
             model, provider, threads=threads, description=desc, max_batch=batch_size, warn_target=False
         )  # the driver warns once about a model meant for another device, not every actor
-        self.runner = Runner(session, self.provider)
+        self.runner = Runner(session, self.provider, fixed_batch=batch_size)
         self.probs_out = bool(desc.get("softmax_in_graph"))
         self.tta_flip, self.k, self.save_probs = tta_flip, k, save_probs
 

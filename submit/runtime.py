@@ -7,10 +7,16 @@ creation. ``auto`` takes the best that really initialises (TensorRT > CUDA > CPU
 when it had to fall back; an explicit ``cuda`` or ``tensorrt`` that cannot be honoured is an error.
 
 On the GPU providers: ``onnxruntime.preload_dlls()`` runs first (the pip CUDA/cuDNN libraries, or
-PyTorch's, are then found without LD_LIBRARY_PATH); TensorRT gets fp16 only for an fp16 model and int8
-only for an int8 (QDQ) one, an engine cache beside the model (under the run directory), and one
-optimisation profile from batch 1 to the largest batch, so an engine is built once per model and not
-per batch shape; runs use IO binding."""
+PyTorch's, are then found without LD_LIBRARY_PATH), and so do the TensorRT libraries of the
+``tensorrt-cu13-libs`` wheel (``make install-gpu``), which ``preload_dlls`` does not cover. TensorRT gets
+fp16 for an fp16 model and int8 *with* fp16 for an int8 (QDQ) one (the layers left in float then run in
+fp16, not fp32), an engine cache beside the model (under the run directory), and one optimisation
+profile from batch 1 to the largest batch, so an engine is built once per model and not per batch
+shape. After a TensorRT session is created, one profiled run counts the nodes TensorRT left to another
+provider (a split engine) and warns with the count. CUDA gets a fixed cuDNN algorithm search and a
+grow-as-requested arena; the :class:`Runner` pads a short last batch to the full batch on a GPU so both
+see one input shape. Runs use IO binding. Why a GPU provider did not start (a missing library, no
+device) is said at warning level, in one line."""
 
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import contextlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,18 @@ AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 GPU_PROVIDERS = ("tensorrt", "cuda")
 MAX_BATCH = 64  # the TensorRT profile's largest batch unless the caller asks for more
 _preloaded: list[bool] = []
+# The shared libraries the pinned onnxruntime-gpu's providers are linked against (``readelf -d`` on
+# onnxruntime/capi/libonnxruntime_providers_*.so); TensorRT's major version must match.
+CUDA_LIBRARIES = ("libcudart.so.13", "libcublas.so.13", "libcudnn.so.9")
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
+INSTALL_GPU_HINT = "make install-gpu (pip install -c constraints.txt -e '.[tensorrt]')"
+# CUDA provider: the algorithm search runs once per input shape, and the Runner keeps one shape
+CUDA_OPTIONS = {
+    "cudnn_conv_algo_search": "EXHAUSTIVE",
+    "cudnn_conv_use_max_workspace": "1",
+    "arena_extend_strategy": "kSameAsRequested",
+    "do_copy_in_default_stream": "1",
+}
 
 
 def preload_gpu_libraries() -> bool:
@@ -53,8 +73,66 @@ def preload_gpu_libraries() -> bool:
             done = True
         except Exception as exc:  # a missing library is reported by the session that needs it
             log.debug("onnxruntime.preload_dlls failed: %s", exc)
+    preload_tensorrt_libraries()
     _preloaded.append(done)
     return done
+
+
+def _tensorrt_lib_dirs() -> list[Path]:
+    """Folders of the pip TensorRT libraries (``tensorrt_libs``, from tensorrt-cu13-libs), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorrt_libs")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(p) for p in spec.submodule_search_locations]
+
+
+def preload_tensorrt_libraries() -> list[str]:
+    """Load the pip TensorRT libraries globally so the TensorRT provider's ``dlopen`` finds them without
+    LD_LIBRARY_PATH; returns the paths loaded (none when the wheel is not installed)."""
+    import ctypes
+
+    loaded = []
+    for folder in _tensorrt_lib_dirs():
+        for name in TENSORRT_LIBRARIES:
+            path = folder / name
+            if path.is_file():
+                try:
+                    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+                    loaded.append(str(path))
+                except OSError as exc:
+                    log.debug("cannot load %s: %s", path, exc)
+    return loaded
+
+
+def _load_library(name: str) -> str | None:
+    """None when the shared library ``name`` loads, else the loader's one-line reason."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        return str(exc).splitlines()[0] if str(exc) else f"{name}: cannot be loaded"
+    return None
+
+
+def missing_libraries(provider: str) -> list[str]:
+    """The reasons the libraries ``provider`` (``cuda`` | ``tensorrt``) needs do not load (after the
+    preloads); empty when all load."""
+    names = CUDA_LIBRARIES + (TENSORRT_LIBRARIES if provider == "tensorrt" else ())
+    return [reason for reason in map(_load_library, names) if reason]
+
+
+def why_inactive(provider: str, fell_back_to: str | None = None) -> str:
+    """One line saying why ``provider`` did not start: the libraries that do not load (and how to
+    install them), else no usable GPU."""
+    missing = missing_libraries(provider)
+    if missing:
+        hint = f"; install with {INSTALL_GPU_HINT}" if provider == "tensorrt" else ""
+        return f"{missing[0]}{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}{hint}"
+    fallback = f" (the session fell back to {fell_back_to})" if fell_back_to else ""
+    return f"its libraries load, but it did not start: no usable NVIDIA GPU or driver?{fallback}"
 
 
 def tensorrt_options(
@@ -62,13 +140,13 @@ def tensorrt_options(
 ) -> dict[str, Any]:
     """TensorRT provider options for a model described by ``description`` (imat's model JSON).
 
-    fp16 kernels only when the model is fp16 (an fp32 model stays fp32), int8 when it is an int8 QDQ
-    model (TensorRT then follows its Q/DQ scales); one profile 1..``max_batch`` at the model's input
-    size; engines and timing cache in ``cache_dir``."""
+    fp16 kernels when the model is fp16 or int8 (an fp32 model stays fp32), int8 when it is an int8 QDQ
+    model (TensorRT then follows its Q/DQ scales; the float layers it keeps run in fp16); one profile
+    1..``max_batch`` at the model's input size; engines and timing cache in ``cache_dir``."""
     desc = description or {}
     precision = desc.get("precision", "fp32")
     options: dict[str, Any] = {
-        "trt_fp16_enable": precision == "fp16",
+        "trt_fp16_enable": precision in ("fp16", "int8"),
         "trt_int8_enable": precision == "int8",
     }
     if cache_dir:
@@ -95,12 +173,23 @@ def engine_cache_dir(model: str | os.PathLike[str]) -> Path:
     return Path(model).resolve().parent / "trt_engines"
 
 
-def target_mismatch(description: dict[str, Any], provider: str) -> str | None:
-    """A one-line warning when a model prepared for one kind of device runs on another, else None."""
+def target_mismatch(
+    description: dict[str, Any], provider: str, flags: set[str] | None | bool = True
+) -> str | None:
+    """A one-line warning when a model prepared for one kind of device runs on another, or on a CPU
+    other than the one it was quantised for, else None. ``flags``: the running CPU's feature flags
+    (True: read them from /proc/cpuinfo; None: unknown)."""
     precision = description.get("precision")
     target = description.get("target", "cpu")
     int8 = description.get("int8") or {}
     on_gpu = provider in GPU_PROVIDERS
+    if precision == "int8" and provider == "cuda":
+        return (
+            "int8 on the CUDA provider runs every layer as dequantize -> fp32 -> quantize, slower than "
+            "fp32: the fast paths are --provider tensorrt (int8) or an fp16 model on CUDA"
+        )
+    if precision == "int8" and target == "cpu" and provider == "cpu" and "reduce_range" in int8:
+        return reduce_range_mismatch(int8, flags)
     if precision == "int8" and target == "cpu" and on_gpu:
         return (
             f"this int8 model was quantised for the CPU ({int8.get('name', 'U8S8')}); on {provider} export "
@@ -113,6 +202,28 @@ def target_mismatch(description: dict[str, Any], provider: str) -> str | None:
         )
     if precision == "fp16" and not on_gpu:
         return "this fp16 model is for GPUs; the CPU provider computes it in fp32 with extra casts"
+    return None
+
+
+def reduce_range_mismatch(int8: dict[str, Any], flags: set[str] | None | bool = True) -> str | None:
+    """One line when the U8S8 model's ``reduce_range`` (7-bit weights, decided at export for the
+    deployment CPU) does not suit the CPU running it, else None (also when either CPU is unknown)."""
+    from submit.quantize import cpu_flags, has_vnni
+
+    running = cpu_flags() if flags is True else flags
+    vnni = has_vnni(running) if isinstance(running, set) else None
+    if vnni is None or "reduce_range" not in int8:
+        return None
+    if int8["reduce_range"] and vnni:
+        return (
+            "this int8 model uses 7-bit weights (reduce_range) for a CPU without VNNI, but this CPU has "
+            "VNNI: re-export it here (or with --cpu-flags of this CPU) for full 8-bit accuracy"
+        )
+    if not int8["reduce_range"] and not vnni:
+        return (
+            "this int8 model was quantised for a CPU with VNNI; this CPU has none, and its 16-bit sums "
+            "can saturate: re-export it here (or with --cpu-flags of this CPU), which uses reduce_range"
+        )
     return None
 
 
@@ -129,16 +240,77 @@ def _provider_list(
 ) -> list[Any]:
     if name == "tensorrt":
         trt_options = tensorrt_options(description, cache_dir, max_batch)
-        return [(PROVIDERS["tensorrt"], trt_options), PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        return [
+            (PROVIDERS["tensorrt"], trt_options),
+            (PROVIDERS["cuda"], dict(CUDA_OPTIONS)),
+            PROVIDERS["cpu"],
+        ]
     if name == "cuda":
-        return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        return [(PROVIDERS["cuda"], dict(CUDA_OPTIONS)), PROVIDERS["cpu"]]
     return [PROVIDERS["cpu"]]
 
 
-def _options(threads: int | None, quiet: bool, optimize: bool = True) -> Any:
+def node_placement(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Nodes per provider in an onnxruntime profile (its JSON events), each node counted once; the
+    Memcpy nodes onnxruntime inserts between devices are not model nodes and are left out."""
+    seen: dict[str, str] = {}
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") != "Node" or "provider" not in args:
+            continue
+        if str(args.get("op_name", "")).startswith("Memcpy"):
+            continue
+        seen[str(event.get("name", "")).removesuffix("_kernel_time")] = str(args["provider"])
+    counts: dict[str, int] = {}
+    for provider in seen.values():
+        counts[provider] = counts.get(provider, 0) + 1
+    return counts
+
+
+def _profiled_placement(session: Any, size: int | None) -> dict[str, int] | None:
+    """Run one zero batch through a session created with profiling on, stop profiling, and return
+    :func:`node_placement` of that run (None when the input size is unknown)."""
+    import json
+
+    path = None
+    try:
+        if size:
+            name = session.get_inputs()[0].name
+            session.run(None, {name: np.zeros((1, 3, int(size), int(size)), np.float32)})
+        path = session.end_profiling()
+        if not size or not path:
+            return None
+        return node_placement(json.loads(Path(path).read_text(encoding="utf-8")))
+    finally:
+        if path:
+            Path(path).unlink(missing_ok=True)
+
+
+def check_placement(placement: dict[str, int] | None, provider: str) -> int | None:
+    """The number of model nodes ``provider`` left to other providers (warned in one line), or None."""
+    if placement is None:
+        return None
+    full = PROVIDERS[provider]
+    others = {k: v for k, v in placement.items() if k != full}
+    count = sum(others.values())
+    if count:
+        where = ", ".join(f"{v} on {k.removesuffix('ExecutionProvider')}" for k, v in sorted(others.items()))
+        log.warning(
+            "%s did not take the whole graph: %d node(s) fell back (%s); the engine is split and slower",
+            provider,
+            count,
+            where,
+        )
+    return count
+
+
+def _options(threads: int | None, quiet: bool, optimize: bool = True, profile_dir: str | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_dir:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(profile_dir) / "imat-placement")
     level = ort.GraphOptimizationLevel
     opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     if threads:
@@ -171,12 +343,14 @@ def _try_session(
     previous = ort.get_default_logger_severity() if hasattr(ort, "get_default_logger_severity") else 2
     ort.set_default_logger_severity(4)
     sink = io.StringIO()
+    # TensorRT: profile the first run to see which nodes it took (see check_placement)
+    profile_dir = tempfile.mkdtemp(prefix="imat-ort-profile-") if name == "tensorrt" else None
     try:
         # onnxruntime prints its provider fallback notice to stdout; keep it out of the user's output.
         with contextlib.redirect_stdout(sink):
             session = ort.InferenceSession(
                 model,
-                sess_options=_options(threads, quiet=True, optimize=optimize),
+                sess_options=_options(threads, quiet=True, optimize=optimize, profile_dir=profile_dir),
                 providers=_provider_list(name, cache_dir, description, max_batch),
             )
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -184,14 +358,28 @@ def _try_session(
             raise ImatError(
                 f"{model}: onnxruntime cannot load this model ({str(exc).splitlines()[0]})"
             ) from None
-        log.debug("provider %s failed: %s", name, exc)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("provider %s failed: %s", name, first[:300])
         return None, "none"
     finally:
         ort.set_default_logger_severity(previous)
+        if profile_dir and "session" not in locals():
+            shutil.rmtree(profile_dir, ignore_errors=True)
     if sink.getvalue().strip():
         log.debug("onnxruntime: %s", sink.getvalue().strip())
     active_full = session.get_providers()[0]
     active = next((k for k, v in PROVIDERS.items() if v == active_full), active_full)
+    if active != name:
+        log.warning("provider %s did not start: %s", name, why_inactive(name, active))
+    if profile_dir:
+        try:
+            placement = _profiled_placement(session, (description or {}).get("input_size"))
+            if active == name:
+                session.imat_fallback_nodes = check_placement(placement, name)
+        except Exception as exc:  # the check is advice: a failing probe run must not stop inference
+            log.warning("could not check which provider runs each node: %s", str(exc).splitlines()[0][:200])
+        finally:
+            shutil.rmtree(profile_dir, ignore_errors=True)
     return session, active
 
 
@@ -262,22 +450,31 @@ def _warn_mismatch(description: dict[str, Any] | None, active: str) -> None:
 
 class Runner:
     """Runs batches through a session; on a GPU provider, with IO binding so the outputs are not copied
-    through an extra host buffer per call and the input is bound from one contiguous host array."""
+    through an extra host buffer per call and the input is bound from one contiguous host array.
 
-    def __init__(self, session: Any, provider: str) -> None:
+    ``fixed_batch``: on a GPU provider a shorter batch (the last one) is padded with zeros to this size
+    and its outputs cut back, so cuDNN's algorithm search and TensorRT's kernels see one shape."""
+
+    def __init__(self, session: Any, provider: str, fixed_batch: int | None = None) -> None:
         self.session = session
         self.provider = provider
         self.input_name = session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
-        self.use_binding = provider in ("cuda", "tensorrt")
+        self.use_binding = provider in GPU_PROVIDERS
+        self.fixed_batch = int(fixed_batch) if fixed_batch and self.use_binding else None
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if not self.use_binding:
             return self.session.run(self.output_names, {self.input_name: batch})
+        n = len(batch)
+        if self.fixed_batch and 0 < n < self.fixed_batch:
+            padded = np.zeros((self.fixed_batch, *batch.shape[1:]), np.float32)
+            padded[:n] = batch
+            batch = padded
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
         for name in self.output_names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        return [out[:n] for out in binding.copy_outputs_to_cpu()]

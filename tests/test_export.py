@@ -104,13 +104,41 @@ def test_refuses_below_threshold_and_leaves_nothing(kit: dict, tmp_path: Path, p
     out = tmp_path / "out" / "student.onnx"
     df = read_images(kit["images"])
     with pytest.raises(ImatError, match="top-3 of only"):
-        cfg = ExportConfig(precision=precision, calibration_images=16, quantize_head=True, exporter="legacy")
+        cfg = ExportConfig(
+            precision=precision,
+            calibration_images=16,
+            quantize_head=True,
+            float_fallback=False,
+            exporter="legacy",
+        )
         export_model(ckpt, out, df, cfg=cfg)
     assert not out.exists() and not (tmp_path / "out" / "student.onnx.json").exists()
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
     # the fp32 export of the same checkpoint is faithful and passes
     export_model(ckpt, out, df, cfg=ExportConfig(precision="fp32", exporter="legacy"))
     assert out.is_file()
+
+
+def test_int8_float_fallback_keeps_the_sensitive_layers_float(kit: dict, tmp_path: Path) -> None:
+    """The tied head cannot survive int8; the automatic fallback keeps the first conv and the last
+    layer in float, passes, and says so in the JSON; calibration never used a verified image."""
+    ckpt = _tied_checkpoint(kit, tmp_path / "tied.safetensors")
+    out = tmp_path / "student.onnx"
+    cfg = ExportConfig(precision="int8", calibration_images=16, quantize_head=True, exporter="legacy")
+    report = export_model(ckpt, out, read_images(kit["images"]), cfg=cfg)
+    int8 = json.loads((tmp_path / "student.onnx.json").read_text())["int8"]
+    assert int8["float_fallback"] is True and int8["calibration_source"] == "half of the verification rows"
+    assert len(int8["excluded_nodes"]) == 2
+    conv, head = int8["excluded_nodes"]
+    assert conv.endswith("Conv") and head.endswith("Gemm")
+    assert report["verification"]["images"] + int8["calibration_images"] <= 54
+    graph = onnx.load(str(out)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kept = [n for n in graph.node if n.name in (conv, head)]
+    assert len(kept) == 2 and not any(i in dequantized for n in kept for i in n.input[1:])  # float weights
+    assert any(i in dequantized for n in graph.node if n.op_type == "Conv" for i in n.input[1:])
+    with pytest.raises(ImatError, match="--exclude-nodes: no node named 'nope'"):
+        export_model(ckpt, out, read_images(kit["images"]), cfg=cfg.model_copy(update={"exclude_nodes": ["nope"]}))
 
 
 def test_too_high_threshold_refuses_cli(kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

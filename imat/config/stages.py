@@ -66,13 +66,19 @@ class ExportConfig(Section):
     calibration_images: int = Field(256, ge=1)
     """int8: training images for static quantisation."""
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    """int8: onnxruntime's calibration method."""
+    """int8: onnxruntime's calibration method (minmax, percentile, entropy)."""
     quantize_head: bool = False
     """int8: also quantise the final classifier (default: keep it in float)."""
     verify_images: int = Field(256, ge=1)
     """Validation images on which the exported model is compared with PyTorch."""
+    max_accuracy_drop: float = Field(0.5, ge=0, le=100)
+    """Points of top-1 or top-3 accuracy the model may lose on the labelled verification images; beyond, nothing is written."""
     min_top3_agreement: float = Field(0.99, ge=0, le=1)
-    """Share of verification images whose top-3 set must equal PyTorch's; below it nothing is written."""
+    """Without labelled verification images: share whose top-3 set must equal PyTorch's; below it nothing is written."""
+    exclude_nodes: list[str] = []
+    """int8: nodes of the pre-processed graph kept in float (names as in --exclude-nodes)."""
+    float_fallback: bool = True
+    """int8: when the accuracy drop is too large, retry once with the first conv and the last layer in float."""
 
 
 class BudgetLimits(Section):
