@@ -9,7 +9,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean lock
+.PHONY: install install-gpu demo test lint bench clean lock
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 
 install: $(STAMP)
 
+# A GPU box: also the TensorRT libraries matching the pinned onnxruntime-gpu (NVIDIA's index hosts the
+# wheels); `imat doctor` then says which providers start and why not.
+install-gpu: install
+	$(PY) -m pip install --extra-index-url https://pypi.nvidia.com -c $(CONSTRAINTS) -e ".[tensorrt]" $(TORCH)
+	$(VENV)/bin/imat doctor
+
 demo: install
 	$(VENV)/bin/imat demo
 
@@ -34,12 +40,14 @@ test: install
 lint: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-# Resolve pyproject.toml afresh (newest versions its floors allow) in a scratch venv and pin the result.
+# Resolve pyproject.toml afresh (newest versions its floors allow) in a scratch venv and pin the result;
+# the TensorRT pin (the [tensorrt] extra, GPU boxes only) is carried over: it must match onnxruntime-gpu.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --upgrade pip
 	.lock-venv/bin/python -m pip install $(TORCH) -e ".[dev]"
-	{ sed -n '/^#/p' $(CONSTRAINTS); .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS).new
+	{ sed -n '/^#/p' $(CONSTRAINTS); .lock-venv/bin/python -m pip freeze --exclude-editable; \
+	  grep '^tensorrt-cu' $(CONSTRAINTS); } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .lock-venv
 
 clean:

@@ -150,6 +150,7 @@ def export_pool(
     workers: int = 0,
     decoder: str = "cv2",
     provider: str = "cpu",
+    cpu_flags: set[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export the pool (or its greedy selection) to ``out`` as one ONNX model, verified against the
@@ -168,6 +169,7 @@ def export_pool(
         workers=workers,
         decoder=decoder,
         provider=provider,
+        cpu_flags=cpu_flags,
         progress=progress,
         loaded=loaded,
     )

@@ -48,7 +48,7 @@ _preloaded: list[bool] = []
 # onnxruntime/capi/libonnxruntime_providers_*.so); TensorRT's major version must match.
 CUDA_LIBRARIES = ("libcudart.so.13", "libcublas.so.13", "libcudnn.so.9")
 TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
-INSTALL_GPU_HINT = "make install-gpu (pip install -c constraints.txt -e '.[tensorrt]')"
+INSTALL_GPU_HINT = "make install-gpu (pip install --extra-index-url https://pypi.nvidia.com -c constraints.txt '.[tensorrt]')"
 # CUDA provider: the algorithm search runs once per input shape, and the Runner keeps one shape
 CUDA_OPTIONS = {
     "cudnn_conv_algo_search": "EXHAUSTIVE",
@@ -95,7 +95,7 @@ def preload_tensorrt_libraries() -> list[str]:
 
     loaded = []
     for folder in _tensorrt_lib_dirs():
-        for name in TENSORRT_LIBRARIES:
+        for name in (*TENSORRT_LIBRARIES, "libnvinfer_plugin.so.10"):
             path = folder / name
             if path.is_file():
                 try:
@@ -132,7 +132,10 @@ def why_inactive(provider: str, fell_back_to: str | None = None) -> str:
         hint = f"; install with {INSTALL_GPU_HINT}" if provider == "tensorrt" else ""
         return f"{missing[0]}{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}{hint}"
     fallback = f" (the session fell back to {fell_back_to})" if fell_back_to else ""
-    return f"its libraries load, but it did not start: no usable NVIDIA GPU or driver?{fallback}"
+    driver = _load_library("libcuda.so.1")
+    if driver:
+        return f"no NVIDIA driver ({driver}){fallback}"
+    return f"its libraries and the driver load, but it did not start: no usable GPU?{fallback}"
 
 
 def tensorrt_options(
@@ -183,6 +186,11 @@ def target_mismatch(
     target = description.get("target", "cpu")
     int8 = description.get("int8") or {}
     on_gpu = provider in GPU_PROVIDERS
+    if precision == "int8" and target == "cpu" and on_gpu:
+        return (
+            f"this int8 model was quantised for the CPU ({int8.get('name', 'U8S8')}); on {provider} export "
+            "it with --target gpu (symmetric S8S8 for TensorRT)"
+        )
     if precision == "int8" and provider == "cuda":
         return (
             "int8 on the CUDA provider runs every layer as dequantize -> fp32 -> quantize, slower than "
@@ -190,11 +198,6 @@ def target_mismatch(
         )
     if precision == "int8" and target == "cpu" and provider == "cpu" and "reduce_range" in int8:
         return reduce_range_mismatch(int8, flags)
-    if precision == "int8" and target == "cpu" and on_gpu:
-        return (
-            f"this int8 model was quantised for the CPU ({int8.get('name', 'U8S8')}); on {provider} export "
-            "it with --target gpu (symmetric S8S8 for TensorRT)"
-        )
     if precision == "int8" and target == "gpu" and not on_gpu:
         return (
             f"this int8 model was quantised for TensorRT/CUDA ({int8.get('name', 'S8S8')}); the CPU runs it "
@@ -225,6 +228,62 @@ def reduce_range_mismatch(int8: dict[str, Any], flags: set[str] | None | bool = 
             "can saturate: re-export it here (or with --cpu-flags of this CPU), which uses reduce_range"
         )
     return None
+
+
+def _probe_model(path: Path) -> None:
+    """A one-node model (Relu) to try a provider on, without any user model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = ["batch", 3, 8, 8]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["out"])],
+        "probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def provider_report() -> list[tuple[str, bool, str]]:
+    """(provider, usable, why) for each provider, best first: whether this onnxruntime build lists it,
+    whether its shared libraries load, and whether a session on it really starts (a one-node model)."""
+    import onnxruntime as ort
+
+    listed = available_providers()
+    rows: list[tuple[str, bool, str]] = []
+    with tempfile.TemporaryDirectory(prefix="imat-doctor-") as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        _probe_model(probe)
+        for name in AUTO_ORDER:
+            if name not in listed:
+                build = "onnxruntime-gpu" if name in GPU_PROVIDERS else "onnxruntime"
+                rows.append(
+                    (name, False, f"not in this onnxruntime build ({ort.__version__}; needs {build})")
+                )
+                continue
+            if name in GPU_PROVIDERS:
+                preload_gpu_libraries()
+                missing = missing_libraries(name)
+                if missing:
+                    rows.append((name, False, why_inactive(name)))
+                    continue
+            quiet = log.level
+            log.setLevel(logging.ERROR)  # the report line says why; no second warning
+            try:
+                session, active = _try_session(str(probe), name, None, None)
+            finally:
+                log.setLevel(quiet)
+            if session is not None and active == name:
+                libs = (
+                    " (TensorRT from the tensorrt-cu13-libs wheel)"
+                    if name == "tensorrt" and _tensorrt_lib_dirs()
+                    else ""
+                )
+                rows.append((name, True, f"a session starts on it{libs}"))
+            else:
+                rows.append((name, False, why_inactive(name, active if session is not None else None)))
+    return rows
 
 
 def available_providers() -> list[str]:

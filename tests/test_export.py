@@ -138,7 +138,9 @@ def test_int8_float_fallback_keeps_the_sensitive_layers_float(kit: dict, tmp_pat
     assert len(kept) == 2 and not any(i in dequantized for n in kept for i in n.input[1:])  # float weights
     assert any(i in dequantized for n in graph.node if n.op_type == "Conv" for i in n.input[1:])
     with pytest.raises(ImatError, match="--exclude-nodes: no node named 'nope'"):
-        export_model(ckpt, out, read_images(kit["images"]), cfg=cfg.model_copy(update={"exclude_nodes": ["nope"]}))
+        export_model(
+            ckpt, out, read_images(kit["images"]), cfg=cfg.model_copy(update={"exclude_nodes": ["nope"]})
+        )
 
 
 def test_too_high_threshold_refuses_cli(kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

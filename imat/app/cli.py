@@ -39,6 +39,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("score",): ("submit.commands.score", "score a submission against a solution file"),
     ("pipeline",): ("imat.app.commands.pipeline", "every step, skipping steps whose outputs exist"),
     ("report",): ("imat.app.commands.report", "HTML report with plots for a run"),
+    ("doctor",): (
+        "imat.app.commands.doctor",
+        "which inference providers (CPU, CUDA, TensorRT) work here, and why not",
+    ),
 }
 
 GROUP_HELP = {"data": "competition files: kits, download, inspect, audit", "teachers": "the teacher pool"}

@@ -61,7 +61,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration", metavar="DIR_OR_MANIFEST", help="int8 calibration images (default: train rows)"
     )
     parser.add_argument(
-        "--min-agreement", type=float, default=None, help="refuse below this top-3 agreement (0.99)"
+        "--calibration-method",
+        choices=("minmax", "percentile", "entropy"),
+        default=None,
+        help="int8 calibration: minmax (default), percentile (clips outliers) or entropy",
+    )
+    parser.add_argument(
+        "--exclude-nodes",
+        metavar="NODE[,NODE]",
+        default=None,
+        help="int8: nodes kept in float (names in the pre-processed graph, e.g. /model/conv1/conv1.0/Conv)",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="refuse when top-1 or top-3 accuracy on labelled images drops by more (0.5 points)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="without labelled images: refuse below this top-3 agreement (0.99)",
+    )
+    parser.add_argument(
+        "--cpu-flags",
+        metavar="FLAGS_OR_CPUINFO",
+        default=None,
+        help="int8 --target cpu: the deployment CPU's flags (avx2,avx512_vnni) or a copy of its "
+        "/proc/cpuinfo, when it is not this machine (decides reduce_range)",
     )
     parser.add_argument("--softmax", action="store_true", default=None, help="softmax inside the graph")
     parser.add_argument(
@@ -176,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "target": args.target,
         "min_top3_agreement": args.min_agreement,
+        "max_accuracy_drop": args.max_accuracy_drop,
+        "calibration_method": args.calibration_method,
+        "exclude_nodes": [n for n in args.exclude_nodes.split(",") if n] if args.exclude_nodes else None,
         "with_softmax": args.softmax,
         "topk_in_graph": args.topk_in_graph,
         "exporter": args.exporter,
@@ -198,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
         manifest, recorded_images, decoder = pool_data(args.ckpt)
         args.images, args.images_root = str(manifest), args.images_root or recorded_images
     verify, calib = _sources(args, cfg)
+    flags = None
+    if args.cpu_flags:
+        from submit.quantize import parse_cpu_flags
+
+        flags = parse_cpu_flags(args.cpu_flags)
     if pool:
         report = export_pool(
             args.ckpt,
@@ -209,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             method=args.method,
             workers=workers,
             decoder=decoder,
+            cpu_flags=flags,
             progress=not args.no_progress,
         )
     else:
@@ -220,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
             export_cfg,
             workers=workers,
             decoder=decoder,
+            cpu_flags=flags,
             progress=not args.no_progress,
         )
     v = report["verification"]
