@@ -438,7 +438,7 @@ def judge(figures: dict[str, Any], accuracy: dict[str, Any] | None, cfg: ExportC
         worst = max(drops.values())
         if worst > cfg.max_accuracy_drop + 1e-9:
             return (
-                f"{cfg.precision} model loses {drops['top-1']:.2f} top-1 and {drops[f'top-{k}']:.2f} "
+                f"{cfg.precision} model loses {drops['top-1'] + 0:.2f} top-1 and {drops[f'top-{k}'] + 0:.2f} "
                 f"top-{k} accuracy points on {accuracy['labelled_images']} labelled images "
                 f"(> export.max_accuracy_drop={cfg.max_accuracy_drop})"
             )

@@ -211,3 +211,79 @@ def test_bad_inputs_are_one_line_errors(kit: dict, tmp_path: Path, capsys: pytes
     assert main(["export", str(kit["ckpt"]), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "pass --images" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_guard_judges_the_accuracy_change_not_a_3rd_4th_swap() -> None:
+    """Two models whose 3rd and 4th classes swap on every image: the top-3 agreement is 0, the top-1
+    and top-3 accuracy are the same; the old agreement gate refused this, the accuracy gate passes it.
+    A lost top-1 is refused in one line that names the measured drop and what helps."""
+    from submit.export import judge
+    from submit.verify import accuracy_change, agreement
+
+    ref = np.tile(np.array([[5.0, 4.0, 3.0, 2.9, 0.0]]), (200, 1))
+    swapped = ref.copy()
+    swapped[:, [2, 3]] = swapped[:, [3, 2]]
+    labels = np.zeros(200, dtype=np.int64)
+    labels[::4] = 1
+    cfg = ExportConfig(precision="int8")
+    figures = agreement(ref, swapped, k=3)
+    assert figures["top3_agreement"] == 0.0
+    assert judge(figures, accuracy_change(ref, swapped, labels, k=3), cfg, 3) is None
+    assert "top-3 of only 0.00% of 200 unlabelled" in judge(figures, None, cfg, 3)  # no labels: agreement
+    worse = ref.copy()
+    worse[1:3, [0, 1]] = worse[1:3, [1, 0]]  # two images (label 0) lose their top-1: 1 point
+    reason = judge(agreement(ref, worse, k=3), accuracy_change(ref, worse, labels, k=3), cfg, 3)
+    assert reason == (
+        "int8 model loses 1.00 top-1 and 0.00 top-3 accuracy points on 200 labelled images "
+        "(> export.max_accuracy_drop=0.5)"
+    )
+    assert (
+        judge(
+            agreement(ref, worse, k=3),
+            accuracy_change(ref, worse, labels, k=3),
+            cfg.model_copy(update={"max_accuracy_drop": 1.0}),
+            3,
+        )
+        is None
+    )
+
+
+def test_refusal_names_the_drop_and_the_remedies(kit: dict, tmp_path: Path) -> None:
+    ckpt = _tied_checkpoint(kit, tmp_path / "tied.safetensors")
+    df = read_images(kit["images"])
+    cfg = ExportConfig(
+        precision="int8",
+        calibration_method="percentile",
+        exclude_nodes=["/model/conv1/conv1.0/Conv"],
+        quantize_head=True,
+        float_fallback=False,
+        calibration_images=16,
+        exporter="legacy",
+    )
+    with pytest.raises(ImatError) as info:
+        export_model(ckpt, tmp_path / "s.onnx", df, cfg=cfg)
+    err = str(info.value)
+    assert "\n" not in err and "top-3 of only" in err
+    assert "--calibration-method percentile or entropy (was percentile)" in err and "--exclude-nodes" in err
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_cli_calibration_options_reach_the_model(
+    kit: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--calibration DIR, --calibration-method, --exclude-nodes and --cpu-flags end up in the JSON; a
+    calibration folder holding the verification images themselves is not used on them: the images are
+    split into a calibration half and a verification half."""
+    out = tmp_path / "s.onnx"
+    calib = kit["images"]
+    args = ["export", str(kit["ckpt"]), "--out", str(out), "--precision", "int8", "--images", str(kit["images"]),
+            "--calibration", str(calib), "--calibration-method", "entropy", "--exclude-nodes",
+            "/model/conv1/conv1.0/Conv", "--cpu-flags", "avx2,sse4_2", "--min-agreement", "0",
+            "--exporter", "legacy", "--no-progress"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    int8 = json.loads((tmp_path / "s.onnx.json").read_text())["int8"]
+    assert int8["calibration_method"] == "entropy" and int8["excluded_nodes"] == ["/model/conv1/conv1.0/Conv"]
+    assert int8["reduce_range"] is True and int8["cpu_vnni"] is False  # for the deployment CPU given
+    assert int8["calibration_source"] == "half of the verification rows"
+    report = json.loads((tmp_path / "s.onnx.json").read_text())
+    assert int8["calibration_images"] + report["verification"]["images"] <= 54
