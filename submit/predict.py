@@ -234,4 +234,24 @@ def read_predictions(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[s
     if df["image_id"].duplicated().any():
         dup = df.loc[df["image_id"].duplicated(), "image_id"].iloc[0]
         raise ImatError(f"{p}: image id {dup!r} appears more than once")
+    if info.get("probs_shards") and "probs" not in df.columns:
+        df["probs"] = _shard_probs(p.parent / info["probs_shards"], df["image_id"])
     return df, info
+
+
+def _shard_probs(folder: Path, image_ids: pd.Series) -> list[np.ndarray]:
+    """The probabilities `imat predict --ray --save-probs` left in worker-written shards, in the order
+    of ``image_ids`` (an unreadable image has none)."""
+    import pyarrow.dataset as pads
+
+    if not folder.is_dir():
+        raise ImatError(f"{folder}: the probability shards named by the predictions file are missing")
+    table = pads.dataset(str(folder), format="parquet").to_table(columns=["image_id", "probs", "missing"])
+    by_id = dict(zip(table.column("image_id").to_pylist(), table.column("probs").to_numpy(), strict=True))
+    missing = dict(
+        zip(table.column("image_id").to_pylist(), table.column("missing").to_pylist(), strict=True)
+    )
+    return [
+        np.asarray(by_id[i], np.float32) if not missing.get(i, True) else np.zeros(0, np.float32)
+        for i in image_ids.astype(str)
+    ]

@@ -3,15 +3,19 @@
 The image list (a folder, a manifest or a competition file, read exactly as the single-process path
 reads it) becomes a Ray Dataset in blocks, processed in two stages:
 
-1. :func:`decode_batch` in CPU ``map_batches`` tasks: JPEG decoding and the eval transform (the same
-   ``imat.data`` code as the single-process path), so the GPU actors never wait on decoding;
-2. :class:`OnnxPredictor` in an actor pool (``compute=ActorPoolStrategy(size=actors)``): one
-   onnxruntime session per actor, a GPU each when the cluster has GPUs and the provider is not ``cpu``.
+1. :func:`decode_batch` in CPU ``map_batches`` tasks: JPEG decoding, resizing and cropping (the eval
+   geometry of ``imat.data``), handed on as uint8 (a quarter of float32's bytes through the object
+   store), so the GPU actors never wait on decoding;
+2. :class:`OnnxPredictor` in an actor pool: normalisation, then one onnxruntime session per actor. By
+   default one actor per GPU of the cluster (provider not ``cpu``), else CPU actors of a few cores each,
+   one CPU left to decoding; onnxruntime's intra-op threads = the CPUs the actor holds (:func:`plan_actors`).
 
-The actors' results are written by the workers (``write_parquet`` into ``OUT.parts/``) rather than
-gathered on the driver, then read back and joined to the input list on row number and image id, and
-written by :func:`submit.predict.write_predictions`: the same Parquet, columns and metadata as
-``imat predict``.
+The actors' results are written by the workers (``write_parquet`` into ``OUT.parts/``), never gathered
+whole on the driver: it reads back only the small columns (top-k, missing) to write the predictions
+file with :func:`submit.predict.write_predictions` (the same Parquet, columns and metadata as
+``imat predict``). With ``--save-probs`` the full probabilities stay in those worker-written shards,
+kept as ``OUT.probs/`` (named in the file's metadata, ``probs_shards``); :func:`submit.predict.read_predictions`
+attaches them for the consumer that needs them. ``max_driver_bytes`` bounds what the driver reads.
 
 On a cluster the model file, the images and the output folder must be at the same path on every node
 (shared storage).
@@ -44,18 +48,18 @@ def decode_batch(
     decoder: str,
     scales: list[float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """A CPU task: image rows -> their pre-processed tensors (the eval transform of imat.data, as in
-    the single-process path; with several TTA ``scales``, one view per scale: ``(n, V, 3, S, S)``); an
-    unreadable image gets zeros and ``ok`` False."""
+    """A CPU task: image rows -> their resized, cropped uint8 CHW images (the eval geometry of
+    imat.data, as in the single-process path; with several TTA ``scales``, one view per scale:
+    ``(n, V, 3, S, S)``), normalised by the actor; an unreadable image gets zeros and ``ok`` False."""
     from imat.data import ImageDataset
     from submit.tta import view_transform
 
     scales = list(scales or [1.0])
     desc = {"input_size": size, "mean": mean, "std": std, "crop_pct": crop}
     rows = pd.DataFrame({"image_id": batch["image_id"], "path": batch["path"], "label": -1})
-    dataset = ImageDataset(rows, None, view_transform(desc, scales), decoder)
+    dataset = ImageDataset(rows, None, view_transform(desc, scales, normalize=False), decoder)
     views = () if scales == [1.0] else (len(scales),)
-    images = np.zeros((len(rows), *views, 3, size, size), np.float32)
+    images = np.zeros((len(rows), *views, 3, size, size), np.uint8)  # the actor normalises
     ok = np.zeros(len(rows), dtype=bool)
     for i in range(len(rows)):
         item = dataset[i]
@@ -83,6 +87,10 @@ class OnnxPredictor:
         from submit.runtime import Runner, create_session
 
         desc = read_description(model)
+        # albumentations' Normalize on uint8: (x - mean * 255) / (std * 255)
+        # (3, 1, 1): broadcasts over (B, 3, S, S) and over (B, V, 3, S, S) TTA views alike
+        self.shift = (np.asarray(desc["mean"], np.float32) * 255).reshape(3, 1, 1)
+        self.scale = (1 / (np.asarray(desc["std"], np.float32) * 255)).reshape(3, 1, 1)
         session, self.provider = create_session(
             model, provider, threads=threads, description=desc, max_batch=batch_size, warn_target=False
         )  # the driver warns once about a model meant for another device, not every actor
@@ -96,37 +104,77 @@ class OnnxPredictor:
         # x is (B, 3, S, S), or (B, V, 3, S, S) with one view per TTA scale (decode_batch)
         return average_views(lambda b: self.runner(b)[0], x, self.tta_flip, self.probs_out)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        """A pyarrow table with plain list columns: Parquet any reader (and :func:`read_small_columns`)
+        reads without Ray's tensor extension types; the probabilities as one list<float32> column."""
+        import pyarrow as pa
+
         from submit.verify import topk_indices
 
         ok = np.asarray(batch["ok"], dtype=bool)
         n = len(ok)
         top_idx: list[list[int]] = [[] for _ in range(n)]
         top_scores: list[list[float]] = [[] for _ in range(n)]
-        probs_col: list[Any] = [np.zeros(0, np.float32) for _ in range(n)]
+        probs = np.zeros((0, 0), np.float32)
         if ok.any():
-            probs = self._probs(np.ascontiguousarray(batch["image"][ok], dtype=np.float32))
+            images = (np.asarray(batch["image"][ok], np.float32) - self.shift) * self.scale
+            probs = self._probs(np.ascontiguousarray(images, dtype=np.float32)).astype(np.float32)
             idx = topk_indices(probs, self.k)
             scores = np.take_along_axis(probs, idx, axis=1)
             for j, i in enumerate(np.flatnonzero(ok)):
                 top_idx[i] = idx[j].tolist()
-                top_scores[i] = scores[j].astype(np.float32).tolist()
-                if self.save_probs:
-                    probs_col[i] = probs[j].astype(np.float32)
-        out = pd.DataFrame(
-            {
-                "_row": np.asarray(batch["_row"], dtype=np.int64),
-                "image_id": np.asarray(batch["image_id"]).astype(str),
-                "top_idx": top_idx,
-                "top_scores": top_scores,
-                "missing": ~ok,
-            }
+                top_scores[i] = scores[j].tolist()
+        columns = {
+            "_row": pa.array(np.asarray(batch["_row"], dtype=np.int64)),
+            "image_id": pa.array(np.asarray(batch["image_id"]).astype(str).tolist(), pa.string()),
+            "top_idx": pa.array(top_idx, pa.list_(pa.int64())),
+            "top_scores": pa.array(top_scores, pa.list_(pa.float32())),
+            "missing": pa.array(~ok),
+            "provider": pa.array([self.provider] * n, pa.string()),
+            "_actor": pa.array([os.getpid()] * n, pa.int64()),  # which actor did the work (reported)
+        }
+        if self.save_probs:  # one flat buffer and offsets: an unreadable image has an empty list
+            lengths = np.where(ok, probs.shape[1] if len(probs) else 0, 0)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            columns["probs"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1)))
+        return pa.table(columns)
+
+
+def plan_actors(
+    cluster_cpus: float, cluster_gpus: float, provider: str, actors: int | None, threads: int | None
+) -> tuple[int, float, int, int]:
+    """(actors, CPUs per actor, GPUs per actor, onnxruntime intra-op threads per actor).
+
+    With GPUs (and a provider other than ``cpu``): one actor per GPU unless ``actors`` says otherwise,
+    each holding one CPU. On CPUs: ``threads`` cores per actor (default up to 4), as many actors as fit
+    beside one CPU kept for the decoding tasks (a small machine gets fractions rather than a deadlock);
+    each actor's onnxruntime runs on the CPUs it holds, not on every core of the node."""
+    if provider != "cpu" and cluster_gpus >= 1:
+        n = actors or int(cluster_gpus)
+        return n, 1.0, 1, threads or 1
+    spare = max(cluster_cpus - 1, 0.1)
+    per = float(threads) if threads else max(1.0, min(4.0, spare))
+    n = actors or max(1, int(spare // per))
+    actor_cpus = min(per, spare / n)
+    return n, actor_cpus, 0, threads or max(1, int(actor_cpus))
+
+
+SMALL_COLUMNS = ["_row", "image_id", "top_idx", "top_scores", "missing", "provider", "_actor"]
+
+
+def read_small_columns(parts: Path, max_bytes: int | None = None) -> pd.DataFrame:
+    """The top-k columns of the worker-written shards (never ``probs``); ImatError when they alone
+    exceed ``max_bytes`` (the driver's budget)."""
+    import pyarrow.dataset as pads
+
+    if not any(parts.glob("*.parquet")):
+        return pd.DataFrame(columns=SMALL_COLUMNS)
+    table = pads.dataset(str(parts), format="parquet").to_table(columns=SMALL_COLUMNS)
+    if max_bytes is not None and table.nbytes > max_bytes:
+        raise ImatError(
+            f"the predictions' top-k columns take {table.nbytes} bytes, over the driver budget of {max_bytes}"
         )
-        out["provider"] = self.provider
-        out["_actor"] = os.getpid()  # which actor process did the work (reported, then dropped)
-        if self.save_probs:
-            out["probs"] = probs_col
-        return out
+    return table.to_pandas()
 
 
 def ray_predict(
@@ -142,15 +190,20 @@ def ray_predict(
     save_probs: bool = False,
     threads: int | None = None,
     decoder: str = "cv2",
-    actors: int = 2,
+    actors: int | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
     tta_scales: str | list[float] | None = None,
+    max_driver_bytes: int | None = None,
 ) -> pd.DataFrame:
-    """:func:`submit.predict.predict` over Ray Data with ``actors`` onnxruntime actors.
+    """:func:`submit.predict.predict` over Ray Data with ``actors`` onnxruntime actors (default: from
+    the cluster, :func:`plan_actors`; ``threads``: CPUs and intra-op threads per actor).
 
     Connects to ``address`` (or ``RAY_ADDRESS``) or starts a local Ray (``num_cpus`` caps it). Returns
-    the same frame (and writes the same Parquet to ``out``) as the single-process path.
+    the same frame (and writes the same Parquet to ``out``) as the single-process path, except that
+    with ``save_probs`` the probabilities stay in the workers' shards (``OUT.probs/``, which needs
+    ``out``) and the frame has no ``probs`` column. ``max_driver_bytes``: refuse to read more than this
+    into the driver.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -166,9 +219,11 @@ def ray_predict(
         raise ImatError(f"--topk must be >= 1, got {topk}")
     if batch_size < 1:
         raise ImatError(f"--batch-size must be >= 1, got {batch_size}")
-    if actors < 1:
+    if actors is not None and actors < 1:
         raise ImatError(f"--actors must be >= 1, got {actors}")
     tta = make_tta(tta_flip, tta_scales)
+    if save_probs and out is None:
+        raise ImatError("--save-probs with --ray writes the probabilities as shards beside --out: give --out")
     desc = read_description(model)
     classes = class_map_of(desc, str(model))
     k = min(topk, classes.num_classes)
@@ -196,10 +251,17 @@ def ray_predict(
     if parts.exists():
         shutil.rmtree(parts)
     try:
-        gpus = 1 if provider != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        # CPU actors must leave a CPU to the decoding tasks, or a small machine deadlocks
-        actor_cpus = 1.0 if gpus else min(1.0, max(0.1, (cpus - 1) / actors))
+        resources = ray.cluster_resources()
+        actors, actor_cpus, gpus, threads = plan_actors(
+            float(resources.get("CPU", 1)), float(resources.get("GPU", 0)), provider, actors, threads
+        )
+        log.info(
+            "Ray Data: %d actor(s), %.2g CPU and %d GPU each, %d onnxruntime thread(s)",
+            actors,
+            actor_cpus,
+            gpus,
+            threads,
+        )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         blocks = max(actors, min(n, (n + batch_size - 1) // batch_size)) if n else 1
@@ -243,8 +305,12 @@ def ray_predict(
     finally:
         if started:
             ray.shutdown()
+    probs_dir = Path(f"{out}.probs") if save_probs else None
     try:
-        written = pd.read_parquet(parts) if any(parts.glob("*.parquet")) else pd.DataFrame()
+        written = read_small_columns(parts, max_driver_bytes)
+        if probs_dir is not None:  # the workers' shards are the probabilities file: kept, not read
+            shutil.rmtree(probs_dir, ignore_errors=True)
+            parts.rename(probs_dir)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     if len(written) != n:
@@ -270,8 +336,6 @@ def ray_predict(
             "missing": missing,
         }
     )
-    if save_probs:
-        frame["probs"] = [np.asarray(p, np.float32) for p in result["probs"]]
     if missing.any():
         log.warning("%d of %d images could not be read; flagged missing", int(missing.sum()), n)
     active = str(result["provider"].iloc[0]) if n else provider
@@ -292,6 +356,8 @@ def ray_predict(
         "ray_actors": actors,
         "ray_actors_used": int(result["_actor"].nunique()) if n else 0,
     }
+    if probs_dir is not None:
+        info["probs_shards"] = probs_dir.name  # beside the predictions file
     frame.attrs["imat"] = info
     if out is not None:
         write_predictions(out, frame, info)

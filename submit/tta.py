@@ -76,9 +76,10 @@ class MultiView:
         return torch.stack([t(image=image)["image"] for t in self.transforms])
 
 
-def view_transform(desc: dict[str, Any], scales: Sequence[float]) -> Any:
+def view_transform(desc: dict[str, Any], scales: Sequence[float], normalize: bool = True) -> Any:
     """The eval transform of a model description (``input_size``, ``mean``, ``std``, ``crop_pct``): the
-    plain one for scale 1.0 alone, else a :class:`MultiView` of one transform per scale."""
+    plain one for scale 1.0 alone, else a :class:`MultiView` of one transform per scale.
+    ``normalize=False``: uint8 views, normalised later (Ray's actors)."""
     from imat.data import build_eval_transform
 
     size, crop = int(desc["input_size"]), float(desc.get("crop_pct", 0.875))
@@ -89,7 +90,7 @@ def view_transform(desc: dict[str, Any], scales: Sequence[float]) -> Any:
                 f"TTA scale {s:g} is below the model's crop_pct {crop:g}: the view would need padding "
                 f"(use scales >= {crop:g})"
             )
-        out.append(build_eval_transform(size, desc["mean"], desc["std"], crop / s))
+        out.append(build_eval_transform(size, desc["mean"], desc["std"], crop / s, normalize=normalize))
     if tuple(scales) == (1.0,):
         return out[0]
     return MultiView(out)

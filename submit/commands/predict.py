@@ -52,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help="larger images (by their header) are not decoded: fallback rows (default %(default)s)",
     )
-    parser.add_argument("--actors", type=int, default=2, help="with --ray: number of inference actors")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="with --ray: inference actors (default: one per GPU of the cluster, else CPU actors of "
+        "--threads cores, up to 4 each)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
