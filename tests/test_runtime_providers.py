@@ -205,3 +205,29 @@ def test_probe_model_is_valid(tmp_path: Path) -> None:
 
     _probe_model(tmp_path / "m.onnx")
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+
+
+def test_tensorrt_libraries_of_the_pip_wheel_are_preloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tensorrt-cu13-libs wheel's folder (``tensorrt_libs``) is found and its libraries loaded
+    globally (stand-ins: copies of the C math library under TensorRT's sonames)."""
+    import ctypes.util
+    import shutil
+
+    libm = ctypes.util.find_library("m")
+    found = next(
+        (p for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64")
+         if libm and (p := Path(d) / libm).is_file()),
+        None,
+    )  # fmt: skip
+    if found is None:
+        pytest.skip("no libm to stand in for the TensorRT libraries")
+    package = tmp_path / "tensorrt_libs"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in runtime.TENSORRT_LIBRARIES:
+        shutil.copy(found, package / name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = runtime.preload_tensorrt_libraries()
+    assert [Path(p).name for p in loaded] == list(runtime.TENSORRT_LIBRARIES)
