@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU acceptance for one machine with one NVIDIA GPU (about 5-6 minutes on an H200; budget: 8). A hard
 # stop at GPU_CHECK_DEADLINE_S (530 s) ends whatever still runs; every finished row is already in the
-# table (rows are written as they are measured) and a "hard stop" row says what was cut.
+# table (rows are written as they are measured) and a "hard stop" row says what was cut. The inference
+# part ends GPU_CHECK_TRAIN_RESERVE_S (120 s) before the deadline when gpu_check_train.py follows it.
 #
 #   bash benchmarks/gpu_check.sh [OUT_CSV]          # default benchmarks/results/gpu_check.csv
 #   bash benchmarks/gpu_check.sh --dry-run [OUT_CSV]  # the same steps on the CPU at toy sizes
@@ -68,7 +69,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
 deadline="${GPU_CHECK_DEADLINE_S:-530}"  # hard stop, before 9 minutes
 reserve=0
-[[ -f "$here/gpu_check_train.py" ]] && reserve="${GPU_CHECK_TRAIN_RESERVE_S:-150}"  # the training checks' share
+[[ -f "$here/gpu_check_train.py" ]] && reserve="${GPU_CHECK_TRAIN_RESERVE_S:-120}"  # the training checks' share
 hard_stop() {  # $1: the part that was cut; the header too when it was cut before its first row
     "$python" -c 'import csv, os, sys
 out, part = sys.argv[1], sys.argv[2]
@@ -92,7 +93,7 @@ if [[ $dry == 1 ]]; then
         --val-images 24 --calibration-images 16 --batch 8 --batches 2 --e2e-repeats 1 --workers 0 \
         || { rc=$?; [[ $rc == 124 || $rc == 137 ]] && hard_stop inference; }
 else
-    timeout -k 5 "$infer_s" "$python" "$here/gpu_check.py" --out "$out" --budget-s $((infer_s - 100)) \
+    timeout -k 5 "$infer_s" "$python" "$here/gpu_check.py" --out "$out" --budget-s $((infer_s - 90)) \
         || { rc=$?; [[ $rc == 124 || $rc == 137 ]] && hard_stop inference; }
 fi
 if [[ -f "$here/gpu_check_train.py" ]]; then
