@@ -16,7 +16,7 @@ shape. After a TensorRT session is created, one profiled run counts the nodes Te
 provider (a split engine) and warns with the count. CUDA gets a fixed cuDNN algorithm search and a
 grow-as-requested arena; the :class:`Runner` pads a short last batch to the full batch on a GPU so both
 see one input shape. Runs use IO binding. Why a GPU provider did not start (a missing library, no
-device) is said at warning level, in one line."""
+driver or device) is said in the same one-line warning (``auto``) or error (an explicit provider)."""
 
 from __future__ import annotations
 
@@ -268,12 +268,7 @@ def provider_report() -> list[tuple[str, bool, str]]:
                 if missing:
                     rows.append((name, False, why_inactive(name)))
                     continue
-            quiet = log.level
-            log.setLevel(logging.ERROR)  # the report line says why; no second warning
-            try:
-                session, active = _try_session(str(probe), name, None, None)
-            finally:
-                log.setLevel(quiet)
+            session, active, reason = _try_session(str(probe), name, None, None)
             if session is not None and active == name:
                 libs = (
                     " (TensorRT from the tensorrt-cu13-libs wheel)"
@@ -282,7 +277,7 @@ def provider_report() -> list[tuple[str, bool, str]]:
                 )
                 rows.append((name, True, f"a session starts on it{libs}"))
             else:
-                rows.append((name, False, why_inactive(name, active if session is not None else None)))
+                rows.append((name, False, reason or why_inactive(name)))
     return rows
 
 
@@ -387,8 +382,9 @@ def _try_session(
     description: dict[str, Any] | None = None,
     max_batch: int = MAX_BATCH,
     optimize: bool = True,
-) -> tuple[Any, str]:
-    """A session asking for ``name`` first, and the provider that actually became active."""
+) -> tuple[Any, str, str | None]:
+    """A session asking for ``name`` first, the provider that actually became active, and why
+    ``name`` did not (None when it did)."""
     import onnxruntime as ort
 
     if name in GPU_PROVIDERS:
@@ -417,19 +413,17 @@ def _try_session(
             raise ImatError(
                 f"{model}: onnxruntime cannot load this model ({str(exc).splitlines()[0]})"
             ) from None
+        if profile_dir:
+            shutil.rmtree(profile_dir, ignore_errors=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("provider %s failed: %s", name, first[:300])
-        return None, "none"
+        return None, "none", first[:300]
     finally:
         ort.set_default_logger_severity(previous)
-        if profile_dir and "session" not in locals():
-            shutil.rmtree(profile_dir, ignore_errors=True)
     if sink.getvalue().strip():
         log.debug("onnxruntime: %s", sink.getvalue().strip())
     active_full = session.get_providers()[0]
     active = next((k for k, v in PROVIDERS.items() if v == active_full), active_full)
-    if active != name:
-        log.warning("provider %s did not start: %s", name, why_inactive(name, active))
+    reason = why_inactive(name, active) if active != name else None
     if profile_dir:
         try:
             placement = _profiled_placement(session, (description or {}).get("input_size"))
@@ -439,7 +433,7 @@ def _try_session(
             log.warning("could not check which provider runs each node: %s", str(exc).splitlines()[0][:200])
         finally:
             shutil.rmtree(profile_dir, ignore_errors=True)
-    return session, active
+    return session, active, reason
 
 
 def create_session(
@@ -475,29 +469,37 @@ def create_session(
             raise ImatError(
                 f"provider {provider!r} is not in this onnxruntime build (it has {', '.join(listed)})"
             )
-        session, active = _try_session(path, provider, threads, cache, description, max_batch, optimize)
+        session, active, reason = _try_session(
+            path, provider, threads, cache, description, max_batch, optimize
+        )
         if session is None or active != provider:
             raise ImatError(
-                f"provider {provider!r} is listed but did not initialise (no GPU or missing CUDA/TensorRT "
-                f"libraries?); use --provider cpu or auto"
+                f"provider {provider!r} is listed but did not initialise ({reason}); use --provider cpu or auto"
             )
         log.info("onnxruntime provider: %s", active)
         if warn_target:
             _warn_mismatch(description, active)
         return session, active
-    tried = []
+    tried: list[str] = []
+    reasons: list[str] = []
     for name in AUTO_ORDER:
         if name not in listed:
             continue
-        session, active = _try_session(path, name, threads, cache, description, max_batch, optimize)
+        session, active, reason = _try_session(path, name, threads, cache, description, max_batch, optimize)
         if session is not None and active == name:
-            if tried:
-                log.warning("provider %s did not initialise; using %s", " and ".join(tried), active)
+            if tried:  # one line, with why each better provider did not start
+                log.warning(
+                    "provider %s did not initialise; using %s (%s)",
+                    " and ".join(tried),
+                    active,
+                    "; ".join(reasons),
+                )
             log.info("onnxruntime provider: %s", active)
             if warn_target:
                 _warn_mismatch(description, active)
             return session, active
         tried.append(name)
+        reasons.append(f"{name}: {reason}")
     raise ImatError(f"{path}: no onnxruntime provider could run this model")  # CPU always exists
 
 

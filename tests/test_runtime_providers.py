@@ -17,6 +17,7 @@ import pytest
 from test_runtime_gpu import CPU, CUDA, TRT, FakeSession
 
 from imat.app.cli import main
+from imat.errors import ImatError
 from submit import runtime
 from submit.runtime import Runner, create_session, node_placement, target_mismatch
 
@@ -124,10 +125,14 @@ def test_why_a_gpu_provider_did_not_start_is_a_warning(
     with caplog.at_level(logging.WARNING):
         _, active = create_session(fake_gpu, "auto", description=DESC)
     assert active == "cpu"
-    trt = [r for r in caplog.records if r.getMessage().startswith("provider tensorrt did not start")]
-    assert len(trt) == 1 and trt[0].levelno == logging.WARNING
-    assert "libnvinfer.so.10: cannot open shared object file" in trt[0].getMessage()
-    assert "make install-gpu" in trt[0].getMessage() and "\n" not in trt[0].getMessage()
+    lines = [r for r in caplog.records if "did not initialise" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING  # one line for both providers
+    line = lines[0].getMessage()
+    assert line.startswith("provider tensorrt and cuda did not initialise; using cpu (tensorrt: ")
+    assert "libnvinfer.so.10: cannot open shared object file" in line and "make install-gpu" in line
+    assert "cuda: " in line and "\n" not in line
+    with pytest.raises(ImatError, match=r"'tensorrt' is listed but did not initialise \(libnvinfer.so.10"):
+        create_session(fake_gpu, "tensorrt", description=DESC)
 
 
 def test_cuda_options_and_one_batch_shape(fake_gpu: Path) -> None:
