@@ -98,7 +98,7 @@ def test_ray_stages_give_the_same_views(onnx_model) -> None:
         tta_scales=[1.0, 1.15],
     )
     want = single.set_index("image_id").loc[list(ids), "probs"]
-    for g, w in zip(got["probs"], want, strict=True):
+    for g, w in zip(got["probs"].to_pylist(), want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-6)
 
 
