@@ -176,7 +176,9 @@ def base_config(run_dir: Path, args: argparse.Namespace) -> dict:
                 "crop_pct": 1.0,
                 "model_kwargs": json.loads(args.student_kwargs),
             },
-            "blocks": [{"index": -2, "length": 16, "gamma": 0.05}, {"index": "logits", "gamma": 1.0}],
+            # stage 1 (8x8 at 32 px) pooled to 64: a stage block whose map has positions to spare, scored
+            # with the product's defaults (max over channels, block temperature); the sweep tunes its gamma
+            "blocks": [{"index": 1, "length": 64, "gamma": 0.05}, {"index": "logits", "gamma": 1.0}],
             "temperature": 1.0,
             "train": {**recipe, "epochs": args.student_epochs, "aug": {"preset": args.aug}},
         },
