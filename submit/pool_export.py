@@ -77,13 +77,15 @@ class PoolModel(nn.Module):
         logps = [
             torch.log_softmax(m(self.member_input(x, i)).float(), dim=1) for i, m in enumerate(self.members)
         ]
-        stacked = torch.stack(logps)
+        # element-wise over the members (no Reduce* over a stacked axis): onnxruntime's symbolic shape
+        # inference, which int8 quantisation runs, cannot type ReduceMax/ReduceLogSumExp with opset 18 axes
         if self.method == "geomean":
-            return torch.log_softmax(stacked.mean(dim=0), dim=1)
-        # log of the mean probability, written out (max, exp, sum, log) rather than as logsumexp:
-        # onnxruntime's symbolic shape inference, which int8 quantisation runs, lacks ReduceLogSumExp
-        top = stacked.max(dim=0).values
-        return top + torch.log(torch.exp(stacked - top).sum(dim=0)) - math.log(len(logps))
+            return torch.log_softmax(sum(logps[1:], logps[0]) / len(logps), dim=1)
+        top = logps[0]
+        for lp in logps[1:]:
+            top = torch.maximum(top, lp)
+        total = sum((torch.exp(lp - top) for lp in logps[1:]), torch.exp(logps[0] - top))
+        return top + torch.log(total) - math.log(len(logps))
 
 
 def pool_members(pool_dir: str | os.PathLike[str], selected: bool = False) -> tuple[list[TeacherEntry], str]:

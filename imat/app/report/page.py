@@ -143,8 +143,8 @@ def _submission_section(data: RunData) -> str:
         table = shown.to_html(index=False, border=0, escape=True)
     budget = f" Budget: {sub['budget']}." if sub.get("budget") else ""
     return (
-        f"<h2>Submitted model</h2><p>{html.escape(str(sub.get('reason', '')))}"
-        f"{html.escape(budget)}</p>{table}"
+        f"<h2>Submitted model</h2><p>{html.escape(str(sub.get('reason', '')))}</p>"
+        f"{f'<p class=muted>{html.escape(budget.strip())}</p>' if budget else ''}{table}"
         f"<p class=muted>Exported: {html.escape(str(sub.get('checkpoint', '')))}; each student's "
         f"best epoch is the one its best.safetensors holds; images/s at submit.batch_size on this "
         f"machine's provider, divided by the TTA views.</p>"
