@@ -135,8 +135,11 @@ def _submission_section(data: RunData) -> str:
     cands = pd.DataFrame(sub.get("candidates") or [])
     table = ""
     if not cands.empty:
-        shown = format_candidates(sub, text=False)
+        shown = format_candidates(sub, text=False).rename(
+            columns={"top-1 err %": "val top-1 err %", "top-3 err %": "val top-3 err %"}
+        )
         shown["best epoch"] = cands["best_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+        shown["last epoch"] = cands["last_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v)))
         shown["best epoch picked on"] = cands["picked_on"]
         shown["errors from"] = cands.get("measured_on", pd.Series(["checkpoint"] * len(cands)))
         shown["checkpoint"] = cands["checkpoint"]
