@@ -118,3 +118,54 @@ def test_several_updates_of_one_optimiser_per_batch_refuse_accumulation(tmp_path
     engine = accum_engine(tmp_path, batch=4, accum=2, manual=True, d_steps=2)
     with pytest.raises(ImatError, match="accum_steps=2.*'disc' more than once"):
         engine.fit()
+
+
+class _Squares(torch.utils.data.Dataset):
+    def __init__(self, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = torch.arange(n) % 5
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": int(self.y[i]), "index": i}
+
+
+def _meal_discriminators(out: Path, batch: int, accum: int) -> dict[str, torch.Tensor]:
+    """The real MEAL task (alternating discriminators) for one update on 8 images; BatchNorm frozen so
+    a network's output does not depend on how the 8 images are split into batches."""
+    from meal_kit import MEAN, STD, meal_task, tiny
+    from timm.layers import freeze_batch_norm_2d
+
+    from distill.teachers_runtime import FrozenTeacher, TeacherEnsemble
+    from imat.engine import Engine
+
+    student = freeze_batch_norm_2d(tiny(100))
+    teacher = FrozenTeacher("t0", tiny(0, arch="resnet18"), 40, MEAN, STD, False)
+    task = meal_task(
+        student,
+        TeacherEnsemble([teacher], "mean", seed=0),
+        [2, "logits"],
+        [[2, "logits"]],
+        lengths=[20, None],
+        num_classes=5,
+        adversarial=dict(enabled=True, mode="alternating", lr=0.05, optimizer="adam"),
+    )
+    loader = DataLoader(_Squares(), batch_size=batch, shuffle=False)
+    cfg = TrainConfig(epochs=1, batch_size=batch, accum_steps=accum, lr=0.05, lr_scale="none", device="cpu")
+    engine = Engine(task, cfg, out, loader, None, progress=False, tensorboard=False)
+    engine.fit()
+    assert engine.update_step == 1
+    return {k: v.clone() for k, v in task.discriminators.state_dict().items()}
+
+
+def test_meal_discriminators_accumulate_the_whole_cycle(tmp_path):
+    """Two accumulated batches of 4 update MEAL's discriminators as one batch of 8 does (their
+    gradient is the cycle's, not only its last batch's)."""
+    want = _meal_discriminators(tmp_path / "one", batch=8, accum=1)
+    got = _meal_discriminators(tmp_path / "two", batch=4, accum=2)
+    assert want
+    for key, value in want.items():
+        assert torch.allclose(value, got[key], atol=1e-5), key

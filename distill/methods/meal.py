@@ -379,9 +379,8 @@ class MealTask(DistillTaskBase):
         if self.mode == "alternating":
             # 1) discriminator step(s) on detached vectors; accuracy is recorded before the first update,
             #    on vectors D has not been trained on (a held-out figure, not a training one)
+            #    (the engine clears D's gradients: per step, or at a cycle's start when accumulating)
             for d_step in range(self.d_steps):
-                for p in self.discriminators.parameters():
-                    p.grad = None
                 d_total = s_vecs[0].new_zeros((), dtype=torch.float32)
                 for k, d in enumerate(self.active_discriminators()):
                     dt, ds = self._d(d, t_raw[k].detach()), self._d(d, s_vecs[k].detach())
