@@ -114,6 +114,33 @@ def test_an_uneven_last_cycle_and_a_schedule_per_update(tmp_path):
     assert df["lr_main"].tolist() == pytest.approx([0.1 * 12 / 16] * 2)  # global batch 12, lr set for 16
 
 
+def test_mid_epoch_checkpoints_keep_coming_under_accumulation(tmp_path):
+    """48 images in batches of 4 with accum 3: updates end at batches 3, 6, 9 and 12 of each epoch, so
+    ``ckpt_every_steps=4`` never lands on an update boundary; a checkpoint still follows every 4 batches
+    at the next boundary (counting from the last save)."""
+    from engine_kit import loaders, tiny_cnn, train_cfg
+
+    from imat.engine import ClassificationTask, Engine
+
+    train, _ = loaders(n=48, batch=4)
+    cfg = train_cfg(epochs=2, batch_size=4, accum_steps=3, ckpt_every_steps=4)
+    engine = Engine(
+        ClassificationTask(tiny_cnn()), cfg, tmp_path, train, None, progress=False, tensorboard=False
+    )
+    saved = []
+    save = engine._save_last
+
+    def spy(epoch, step_in_epoch, *args):
+        saved.append((epoch, step_in_epoch))
+        return save(epoch, step_in_epoch, *args)
+
+    engine._save_last = spy
+    engine.fit()
+    # mid-epoch at batch 6 of each epoch (4 batches since the last save, at a boundary), plus epoch ends
+    assert [s for s in saved if s[1]] == [(0, 6), (1, 6)]
+    assert len(saved) == 4
+
+
 def test_several_updates_of_one_optimiser_per_batch_refuse_accumulation(tmp_path):
     engine = accum_engine(tmp_path, batch=4, accum=2, manual=True, d_steps=2)
     with pytest.raises(ImatError, match="accum_steps=2.*'disc' more than once"):

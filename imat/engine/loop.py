@@ -149,6 +149,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         self.epoch = 0  # next epoch to train (0-based)
         self.global_step = 0  # batches trained on, across epochs
         self.update_step = 0  # optimiser updates (global_step / accum_steps, rounded up per epoch)
+        self._ckpt_step = 0  # global_step at the last write of last.ckpt
         self._micro: tuple[bool, bool, int] = (True, True, 1)  # first / last of its cycle, cycle length
         self._optimized: set[str] = set()  # optimisers a manual task updated in this batch
         self._pending: list[str] = []  # their steps, due after the batch (end of an accumulation cycle)
@@ -246,6 +247,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
             seed_everything(self.cfg.seed)
             self.history, self.best_value, self.best_epoch = [], None, None
             self.epoch, self.global_step, self.update_step = 0, 0, 0
+        self._ckpt_step = self.global_step  # batches trained when last.ckpt was last written
         if self.distributed:  # every rank starts from rank 0's weights, as DDP does
             dist_utils.broadcast_modules(self.task.modules())
             if self.ema is not None:
@@ -416,7 +418,8 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                         self._logger.scalar("step/loss", loss_value, self.global_step)
                 if (
                     cfg.ckpt_every_steps
-                    and self.global_step % cfg.ckpt_every_steps == 0
+                    # counted from the last save: with accumulation a multiple of it may never be a boundary
+                    and self.global_step - self._ckpt_step >= cfg.ckpt_every_steps
                     and step + 1 < self.steps_per_epoch
                     and last  # never inside an accumulation cycle: its gradients are not saved
                 ):
@@ -428,6 +431,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                         "train_time": acc["train_time"] + time.perf_counter() - t0,
                     }
                     self._save_last(epoch, step + 1, epoch_rng, acc_now)
+                    self._ckpt_step = self.global_step
         finally:
             bar.close()
             del iterator  # shuts loader workers down before evaluation starts its own
@@ -493,6 +497,8 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         improved = self._update_best(row)
         row["is_best"] = improved
         self.history.append(row)
+        # on every rank (only rank 0 writes last.ckpt): they decide the next mid-epoch save alike
+        self._ckpt_step = self.global_step
         if self.is_main:
             if improved:
                 self._save_best(row)
