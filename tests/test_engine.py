@@ -311,3 +311,23 @@ def test_uint8_batches_normalised_on_the_device_equal_the_cpu_pipeline(tmp_path:
     # the same metrics, up to float rounding (the two normalisations round differently)
     assert engine.evaluate(u_val) == pytest.approx(engine.evaluate(f_val), rel=1e-6)
     assert engine.fit()["train_loss"].notna().all()
+
+
+def test_the_main_process_augmentation_is_seeded_with_workers_too(tmp_path: Path) -> None:
+    """Replacement batches (a batch with no readable image) are read in the main process even when
+    workers load the rest: its copy of the pipeline draws from the rank's seed, so a rerun repeats."""
+    import numpy as np
+
+    from imat.data.transforms import build_train_transform
+
+    class Augmented(ToyData):
+        transform = build_train_transform("heavy", 16)
+
+    train = DataLoader(Augmented(8, size=16), batch_size=4, num_workers=2, collate_fn=collate)
+    engine = Engine(ClassificationTask(tiny_cnn()), train_cfg(), tmp_path, train, None, progress=False)
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    draws = []
+    for _ in range(2):
+        engine._prepare_loader(0, rank_seed=5)
+        draws.append([Augmented.transform(image=img)["image"] for _ in range(3)])
+    assert all(np.array_equal(a, b) for a, b in zip(*draws, strict=True))

@@ -297,8 +297,10 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
             own.manual_seed(derive_seed(rank_seed, 1))
             seen.add(id(own))
         transform = getattr(getattr(loader, "dataset", None), "transform", None)
-        if not getattr(loader, "num_workers", 0) and callable(getattr(transform, "set_random_seed", None)):
-            transform.set_random_seed(derive_seed(rank_seed, 2) % 2**32)  # workers seed their own copies
+        if callable(getattr(transform, "set_random_seed", None)):
+            # the main process's copy: all of it with no workers, and replacement batches with them
+            # (workers seed their own copies)
+            transform.set_random_seed(derive_seed(rank_seed, 2) % 2**32)
         for obj in (
             getattr(loader, "sampler", None),
             getattr(loader, "batch_sampler", None),
