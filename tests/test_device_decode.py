@@ -204,3 +204,31 @@ def test_decode_gpu_under_two_gloo_ranks(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_a_replaced_batch_whose_images_vanished(tmp_path: Path, decode: str) -> None:
+    """A batch with no readable image is replaced by re-reading the last readable one; when those files
+    are gone too, an encoded batch (data.decode: gpu) is repeated with its JPEG bytes (the model gets
+    images), and a decoded one, whose pixels the loader does not keep, is a clear error."""
+    paths = [_smooth(tmp_path / f"ok{i}.jpg", 40, 40) for i in range(2)] + [tmp_path / "gone.jpg"] * 2
+    df = _frame(paths)
+    if decode == "gpu":
+        spec = DeviceDecode(16, None)
+        loader = build_loader(EncodedDataset(df, None, spec), 2, False, 0, collate_fn=EncodedCollate(spec))
+    else:
+        loader = build_loader(ImageDataset(df, None, build_eval_transform(16)), 2, False, 0)
+    loader.replace_unreadable = True
+    it = iter(loader)
+    first = next(it)
+    for p in paths[:2]:
+        p.unlink()
+    if decode == "cpu":
+        with pytest.raises(ImatError, match=r"images \[0, 1\].*became unreadable"):
+            next(it)
+        return
+    again = next(it)
+    assert again["index"].tolist() == [0, 1] and again["skipped"] == 2
+    assert [bytes(j.numpy()) for j in again["jpeg"]] == [bytes(j.numpy()) for j in first["jpeg"]]
+    images = batch_to_device(again, torch.device("cpu"), False, (MEAN, STD))["image"]
+    assert images.shape == (2, 3, 16, 16)

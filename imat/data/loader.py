@@ -96,6 +96,11 @@ class SkipLoader(DataLoader):
             items = [self.dataset[int(i)] for i in index.tolist()]
             batch = self.collate_fn(items)
             if batch["label"].numel() == 0:  # unreadable now (deleted meanwhile): repeat the batch
+                if "image" not in readable and "jpeg" not in readable:
+                    raise ImatError(
+                        f"images {index.tolist()} of this loader's dataset became unreadable during the "
+                        "pass (were files deleted while training?)"
+                    )
                 batch = dict(readable)
         else:
             batch = dict(readable)
@@ -105,7 +110,7 @@ class SkipLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.epoch_skipped = 0
         self.epoch_replaced = 0
-        readable: dict[str, Any] | None = None  # only its index is re-read: bounded memory
+        readable: dict[str, Any] | None = None  # its index is re-read: no decoded images kept
         owed: list[int] = []  # skipped counts of empty batches that came before any readable one
         carry = 0
         for batch in super().__iter__():
@@ -121,7 +126,10 @@ class SkipLoader(DataLoader):
             if carry:  # dropped batches' counts ride on the next yielded one
                 batch["skipped"] = int(batch["skipped"]) + carry
                 carry = 0
-            readable = {k: batch[k] for k in ("index", "label", "image", "skipped") if k in batch}
+            # what a re-read needs, and the encoded keys of data.decode: gpu (their bytes are small);
+            # a decoded image batch (e.g. 64 x 3 x 448 x 448 floats) only when there is no index to re-read
+            rereadable = isinstance(batch.get("index"), torch.Tensor) and batch["index"].numel() > 0
+            readable = {k: v for k, v in batch.items() if k != "image" or not rereadable}
             yield batch
             for count in owed:
                 yield self._replacement(readable, count)
