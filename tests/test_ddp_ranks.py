@@ -177,7 +177,14 @@ def _unreadable_worker(rank: int, world: int, port: int, out: str) -> None:
     engine = Engine(_task(log), cfg, Path(out), loader, progress=False, tensorboard=False)
     df = engine.fit()
     Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"steps": len(log), "global_step": engine.global_step, "skipped": df["skipped"].tolist()})
+        json.dumps(
+            {
+                "steps": len(log),
+                "global_step": engine.global_step,
+                "skipped": df["skipped"].tolist(),
+                "replaced": df["replaced_batches"].tolist(),
+            }
+        )
     )
     torch.distributed.destroy_process_group()
 
@@ -185,12 +192,13 @@ def _unreadable_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_a_rank_with_an_unreadable_batch_runs_as_many_steps(tmp_path):
     """Rank 1's first batch has no readable image: it is replaced by re-read samples of rank 1's own
     shard, so both ranks take 4 steps per epoch (no rank waits for the other); the 4 unreadable images
-    are still counted in the summary."""
+    are still counted in the summary, and so is the replaced batch (summed over ranks)."""
     _spawn(_unreadable_worker, 2, str(tmp_path))
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert runs[0]["steps"] == runs[1]["steps"] == 8
     assert runs[0]["global_step"] == runs[1]["global_step"] == 8
     assert runs[0]["skipped"] == [4, 4]
+    assert runs[0]["replaced"] == runs[1]["replaced"] == [1, 1]
 
 
 def _accum_worker(rank: int, world: int, port: int, out: str) -> None:

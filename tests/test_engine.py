@@ -70,11 +70,11 @@ def test_fit_learns_and_writes_files(tmp_path: Path) -> None:
     assert df["train_loss"].iloc[-1] < df["train_loss"].iloc[0]
     summary = pd.read_csv(tmp_path / "summary.csv")
     for col in ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top3", "val_top1_err",
-                "val_top3_err", "lr_main", "images_per_s", "epoch_time_s", "skipped", "is_best"]:  # fmt: skip
+                "val_top3_err", "lr_main", "images_per_s", "epoch_time_s", "skipped", "replaced_batches", "is_best"]:  # fmt: skip
         assert col in summary.columns, col
     assert len(summary) == 4
     # 48 training images in batches of 8 -> never odd; validation 24 in 16 + 8 -> 0 skipped per the collate
-    assert (summary["skipped"] == 0).all()
+    assert (summary["skipped"] == 0).all() and (summary["replaced_batches"] == 0).all()
     assert summary["val_top3_err"].tolist() == pytest.approx((1 - summary["val_top3"]).tolist())
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 4 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 24

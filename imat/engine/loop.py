@@ -444,13 +444,21 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
         self, epoch: int, sums: dict[str, Any], n_images: int, skipped: int, train_time: float
     ) -> None:
         t_eval = time.perf_counter()
+        # training batches with no readable image, replaced by re-read ones (imat.data.loader.SkipLoader)
+        replaced = int(getattr(self.train_loader, "epoch_replaced", 0))
         if self.distributed:  # whole-epoch sums over ranks; BatchNorm statistics averaged over ranks
             totals = dist_utils.sum_across_ranks(
-                {**{f"sum_{k}": v for k, v in sums.items()}, "_images": n_images, "_skipped": skipped},
+                {
+                    **{f"sum_{k}": v for k, v in sums.items()},
+                    "_images": n_images,
+                    "_skipped": skipped,
+                    "_replaced": replaced,
+                },
                 self.device,
             )
             sums = {k: totals[f"sum_{k}"] for k in sums}
             n_images, skipped = int(totals["_images"]), int(totals["_skipped"])
+            replaced = int(totals["_replaced"])
             train_time = dist_utils.max_across_ranks(train_time, self.device)
             if not self.cfg.sync_bn:
                 dist_utils.average_norm_stats(self.task.modules())
@@ -490,6 +498,7 @@ class Engine(GuardsMixin, StepsMixin, EvaluationMixin, ResumeMixin, BestMixin):
                 value = value.item()
             row[key if key not in row else f"task_{key}"] = value
         row["skipped"] = skipped
+        row["replaced_batches"] = replaced
         row["nonfinite_grad_steps"] = self._bad_grad_steps
         row["train_images"] = n_images
         row["images_per_s"] = n_images / train_time if train_time > 0 else float("nan")
