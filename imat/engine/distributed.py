@@ -430,8 +430,8 @@ def wrap_ddp(task: Any, device: torch.device, accumulate: bool = False) -> nn.Mo
 
     ``accumulate`` (``train.accum_steps > 1``, whose accumulating steps run under ``no_sync``) turns
     ``static_graph`` off and ``find_unused_parameters`` on: static_graph with ``no_sync`` fails an
-    internal assert in the reducer, or silently stops reducing from the second iteration
-    (pytorch/pytorch#143580, #187732; accelerate#3679)."""
+    internal assert in the reducer, or silently stops reducing from the second iteration (known,
+    unfixed upstream behaviour of DDP's static graph with skipped synchronisations)."""
     if not is_distributed() or getattr(task, "manual_optimization", False):
         return None
     step = TaskStep(task)
