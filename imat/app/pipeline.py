@@ -52,6 +52,13 @@ def _choice_current(cfg: RunConfig) -> bool:
     return choice_is_current(cfg)
 
 
+def _distils(cfg: RunConfig) -> bool:
+    """Whether the run's method learns from the teachers (else its student is the baseline itself)."""
+    from distill.methods import get_method
+
+    return get_method(cfg.distill.method).needs_teachers
+
+
 def _baseline_cfg(cfg: RunConfig) -> RunConfig:
     """The student alone: the same student and recipe, plain CE on the labels, beside the MEAL run."""
     distill = cfg.distill.model_copy(update={"method": "ce"})
@@ -210,7 +217,7 @@ STEPS: list[Step] = [
         "baseline",
         step_baseline,
         lambda c: [_student(_baseline_cfg(c))],
-        lambda c: (c.pipeline.baseline or c.pipeline.submit_model == "baseline") and c.distill.method != "ce",
+        lambda c: (c.pipeline.baseline or c.pipeline.submit_model == "baseline") and _distils(c),
     ),
     Step("select", step_select, lambda c: [c.run_path / "submission.json"], current=_choice_current),
     Step("export", step_export, lambda c: [_onnx(c), _onnx(c).with_name(_onnx(c).name + ".json")]),

@@ -389,8 +389,10 @@ def choice_is_current(cfg: RunConfig) -> bool:
 
 def choose_submission(cfg: RunConfig) -> dict[str, Any]:
     """Compare the run's students, write ``RUN_DIR/submission.json`` and return what it holds."""
+    from distill.methods import get_method
+
     metric, _ = _settings(cfg)
-    if cfg.pipeline.submit_model == "baseline" and cfg.distill.method == "ce":
+    if cfg.pipeline.submit_model == "baseline" and not get_method(cfg.distill.method).needs_teachers:
         raise ImatError(
             "pipeline.submit_model: baseline, but distill.method is ce, so the distilled student is the "
             "student alone: use pipeline.submit_model=distilled"
