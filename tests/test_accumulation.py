@@ -112,6 +112,14 @@ def test_an_uneven_last_cycle_and_a_schedule_per_update(tmp_path):
     df = engine.fit()
     assert engine.updates_per_epoch == 3 and engine.update_step == 6
     assert df["lr_main"].tolist() == pytest.approx([0.1 * 12 / 16] * 2)  # global batch 12, lr set for 16
+    # the last cycle (2 batches) averages over its own 8 images: as batches of 12, 12 and 8 train
+    whole = accum_engine(
+        tmp_path / "whole", batch=12, accum=1, manual=False, warmup_epochs=1.0, schedule="constant"
+    )
+    whole.fit()
+    assert whole.update_step == 6
+    for key, value in _weights(whole).items():
+        assert torch.allclose(value, _weights(engine)[key], atol=1e-5), key
 
 
 def test_mid_epoch_checkpoints_keep_coming_under_accumulation(tmp_path):

@@ -78,10 +78,10 @@ class Killed(Exception):
     pass
 
 
-def _task(log: list):
+def _task(log: list, seed: int = 0):
     from imat.engine import ClassificationTask
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 8 * 8, 3))
 
     class Rec(ClassificationTask):
@@ -128,15 +128,32 @@ def _streams_worker(rank: int, world: int, port: int, out: str) -> None:
 
     cfg = TrainConfig(epochs=2, batch_size=4, lr=0.1, device="cpu", ckpt_every_steps=2, seed=3)
     full: list = []
-    Engine(_task(full), cfg, Path(out) / "full", _loader(4), progress=False, tensorboard=False).fit()
+    # each rank builds other weights: only the engine's broadcast can make them agree
+    Engine(
+        _task(full, seed=100 + rank), cfg, Path(out) / "full", _loader(4), progress=False, tensorboard=False
+    ).fit()
     # the same run killed at epoch 2, step 4 (checkpoint at step 2) and resumed
     killed: list = []
     os.environ["KILL_AT"] = "1"
     with contextlib.suppress(Killed):
-        Engine(_task(killed), cfg, Path(out) / "killed", _loader(4), progress=False, tensorboard=False).fit()
+        Engine(
+            _task(killed, seed=100 + rank),
+            cfg,
+            Path(out) / "killed",
+            _loader(4),
+            progress=False,
+            tensorboard=False,
+        ).fit()
     os.environ["KILL_AT"] = "0"
     resumed: list = []
-    engine = Engine(_task(resumed), cfg, Path(out) / "killed", _loader(4), progress=False, tensorboard=False)
+    engine = Engine(
+        _task(resumed, seed=100 + rank),
+        cfg,
+        Path(out) / "killed",
+        _loader(4),
+        progress=False,
+        tensorboard=False,
+    )
     engine.fit(resume=True)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"full": full, "killed": killed, "resumed": resumed}))
     torch.distributed.destroy_process_group()
@@ -150,7 +167,7 @@ def test_ranks_draw_their_own_streams_from_shared_weights_and_order(tmp_path):
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     full = [r["full"] for r in runs]
     assert len(full[0]) == len(full[1]) == 8  # 32 images, 2 ranks x 4: 4 steps x 2 epochs
-    assert full[0][0]["first_weight"] == full[1][0]["first_weight"]  # initial weights agree
+    assert full[0][0]["first_weight"] == full[1][0]["first_weight"]  # built apart, broadcast alike
     for epoch in (0, 1):
         seen = [i for r in (0, 1) for s in full[r] if s["epoch"] == epoch for i in s["index"]]
         assert sorted(seen) == list(range(32))  # one shared permutation, disjoint shares
@@ -204,10 +221,24 @@ def test_a_rank_with_an_unreadable_batch_runs_as_many_steps(tmp_path):
 def _accum_worker(rank: int, world: int, port: int, out: str) -> None:
     _join(rank, world, port)
     from test_accumulation import accum_engine
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from imat.engine import distributed as dist_utils
+
+    reductions = []
+
+    def counting(state, bucket):
+        reductions.append(bucket.index())
+        return allreduce_hook(state, bucket)
 
     for manual in (False, True):
         engine = accum_engine(Path(out) / str(manual), batch=4, accum=2, manual=manual)
+        if not manual:  # the engine's own wrapper, built before fit so that the test can hook it
+            engine.ddp = dist_utils.wrap_ddp(engine.task, engine.device, accumulate=True)
+            engine.ddp.register_comm_hook(None, counting)
         engine.fit()
+        if not manual:
+            Path(out, f"reductions{rank}.json").write_text(json.dumps([len(reductions), engine.update_step]))
         if rank == 0:
             state = {
                 f"{n}.{k}": v for n, m in engine.task.modules().items() for k, v in m.state_dict().items()
@@ -223,6 +254,9 @@ def test_two_ranks_accumulating_match_one_process(tmp_path):
     from test_accumulation import accum_engine
 
     _spawn(_accum_worker, 2, str(tmp_path))
+    for rank in (0, 1):  # one all-reduce per optimiser update (one bucket), none on accumulating batches
+        reductions, updates = json.loads((tmp_path / f"reductions{rank}.json").read_text())
+        assert updates == 4 and reductions == updates
     for manual in (False, True):
         one = accum_engine(tmp_path / "one" / str(manual), batch=16, accum=1, manual=manual)
         one.fit()
