@@ -235,6 +235,8 @@ def _options(
             workers=cfg.data.num_workers,
             save_probs=True,
             decoder=cfg.data.decoder,
+            max_pixels=cfg.data.max_pixels,
+            draft=cfg.data.draft,
             progress=False,
         )
         if len(frame) != len(missing):
