@@ -178,15 +178,18 @@ class Model:
 def _quick_export(loaded: tuple[Any, ...], out: Path, cfg: RunConfig) -> None:
     """fp32 ONNX with its description, for measuring (the submitted model is exported and verified
     by the export step)."""
-    from submit.export import ExportWrapper, export_fp32, model_description, sidecar_path
+    import tempfile
+
+    from submit.export import ExportWrapper, copy_onnx, export_fp32, model_description, sidecar_path
 
     model, meta, prep, classes = loaded
     wrapper = ExportWrapper(model).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    export_fp32(wrapper, prep.input_size, tmp, cfg.export.opset, cfg.export.exporter)
-    write_json(sidecar_path(out), model_description(prep, classes, meta, "fp32", wrapper))
-    tmp.replace(out)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+        fp32 = Path(tmp) / "model.onnx"  # with its external data beside it when large
+        export_fp32(wrapper, prep.input_size, fp32, cfg.export.opset, cfg.export.exporter)
+        write_json(sidecar_path(out), model_description(prep, classes, meta, "fp32", wrapper))
+        copy_onnx(fp32, out)
 
 
 def time_model(onnx: Path, provider: str, batch: int, images: int) -> float:
@@ -207,7 +210,14 @@ def time_model(onnx: Path, provider: str, batch: int, images: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _models(cfg: RunConfig, students: list[Candidate]) -> list[Model]:
+def _models(
+    cfg: RunConfig,
+    students: list[Candidate],
+    left_out: list[dict[str, str]] | None = None,
+    left_out_ok: bool = True,
+) -> list[Model]:
+    """Each candidate network exported and timed; one that fails is left out (``left_out``: its name
+    and why) unless it is a student and ``left_out_ok`` is false."""
     from submit.model import load_checkpoint
     from submit.pool_export import build_pool_model, is_pool, pool_members
 
@@ -234,14 +244,42 @@ def _models(cfg: RunConfig, students: list[Candidate]) -> list[Model]:
     out = []
     for idx, (name, kind, source, build, selected) in enumerate(todo):
         onnx = folder / f"{idx}-{kind}.onnx"
-        built = build()
-        _quick_export(built, onnx, cfg)
-        params = sum(p.numel() for p in built[0].parameters())
-        method = str(built[1].get("method", "mean"))
-        del built
-        speed = time_model(onnx, cfg.submit.provider, batch, cfg.pipeline.speed_images)
+        try:
+            built = build()
+            _quick_export(built, onnx, cfg)
+            params = sum(p.numel() for p in built[0].parameters())
+            method = str(built[1].get("method", "mean"))
+            del built
+            speed = time_model(onnx, cfg.submit.provider, batch, cfg.pipeline.speed_images)
+        except measure_errors() as exc:
+            if kind == "student" and not left_out_ok:
+                raise
+            _leave_out(left_out, name, "export or timing", exc)
+            continue
         out.append(Model(name, kind, source, onnx, params, speed, selected, method))
     return out
+
+
+def measure_errors() -> tuple[type[BaseException], ...]:
+    """What exporting or running one candidate may raise without stopping the comparison: imat's own
+    errors, onnx/protobuf/onnxruntime errors (a graph over protobuf's 2 GB, an op the provider lacks)
+    and running out of memory."""
+    from google.protobuf.message import Error as ProtobufError
+    from onnx.checker import ValidationError
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    found = [getattr(ort_errors, n, None) for n in ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf",
+                                                     "RuntimeException", "InvalidGraph", "NotImplemented")]  # fmt: skip
+    ort = tuple(e for e in found if isinstance(e, type))
+    return (ImatError, OSError, RuntimeError, ValueError, MemoryError, ProtobufError, ValidationError, *ort)
+
+
+def _leave_out(left_out: list[dict[str, str]] | None, name: str, stage: str, exc: BaseException) -> None:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    reason = f"{stage} failed: {exc.__class__.__name__}: {first}"[:500]
+    log.warning("candidate %s left out: %s", name, reason)
+    if left_out is not None:
+        left_out.append({"name": name, "reason": reason})
 
 
 def _options(
@@ -353,10 +391,14 @@ def _val_rows(cfg: RunConfig) -> tuple[ValRows, np.ndarray | None] | None:
     return ValRows(labels, classes.num_classes, val), counts
 
 
-def measured_candidates(cfg: RunConfig, students: list[Candidate]) -> list[Candidate]:
+def measured_candidates(
+    cfg: RunConfig, students: list[Candidate], left_out: list[dict[str, str]] | None = None
+) -> list[Candidate]:
     """The students with their measured validation accuracy and cost, each student's best TTA, and the
     pool (and its greedy selection) with and without TTA; ``students`` unchanged when the run has no
-    labelled validation split to measure on."""
+    labelled validation split to measure on. A pool candidate whose export or measurement fails is
+    left out with a warning (appended to ``left_out``: name and reason); a student's failure is raised,
+    since the distilled student must be comparable."""
     from dataclasses import replace
 
     from imat.app.submission_choice import select_metric
@@ -370,13 +412,18 @@ def measured_candidates(cfg: RunConfig, students: list[Candidate]) -> list[Candi
     out: list[Candidate] = []
     extra: list[Candidate] = []
     by_checkpoint = {Path(c.checkpoint).resolve(): c for c in students}
-    for model in _models(cfg, students):
-        options, missing = _options(cfg, model, rows, counts)
+    for model in _models(cfg, students, left_out, left_out_ok=False):
+        try:
+            options, missing = _options(cfg, model, rows, counts)
+            members, seen = _members(cfg, rows) if model.selected else (None, None)
+        except measure_errors() as exc:
+            if model.kind == "student":
+                raise
+            _leave_out(left_out, model.name, "measuring on validation", exc)
+            continue
         labels = rows.labels.copy()
         labels[missing] = -1  # an unreadable image is left out, as imat teachers eval leaves it out
-        members = None
-        if model.selected:  # the teachers were chosen on this split too: cross-fit that choice
-            members, seen = _members(cfg, rows)
+        if seen is not None:  # the teachers were chosen on this split too: that choice is cross-fitted
             labels[seen < 0] = -1
         base = [o for o in options if (o.tta.flip, tuple(o.tta.scales)) == base_tta]
         plain = crossfit(base, labels, metric, members) if base else None
