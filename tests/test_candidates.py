@@ -173,3 +173,33 @@ def test_the_submitted_post_processing_is_the_chosen_one(tmp_path):
     assert submitted_postprocessing(cfg) == (True, [1.0, 1.15], True)
     fixed = cfg.model_copy(update={"submit": cfg.submit.model_copy(update={"prior_correction": False})})
     assert submitted_postprocessing(fixed)[2] is False  # an explicit setting wins over the choice
+
+
+def test_candidates_decode_validation_as_the_run_does(tmp_path, monkeypatch):
+    """Validation images are decoded for the candidates under the run's pixel limit and draft setting."""
+    import pandas as pd
+
+    import submit.predict
+    from imat.app.candidates import Model, ValRows, _options
+
+    onnx = tmp_path / "0-student.onnx"
+    desc = {"input_size": 32, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3}
+    (tmp_path / "0-student.onnx.json").write_text(json.dumps(desc))
+    seen = []
+
+    def fake_predict(model, source, out=None, **kw):
+        seen.append(kw)
+        return pd.DataFrame({"missing": [False, True], "probs": [np.full(4, 0.25, np.float32), np.zeros(0)]})
+
+    monkeypatch.setattr(submit.predict, "predict", fake_predict)
+    cfg = RunConfig.model_validate(
+        {
+            "run_dir": str(tmp_path),
+            "data": {"max_pixels": 1234, "draft": False},
+            "submit": {"tta_search": False},
+        }
+    )
+    model = Model("student", "student", tmp_path / "best.safetensors", onnx, 10, 1.0)
+    options, missing = _options(cfg, model, ValRows(np.array([0, 1]), 4), None)
+    assert len(options) == 1 and missing.tolist() == [False, True]
+    assert seen and all(kw["max_pixels"] == 1234 and kw["draft"] is False for kw in seen)
