@@ -211,13 +211,10 @@ def time_model(onnx: Path, provider: str, batch: int, images: int) -> float:
 
 
 def _models(
-    cfg: RunConfig,
-    students: list[Candidate],
-    left_out: list[dict[str, str]] | None = None,
-    left_out_ok: bool = True,
+    cfg: RunConfig, students: list[Candidate], left_out: list[dict[str, str]] | None = None
 ) -> list[Model]:
-    """Each candidate network exported and timed; one that fails is left out (``left_out``: its name
-    and why) unless it is a student and ``left_out_ok`` is false."""
+    """Each candidate network exported and timed; a pool that fails is left out (``left_out``: its
+    name and why), a student's failure is raised."""
     from submit.model import load_checkpoint
     from submit.pool_export import build_pool_model, is_pool, pool_members
 
@@ -252,7 +249,7 @@ def _models(
             del built
             speed = time_model(onnx, cfg.submit.provider, batch, cfg.pipeline.speed_images)
         except measure_errors() as exc:
-            if kind == "student" and not left_out_ok:
+            if kind == "student":
                 raise
             _leave_out(left_out, name, "export or timing", exc)
             continue
@@ -268,9 +265,8 @@ def measure_errors() -> tuple[type[BaseException], ...]:
     from onnx.checker import ValidationError
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-    found = [getattr(ort_errors, n, None) for n in ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf",
-                                                     "RuntimeException", "InvalidGraph", "NotImplemented")]  # fmt: skip
-    ort = tuple(e for e in found if isinstance(e, type))
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "RuntimeException", "InvalidGraph")
+    ort = tuple(e for e in (getattr(ort_errors, n, None) for n in names) if isinstance(e, type))
     return (ImatError, OSError, RuntimeError, ValueError, MemoryError, ProtobufError, ValidationError, *ort)
 
 
@@ -353,7 +349,7 @@ def _members(cfg: RunConfig, rows: ValRows) -> tuple[Members, np.ndarray]:
     entries = load_pool(cfg.pool_dir)
     probs, labels = pool_probs(
         entries,
-        rows.frame,
+        rows.frame.assign(label=rows.labels),
         cfg.data.images,
         tta_flip=bool(chosen.get("tta_flip")),
         batch_size=min(cfg.submit.batch_size, 64),
@@ -412,7 +408,7 @@ def measured_candidates(
     out: list[Candidate] = []
     extra: list[Candidate] = []
     by_checkpoint = {Path(c.checkpoint).resolve(): c for c in students}
-    for model in _models(cfg, students, left_out, left_out_ok=False):
+    for model in _models(cfg, students, left_out):
         try:
             options, missing = _options(cfg, model, rows, counts)
             members, seen = _members(cfg, rows) if model.selected else (None, None)
