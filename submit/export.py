@@ -71,6 +71,61 @@ class ExportWrapper(nn.Module):
         return [first, "topk_scores", "topk_indices"] if self.topk else [first]
 
 
+# Weights above this are written as ONNX external data (``MODEL.onnx.data`` beside the model, which
+# onnxruntime and onnx.load read from the same folder): protobuf cannot hold a message over 2 GB, which
+# a pool of large teachers exceeds; smaller models stay one self-contained file.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def data_path(model: str | os.PathLike[str]) -> Path:
+    """Where a model written by :func:`save_onnx` keeps its external weights, if it has any."""
+    return Path(str(model) + ".data")
+
+
+def _weight_bytes(proto: onnx.ModelProto) -> int:
+    return sum(
+        len(t.raw_data) or 4 * (len(t.float_data) + len(t.int32_data)) for t in proto.graph.initializer
+    )
+
+
+def save_onnx(proto: onnx.ModelProto, dst: str | os.PathLike[str]) -> None:
+    """Write ``proto`` to ``dst`` (the model file replaced atomically), its weights as external data in
+    :func:`data_path` when they exceed ``EXTERNAL_DATA_BYTES``. ``proto`` may lose its weights."""
+    dst = Path(dst)
+    data, tmp = data_path(dst), dst.with_name(dst.name + ".tmp")
+    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
+    if _weight_bytes(proto) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(
+            proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
+        )
+    else:
+        onnx.save_model(proto, str(tmp))
+    os.replace(tmp, dst)
+
+
+def copy_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """``src`` (and its external data, which is renamed for ``dst``) to ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if data_path(src).is_file() or _has_external(src):
+        save_onnx(onnx.load(str(src)), dst)
+    else:
+        write_bytes(dst, src.read_bytes())
+        data_path(dst).unlink(missing_ok=True)
+
+
+def _has_external(model: Path) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(str(model), load_external_data=False)
+    return any(uses_external_data(t) for t in proto.graph.initializer)
+
+
+def onnx_bytes(model: str | os.PathLike[str]) -> int:
+    """The model file's size plus its external data's, if any."""
+    data = data_path(model)
+    return Path(model).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 @contextlib.contextmanager
 def _quiet_loggers() -> Any:
     """The dynamo exporter's optimiser logs every pass at INFO; keep that out of imat's output."""
@@ -91,8 +146,11 @@ def export_fp32(
     """Export ``wrapper`` with a symbolic batch dimension; returns the exporter that succeeded.
 
     ``auto`` tries torch's dynamo exporter (the default since torch 2.9) and falls back to the legacy
-    TorchScript one, which timm ResNets also export cleanly with (``dynamic_axes``)."""
+    TorchScript one, which timm ResNets also export cleanly with (``dynamic_axes``). Weights over
+    ``EXTERNAL_DATA_BYTES`` are written as external data beside ``dst``."""
     example = torch.randn(2, 3, input_size, input_size)
+    tensors = [*wrapper.parameters(), *wrapper.buffers()]
+    large = sum(t.numel() * t.element_size() for t in tensors) > EXTERNAL_DATA_BYTES
     names = wrapper.output_names()
     errors: list[str] = []
     order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
@@ -110,7 +168,7 @@ def export_fp32(
                         output_names=names,
                         opset_version=max(opset, 18),
                         dynamic_shapes=({0: torch.export.Dim("batch")},),
-                        external_data=False,
+                        external_data=large,
                         verbose=False,
                     )
                 else:
@@ -123,6 +181,7 @@ def export_fp32(
                         output_names=names,
                         opset_version=opset,
                         dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
+                        external_data=large,
                     )
             return kind
         except Exception as exc:  # exporter failures come in many types; the next exporter may work
@@ -329,13 +388,14 @@ def export_model(
             del proto.metadata_props[:]
             entry = proto.metadata_props.add()
             entry.key, entry.value = META_KEY, json.dumps(description)
-            try:
-                onnx.checker.check_model(proto, full_check=True)
+            save_onnx(proto, final)
+            del proto
+            try:  # by path: the checker reads external data from beside the model
+                onnx.checker.check_model(str(final), full_check=True)
             except Exception as exc:  # onnx raises ValidationError and shape inference errors
                 raise ImatError(
                     f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}"
                 ) from None
-            onnx.save(proto, str(final))
 
             session, active = create_session(final, provider, description=description, warn_target=False)
             # An int8 model for the GPU checked on the CPU: onnxruntime's fused CPU int8 kernels sum
@@ -374,12 +434,13 @@ def export_model(
                 # how the int8 graph was run for this check (see above): fused CPU kernels or unfused QDQ
                 "int8_graph": ("unfused QDQ" if unfused else "fused") if scheme is not None else None,
             },
-            "size_bytes": final.stat().st_size,
+            "size_bytes": onnx_bytes(final),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if refusal is not None:
             raise ImatError(f"{refusal}; not written to {out}. {_remedies(cfg, len(attempts) > 1)}")
-        write_bytes(out, final.read_bytes())
+        copy_onnx(final, out)
+        report["size_bytes"] = onnx_bytes(out)
         write_json(sidecar_path(out), report)
     log.info(
         "wrote %s (%s, top-1 agreement %.4f, top-%d agreement %.4f)",

@@ -138,7 +138,9 @@ def to_fp16(src: Path, dst: Path) -> None:
     # TopK's indices and Softmax stay fp32: blocking them keeps the output dtypes the caller expects.
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FLOAT_ONLY_OPS))
     toposort(half.graph)
-    onnx.save(half, str(dst))
+    from submit.export import save_onnx
+
+    save_onnx(half, dst)
 
 
 class BatchReader:

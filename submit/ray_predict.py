@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from imat.data.decode import DEFAULT_MAX_PIXELS
 from imat.errors import ImatError, require_file
 
 log = logging.getLogger(__name__)
@@ -47,17 +48,25 @@ def decode_batch(
     crop: float,
     decoder: str,
     scales: list[float] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
 ) -> dict[str, np.ndarray]:
     """A CPU task: image rows -> their resized, cropped uint8 CHW images (the eval geometry of
     imat.data, as in the single-process path; with several TTA ``scales``, one view per scale:
-    ``(n, V, 3, S, S)``), normalised by the actor; an unreadable image gets zeros and ``ok`` False."""
+    ``(n, V, 3, S, S)``), normalised by the actor; an unreadable image, or one whose header declares
+    more than ``max_pixels`` pixels (never decoded), gets zeros and ``ok`` False. ``draft``: big JPEGs
+    are decoded at the DCT scale the closest view needs, as the single-process path decodes them."""
     from imat.data import ImageDataset
+    from imat.data.recipe import decode_side
     from submit.tta import view_transform
 
     scales = list(scales or [1.0])
     desc = {"input_size": size, "mean": mean, "std": std, "crop_pct": crop}
     rows = pd.DataFrame({"image_id": batch["image_id"], "path": batch["path"], "label": -1})
-    dataset = ImageDataset(rows, None, view_transform(desc, scales, normalize=False), decoder)
+    side = decode_side(None, size, crop / max(scales)) if draft else None
+    dataset = ImageDataset(
+        rows, None, view_transform(desc, scales, normalize=False), decoder, max_pixels, side
+    )
     views = () if scales == [1.0] else (len(scales),)
     images = np.zeros((len(rows), *views, 3, size, size), np.uint8)  # the actor normalises
     ok = np.zeros(len(rows), dtype=bool)
@@ -195,6 +204,8 @@ def ray_predict(
     num_cpus: int | None = None,
     tta_scales: str | list[float] | None = None,
     max_driver_bytes: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
 ) -> pd.DataFrame:
     """:func:`submit.predict.predict` over Ray Data with ``actors`` onnxruntime actors (default: from
     the cluster, :func:`plan_actors`; ``threads``: CPUs and intra-op threads per actor).
@@ -275,6 +286,8 @@ def ray_predict(
                 "crop": float(desc.get("crop_pct", 0.875)),
                 "decoder": decoder,
                 "scales": list(tta.scales),
+                "max_pixels": max_pixels,
+                "draft": draft,
             },
             batch_size=batch_size,
             batch_format="numpy",

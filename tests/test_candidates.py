@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from imat.app.candidates import Option, crossfit, halves
+from imat.app.candidates import Members, Option, crossfit, halves
 from imat.app.submission_choice import (
     Candidate,
     budget_text,
@@ -54,6 +54,39 @@ def test_a_setting_tuned_on_half_the_images_is_scored_on_the_other_half():
     assert fit.top1_err > 0.6  # never the 0% error lucky shows on the half it was chosen on
     assert "cross-fitted over 2 settings" in fit.how
     assert [r["tta"] for r in fit.per_option] == ["none", "flip"]  # cheaper first
+
+
+def _teacher(labels: np.ndarray, right: np.ndarray, classes: int = 10) -> np.ndarray:
+    """Probabilities 0.9 on the label for the rows in ``right``, 0.6 on the next class elsewhere."""
+    p = np.full((len(labels), classes), 0.4 / (classes - 1), dtype=np.float32)
+    wrong = np.setdiff1d(np.arange(len(labels)), right)
+    p[right] = 0.1 / (classes - 1)
+    p[right, labels[right]] = 0.9
+    p[wrong, (labels[wrong] + 1) % classes] = 0.6
+    return p
+
+
+def test_a_greedy_selection_perfect_in_sample_is_not_credited_with_that_error():
+    """Each teacher is right on one half only: together they are perfect on the whole split, so the
+    greedy selection takes both; chosen on either half, it keeps the one teacher right there, which
+    is wrong on every held-out image. The candidate reports that, not the in-sample 0%."""
+    from teachers.ensemble import ensemble_probs
+
+    labels = np.random.default_rng(1).integers(0, 10, 40)
+    a, b = halves(labels)
+    probs = np.stack([_teacher(labels, a), _teacher(labels, b)])
+    whole = Option(make_tta(), False, ensemble_probs(probs, "mean"))
+    members = Members(probs, ["t0", "t1"], ["t0", "t1"], "top1", "mean")
+    fit = crossfit([whole], labels, "top1", members)
+    assert fit.per_option[0]["top1_err"] == 0.0  # in-sample: perfect
+    assert fit.top1_err == 1.0 and fit.option is whole
+    assert fit.how == "validation, cross-fitted over the greedy selection"
+    # a selection both halves agree on is scored with the exported model's probabilities, held out
+    good = Members(
+        np.stack([_teacher(labels, np.arange(40)), probs[1]]), ["t0", "t1"], ["t0"], "top1", "mean"
+    )
+    alone = crossfit([Option(make_tta(), False, good.probs[0])], labels, "top1", good)
+    assert alone.top1_err == 0.0
 
 
 def test_equal_settings_go_to_the_cheaper_and_one_setting_is_scored_on_all_images():
@@ -140,3 +173,33 @@ def test_the_submitted_post_processing_is_the_chosen_one(tmp_path):
     assert submitted_postprocessing(cfg) == (True, [1.0, 1.15], True)
     fixed = cfg.model_copy(update={"submit": cfg.submit.model_copy(update={"prior_correction": False})})
     assert submitted_postprocessing(fixed)[2] is False  # an explicit setting wins over the choice
+
+
+def test_candidates_decode_validation_as_the_run_does(tmp_path, monkeypatch):
+    """Validation images are decoded for the candidates under the run's pixel limit and draft setting."""
+    import pandas as pd
+
+    import submit.predict
+    from imat.app.candidates import Model, ValRows, _options
+
+    onnx = tmp_path / "0-student.onnx"
+    desc = {"input_size": 32, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3}
+    (tmp_path / "0-student.onnx.json").write_text(json.dumps(desc))
+    seen = []
+
+    def fake_predict(model, source, out=None, **kw):
+        seen.append(kw)
+        return pd.DataFrame({"missing": [False, True], "probs": [np.full(4, 0.25, np.float32), np.zeros(0)]})
+
+    monkeypatch.setattr(submit.predict, "predict", fake_predict)
+    cfg = RunConfig.model_validate(
+        {
+            "run_dir": str(tmp_path),
+            "data": {"max_pixels": 1234, "draft": False},
+            "submit": {"tta_search": False},
+        }
+    )
+    model = Model("student", "student", tmp_path / "best.safetensors", onnx, 10, 1.0)
+    options, missing = _options(cfg, model, ValRows(np.array([0, 1]), 4), None)
+    assert len(options) == 1 and missing.tolist() == [False, True]
+    assert seen and all(kw["max_pixels"] == 1234 and kw["draft"] is False for kw in seen)

@@ -287,3 +287,31 @@ def test_cli_calibration_options_reach_the_model(
     assert int8["calibration_source"] == "half of the verification rows"
     report = json.loads((tmp_path / "s.onnx.json").read_text())
     assert int8["calibration_images"] + report["verification"]["images"] <= 54
+
+
+@pytest.mark.parametrize(
+    ("exporter", "precision"), [("dynamo", "fp32"), ("legacy", "fp32"), ("auto", "fp16")]
+)
+def test_large_weights_go_to_external_data_that_everything_loads(
+    kit: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exporter: str, precision: str
+) -> None:
+    """Over the threshold (forced to 0 here; 1 GiB by default, below protobuf's 2 GB limit) the weights
+    are written beside the model as MODEL.onnx.data; onnxruntime, the checker and predict read them."""
+    import submit.export as export_mod
+    from submit.predict import predict
+
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "student.onnx"
+    cfg = ExportConfig(precision=precision, exporter=exporter, min_top3_agreement=0.95)
+    report = export_model(kit["ckpt"], out, read_images(kit["images"]), cfg=cfg)
+    data = tmp_path / "student.onnx.data"
+    assert data.is_file() and data.stat().st_size > out.stat().st_size
+    assert report["size_bytes"] == out.stat().st_size + data.stat().st_size
+    onnx.checker.check_model(str(out), full_check=True)
+    assert report["verification"]["top1_agreement"] >= 0.95
+    frame = predict(out, kit["images"], topk=1, provider="cpu", save_probs=True, progress=False)
+    assert len(frame) and not frame["missing"].all()
+    # a small model stays one file (the default threshold), and a stale data file is removed
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 1 << 30)
+    export_model(kit["ckpt"], out, read_images(kit["images"]), cfg=cfg)
+    assert not data.exists() and len(onnx.load(str(out)).graph.initializer)

@@ -229,6 +229,7 @@ def test_demo_end_to_end_with_tiny_overrides(tmp_path, capsys):
         "pipeline.audit_top=8",
         "export.verify_images=16",
         "export.calibration_images=16",
+        "submit.tta_search=false",  # the candidates' TTA search is the budget tests' to check
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -312,3 +313,34 @@ def test_without_a_budget_the_most_accurate_candidate_is_submitted_and_the_test_
     p = max(min(test_err.values()), 1 / n)
     noise = 1.96 * (2 * p * (1 - p) / n) ** 0.5
     assert test_err[chosen["name"]] <= min(test_err.values()) + noise, (test_err, noise)
+
+
+def test_a_candidate_that_fails_to_export_is_left_out_with_its_reason(config, monkeypatch, caplog):
+    """A pool too large to export (protobuf's 2 GB) must not stop the select step: that candidate is
+    left out with one warning and its reason in submission.json, and the others are compared."""
+    import imat.app.candidates as candidates
+    from imat.app.submission_choice import choose_submission
+    from imat.config.loader import load_config
+    from imat.errors import ImatError
+
+    quick_export = candidates._quick_export
+
+    def failing(loaded, out, cfg):
+        if "-pool" in out.name:
+            raise ImatError("ONNX export failed (dynamo: ValueError: Message onnx.ModelProto exceeds 2GB)")
+        return quick_export(loaded, out, cfg)
+
+    monkeypatch.setattr(candidates, "_quick_export", failing)
+    cfg = load_config(config, ["submit.budget=none", "submit.tta_search=false"])
+    kept = (cfg.run_path / "submission.json").read_bytes()
+    try:
+        with caplog.at_level("WARNING", logger="imat.candidates"):
+            record = choose_submission(cfg)
+    finally:
+        (cfg.run_path / "submission.json").write_bytes(kept)
+    assert [c["kind"] for c in record["candidates"]] == ["student", "student"]
+    assert record["kind"] == "student" and record["model"] in {c["name"] for c in record["candidates"]}
+    (gone,) = record["left_out"]
+    assert gone["name"] == "pool (1 teacher, mean)" and "exceeds 2GB" in gone["reason"]
+    warned = [r for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warned) == 1 and "pool (1 teacher, mean)" in warned[0].getMessage()

@@ -153,3 +153,18 @@ def test_pool_options_on_a_checkpoint_are_one_line_errors(kit: dict, tmp_path: P
     ]
     assert main(args) == 2
     assert "no greedy selection recorded" in capsys.readouterr().err
+
+
+def test_the_selection_candidate_is_cross_fitted_from_every_teachers_own_probabilities(kit: dict) -> None:
+    """The select step's cross-fit of the greedy selection starts from what ``imat teachers eval``
+    selected on: every pool teacher on its own eval transform, and the selection pool.json records."""
+    from imat.app.candidates import ValRows, _members
+    from imat.config import RunConfig
+
+    cfg = RunConfig.model_validate({"teachers": {"dir": str(kit["pool"])}, "data": {"num_workers": 0}})
+    rows = predict_rows(kit).assign(label=lambda d: np.arange(len(d)) % 5)
+    members, labels = _members(cfg, ValRows(rows["label"].to_numpy(), 5, rows))
+    assert members.names == ["a32", "b24"] and members.selected == ["b24"] and members.method == "mean"
+    assert members.probs.shape == (2, len(rows), 5) and (labels == rows["label"]).all()
+    want, _ = _own_transforms(kit, ["a32", "b24"], "mean")
+    assert np.allclose(ensemble_probs(members.probs, "mean"), want, atol=1e-5)

@@ -172,3 +172,22 @@ def test_decoding_hands_on_uint8(onnx_model):
         32, [0.5] * 3, [0.25] * 3, 1.0, "cv2",
     )  # fmt: skip
     assert out["image"].dtype == np.uint8 and out["image"].shape == (3, 3, 32, 32)
+
+
+def test_decoding_keeps_the_pixel_limit(onnx_model, tmp_path):
+    """The Ray decode tasks skip what the single-process path skips: an image over ``max_pixels`` (by
+    its header, never decoded) gets a fallback row, and the run's own limit is the one applied."""
+    from bomb_kit import write_bomb_png
+
+    from submit.inputs import read_images
+    from submit.ray_predict import decode_batch
+
+    _, kit = onnx_model
+    rows = read_images(kit["images"]).head(2)
+    paths = [*rows["path"], str(write_bomb_png(tmp_path / "bomb.png"))]
+    batch = {"_row": np.arange(3), "image_id": np.array(["a", "b", "bomb"], dtype=object),
+             "path": np.array(paths, dtype=object)}  # fmt: skip
+    out = decode_batch(batch, 32, [0.5] * 3, [0.25] * 3, 1.0, "cv2")
+    assert out["ok"].tolist() == [True, True, False]
+    tight = decode_batch(batch, 32, [0.5] * 3, [0.25] * 3, 1.0, "cv2", max_pixels=10, draft=False)
+    assert not tight["ok"].any() and not tight["image"].any()

@@ -13,6 +13,12 @@ correction when ``submit.prior_correction: auto``) is chosen from several report
 the validation images are split in two halves (seeded); the setting is chosen on one half and scored on
 the other, both ways, and the two held-out scores are pooled. The setting the candidate then uses is the
 one that is best on the whole split. A candidate with nothing to choose is scored on the whole split.
+The pool's greedy selection is itself chosen on validation (``imat teachers eval``), so it is cross-fitted
+too, on the same halves: the teachers are selected greedily on one half (from every teacher's own
+probabilities) and that ensemble is scored on the other. Where a half selects the teachers the whole
+split selected, the held-out half is scored with the exported selection (and the post-processing chosen
+on the tuning half); where it selects others, with those teachers' probabilities (mean or geomean, no
+TTA). The selection submitted is the one chosen on the whole split.
 """
 
 from __future__ import annotations
@@ -55,6 +61,17 @@ class Option:
 
 
 @dataclass
+class Members:
+    """Every teacher's validation probabilities, to cross-fit the pool's greedy selection."""
+
+    probs: np.ndarray  # [teachers, images, classes], rows as the options'
+    names: list[str]
+    selected: list[str]  # the selection made on the whole split: the one the options' probabilities are
+    metric: str  # what the greedy selection maximised
+    method: str  # mean | geomean
+
+
+@dataclass
 class Crossfit:
     option: Option  # chosen on the whole split
     top1_err: float
@@ -85,9 +102,34 @@ def _best(options: list[Option], labels: np.ndarray, rows: np.ndarray, k: int) -
     return options[int(np.argmin(errors))]
 
 
-def crossfit(options: list[Option], labels: np.ndarray, metric: str) -> Crossfit:
+def _held_probs(
+    options: list[Option],
+    labels: np.ndarray,
+    tune: np.ndarray,
+    held: np.ndarray,
+    k: int,
+    members: Members | None,
+) -> np.ndarray:
+    """The held-out rows' probabilities of what ``tune`` chooses: the option best on ``tune``, for the
+    teachers a greedy selection on ``tune`` picks (``members``) when it picks other teachers."""
+    if members is not None:
+        from teachers.ensemble import ensemble_probs
+        from teachers.select import greedy_select
+
+        picked = greedy_select(
+            members.probs[:, tune], labels[tune], members.names, metric=members.metric, method=members.method
+        )
+        if picked.names != members.selected:
+            return ensemble_probs(members.probs[:, held], members.method, picked.indices)
+    return _best(options, labels, tune, k).probs[held]
+
+
+def crossfit(
+    options: list[Option], labels: np.ndarray, metric: str, members: Members | None = None
+) -> Crossfit:
     """Choose among ``options`` (cheapest first) by ``metric`` and report an honest error: cross-fitted
-    over the two halves of the labelled rows when there is a choice, else on every labelled row."""
+    over the two halves of the labelled rows when there is a choice (of the setting, or of the teachers:
+    ``members``), else on every labelled row."""
     k = int(metric[3:])
     labels = np.asarray(labels)
     options = sorted(options, key=lambda o: o.cost)
@@ -101,17 +143,20 @@ def crossfit(options: list[Option], labels: np.ndarray, metric: str) -> Crossfit
         for o in options
     ]
     chosen = _best(options, labels, np.flatnonzero(labels >= 0), k)
-    if len(options) == 1:
+    if len(options) == 1 and members is None:
         return Crossfit(chosen, table[0]["top1_err"], table[0]["top3_err"], "validation", table)
     a, b = halves(labels)
     wrong1 = wrong3 = 0.0
     for tune, held in ((a, b), (b, a)):
-        picked = _best(options, labels, tune, k)
+        probs = _held_probs(options, labels, tune, held, k, members)
         held_labels = labels[held]
-        wrong1 += len(held) * topk_err(picked.probs[held], held_labels, 1)
-        wrong3 += len(held) * topk_err(picked.probs[held], held_labels, 3)
+        wrong1 += len(held) * topk_err(probs, held_labels, 1)
+        wrong3 += len(held) * topk_err(probs, held_labels, 3)
     n = len(a) + len(b)
-    how = f"validation, cross-fitted over {len(options)} settings"
+    over = [f"{len(options)} settings"] if len(options) > 1 else []
+    if members is not None:
+        over.insert(0, "the greedy selection")
+    how = f"validation, cross-fitted over {' and '.join(over)}"
     return Crossfit(chosen, wrong1 / n, wrong3 / n, how, table)
 
 
@@ -133,15 +178,18 @@ class Model:
 def _quick_export(loaded: tuple[Any, ...], out: Path, cfg: RunConfig) -> None:
     """fp32 ONNX with its description, for measuring (the submitted model is exported and verified
     by the export step)."""
-    from submit.export import ExportWrapper, export_fp32, model_description, sidecar_path
+    import tempfile
+
+    from submit.export import ExportWrapper, copy_onnx, export_fp32, model_description, sidecar_path
 
     model, meta, prep, classes = loaded
     wrapper = ExportWrapper(model).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    export_fp32(wrapper, prep.input_size, tmp, cfg.export.opset, cfg.export.exporter)
-    write_json(sidecar_path(out), model_description(prep, classes, meta, "fp32", wrapper))
-    tmp.replace(out)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+        fp32 = Path(tmp) / "model.onnx"  # with its external data beside it when large
+        export_fp32(wrapper, prep.input_size, fp32, cfg.export.opset, cfg.export.exporter)
+        write_json(sidecar_path(out), model_description(prep, classes, meta, "fp32", wrapper))
+        copy_onnx(fp32, out)
 
 
 def time_model(onnx: Path, provider: str, batch: int, images: int) -> float:
@@ -162,7 +210,11 @@ def time_model(onnx: Path, provider: str, batch: int, images: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _models(cfg: RunConfig, students: list[Candidate]) -> list[Model]:
+def _models(
+    cfg: RunConfig, students: list[Candidate], left_out: list[dict[str, str]] | None = None
+) -> list[Model]:
+    """Each candidate network exported and timed; a pool that fails is left out (``left_out``: its
+    name and why), a student's failure is raised."""
     from submit.model import load_checkpoint
     from submit.pool_export import build_pool_model, is_pool, pool_members
 
@@ -189,14 +241,41 @@ def _models(cfg: RunConfig, students: list[Candidate]) -> list[Model]:
     out = []
     for idx, (name, kind, source, build, selected) in enumerate(todo):
         onnx = folder / f"{idx}-{kind}.onnx"
-        built = build()
-        _quick_export(built, onnx, cfg)
-        params = sum(p.numel() for p in built[0].parameters())
-        method = str(built[1].get("method", "mean"))
-        del built
-        speed = time_model(onnx, cfg.submit.provider, batch, cfg.pipeline.speed_images)
+        try:
+            built = build()
+            _quick_export(built, onnx, cfg)
+            params = sum(p.numel() for p in built[0].parameters())
+            method = str(built[1].get("method", "mean"))
+            del built
+            speed = time_model(onnx, cfg.submit.provider, batch, cfg.pipeline.speed_images)
+        except measure_errors() as exc:
+            if kind == "student":
+                raise
+            _leave_out(left_out, name, "export or timing", exc)
+            continue
         out.append(Model(name, kind, source, onnx, params, speed, selected, method))
     return out
+
+
+def measure_errors() -> tuple[type[BaseException], ...]:
+    """What exporting or running one candidate may raise without stopping the comparison: imat's own
+    errors, onnx/protobuf/onnxruntime errors (a graph over protobuf's 2 GB, an op the provider lacks)
+    and running out of memory."""
+    from google.protobuf.message import Error as ProtobufError
+    from onnx.checker import ValidationError
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "RuntimeException", "InvalidGraph")
+    ort = tuple(e for e in (getattr(ort_errors, n, None) for n in names) if isinstance(e, type))
+    return (ImatError, OSError, RuntimeError, ValueError, MemoryError, ProtobufError, ValidationError, *ort)
+
+
+def _leave_out(left_out: list[dict[str, str]] | None, name: str, stage: str, exc: BaseException) -> None:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    reason = f"{stage} failed: {exc.__class__.__name__}: {first}"[:500]
+    log.warning("candidate %s left out: %s", name, reason)
+    if left_out is not None:
+        left_out.append({"name": name, "reason": reason})
 
 
 def _options(
@@ -235,6 +314,8 @@ def _options(
             workers=cfg.data.num_workers,
             save_probs=True,
             decoder=cfg.data.decoder,
+            max_pixels=cfg.data.max_pixels,
+            draft=cfg.data.draft,
             progress=False,
         )
         if len(frame) != len(missing):
@@ -255,6 +336,34 @@ def _options(
 class ValRows:
     labels: np.ndarray
     num_classes: int
+    frame: Any = None  # the manifest's validation rows (pandas), in predict's order
+
+
+def _members(cfg: RunConfig, rows: ValRows) -> tuple[Members, np.ndarray]:
+    """Every pool teacher's validation probabilities (as ``imat teachers eval`` computed them for the
+    greedy selection, with its TTA flip) and the labels, -1 where no teacher could read the image."""
+    from teachers.ensemble import pool_probs
+    from teachers.pool import load_pool, read_pool_json
+
+    chosen = read_pool_json(cfg.pool_dir).get("selected") or {}
+    entries = load_pool(cfg.pool_dir)
+    probs, labels = pool_probs(
+        entries,
+        rows.frame.assign(label=rows.labels),
+        cfg.data.images,
+        tta_flip=bool(chosen.get("tta_flip")),
+        batch_size=min(cfg.submit.batch_size, 64),
+        num_workers=cfg.data.num_workers,
+        decoder=cfg.data.decoder,
+    )
+    members = Members(
+        probs,
+        [e.name for e in entries],
+        [str(n) for n in chosen.get("teachers") or []],
+        str(chosen.get("metric") or "top3"),
+        str(chosen.get("method") or "mean"),
+    )
+    return members, labels
 
 
 def _val_rows(cfg: RunConfig) -> tuple[ValRows, np.ndarray | None] | None:
@@ -275,13 +384,17 @@ def _val_rows(cfg: RunConfig) -> tuple[ValRows, np.ndarray | None] | None:
         counts = train_counts(cfg.manifest_path, classes)
     except ImatError:
         counts = None
-    return ValRows(labels, classes.num_classes), counts
+    return ValRows(labels, classes.num_classes, val), counts
 
 
-def measured_candidates(cfg: RunConfig, students: list[Candidate]) -> list[Candidate]:
+def measured_candidates(
+    cfg: RunConfig, students: list[Candidate], left_out: list[dict[str, str]] | None = None
+) -> list[Candidate]:
     """The students with their measured validation accuracy and cost, each student's best TTA, and the
     pool (and its greedy selection) with and without TTA; ``students`` unchanged when the run has no
-    labelled validation split to measure on."""
+    labelled validation split to measure on. A pool candidate whose export or measurement fails is
+    left out with a warning (appended to ``left_out``: name and reason); a student's failure is raised,
+    since the distilled student must be comparable."""
     from dataclasses import replace
 
     from imat.app.submission_choice import select_metric
@@ -295,13 +408,22 @@ def measured_candidates(cfg: RunConfig, students: list[Candidate]) -> list[Candi
     out: list[Candidate] = []
     extra: list[Candidate] = []
     by_checkpoint = {Path(c.checkpoint).resolve(): c for c in students}
-    for model in _models(cfg, students):
-        options, missing = _options(cfg, model, rows, counts)
+    for model in _models(cfg, students, left_out):
+        try:
+            options, missing = _options(cfg, model, rows, counts)
+            members, seen = _members(cfg, rows) if model.selected else (None, None)
+        except measure_errors() as exc:
+            if model.kind == "student":
+                raise
+            _leave_out(left_out, model.name, "measuring on validation", exc)
+            continue
         labels = rows.labels.copy()
         labels[missing] = -1  # an unreadable image is left out, as imat teachers eval leaves it out
+        if seen is not None:  # the teachers were chosen on this split too: that choice is cross-fitted
+            labels[seen < 0] = -1
         base = [o for o in options if (o.tta.flip, tuple(o.tta.scales)) == base_tta]
-        plain = crossfit(base, labels, metric) if base else None
-        tuned = crossfit(options, labels, metric) if len(options) > len(base) else None
+        plain = crossfit(base, labels, metric, members) if base else None
+        tuned = crossfit(options, labels, metric, members) if len(options) > len(base) else None
         student = model.kind == "student"
         template = by_checkpoint[model.source.resolve()] if student else _pool_template(model)
         for fit, suffix in ((plain, ""), (tuned, " + TTA")):

@@ -400,10 +400,11 @@ def choose_submission(cfg: RunConfig) -> dict[str, Any]:
     students = find_candidates(cfg)
     compared_students = [asdict(c) for c in students]  # before the budget marks them: the rerun check
     cands = students
+    left_out: list[dict[str, str]] = []  # candidates whose export or measurement failed, and why
     if cfg.pipeline.submit_model == "best" and students:
         from imat.app.candidates import measured_candidates
 
-        cands = measured_candidates(cfg, students)
+        cands = measured_candidates(cfg, students, left_out)
     budget = budget_text(cfg, cands[0] if cands else None)
     for c in cands:
         c.fits_budget = fits_budget(c, cfg, cands[0])
@@ -422,6 +423,7 @@ def choose_submission(cfg: RunConfig) -> dict[str, Any]:
         "budget": budget,
         "reason": reason,
         "candidates": [{**asdict(c), "submitted": c is chosen} for c in cands],
+        "left_out": left_out,
         "students": compared_students,
         "settings": _compared_settings(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             actors=args.actors,
             address=args.address,
+            max_pixels=args.max_pixels,
         )
     else:
         frame = predict(
