@@ -40,7 +40,6 @@ import copy
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from cpu_info import cpu_model
 from distill_tables import STUDENT, finish_table, method_means, paired_table, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,20 +309,6 @@ def sweep_tables(args: argparse.Namespace) -> pd.DataFrame:
 
 
 # --- evaluation on the test split ----------------------------------------------------------------------
-
-
-def machine() -> str:
-    """``lscpu``'s model name (the platform's processor string where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def save_preds(path: Path, image_ids: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -622,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in args.stages.split(",") if s]
     start = time.perf_counter()
     manifest, classes, _ = prepare_data(args)
-    context = {"machine": machine(), "precision": args.precision, "threads": torch.get_num_threads()}
+    context = {"machine": cpu_model(), "precision": args.precision, "threads": torch.get_num_threads()}
     base = RESULTS / args.publish if args.publish else args.out_path / "results" / "distill"
     pool_rows: list[dict] = []
     student_rows: list[dict] = []

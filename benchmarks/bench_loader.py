@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from cpu_info import cpu_model  # noqa: E402  (run as a script or with benchmarks/ on the path)
 
 from imat.data import ImageDataset, build_loader, build_train_transform, decode_image, decode_side  # noqa: E402
 from imat.io import write_csv  # noqa: E402
@@ -151,17 +150,6 @@ def bench_cell(
     return _timed(run_loader, args.seconds, args.repeats)
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def reading(df: pd.DataFrame, gpu_rate: float, gpus: int = 8) -> pd.DataFrame:
     """CPU cores per GPU (and per node of ``gpus``) to feed ``gpu_rate`` img/s per GPU, from the
     one-core rows at the default settings (cv2, draft on)."""
@@ -207,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)  # as in a loader worker
     command = "python benchmarks/bench_loader.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {
-        "machine": machine(),
+        "machine": cpu_model(),
         "cores": os.cpu_count(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "opencv": cv2.__version__,
